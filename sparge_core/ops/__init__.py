@@ -1,0 +1,1 @@
+"""Kernels and their references: ``reference`` (plain PyTorch), ``predict`` and ``attention`` (Triton)."""

@@ -1,0 +1,319 @@
+"""Triton block-sparse FlashAttention forward with the SpargeAttn stage-2 PV skip.
+
+Algorithm: FlashAttention-2 forward (online softmax in base 2: ``sm_scale * log2(e)`` is folded into
+the logits so the kernel uses ``exp2``). One program handles a BLOCK_Q(=128)-row block of queries of
+one (batch, query head) and visits **only the kept key blocks**, read from a compacted, ascending
+index list built from the block map (``build_block_lut``), never testing every block. Per kept block:
+
+1. ``s = q k^T`` (fp16/bf16 operands, or INT8 with per-block scales, fp32 accumulate);
+2. only on blocks that cross the causal diagonal or the end of K, a token mask (causal is
+   bottom-right aligned when Nq != Nk: query i sees keys j <= i + Nk - Nq);
+3. stage 2 (``pvthreshd``): the block's row maxima are compared with the running maxima; if
+   ``max over the block's real query rows of (rowmax_block - rowmax_running) <= -pvthreshd`` the
+   block's exp, row-sum update and P.V are skipped (every P entry is below 2^-pvthreshd of its row's
+   running max). Decided per 128-row block of queries, as the official CUDA kernel's per-CTA mode;
+4. otherwise the usual rescale, ``exp2``, row sum and ``acc += P V``.
+
+The causal mask is applied to the block map on the host (fully-future blocks are dropped before the
+index list is built), so only diagonal blocks pay for the token mask: the loop runs in two stages, the
+unmasked blocks first (their count per row is precomputed), then the masked ones.
+
+GQA: query head h reads K/V head h // (Hq / Hkv) through strides; K/V are never repeated.
+
+Quantized variants (``quant``): ``int8`` = per-block symmetric INT8 Q (BLOCK_Q rows, with sm_scale *
+log2(e) folded in before quantization) and K (BLOCK_K rows, smoothed: minus its token mean, which
+changes no softmax); ``QK^T`` in INT8 with int32 accumulate, dequantized by the two block scales.
+``int8-fp8`` additionally runs P.V in FP8 e4m3: V per-channel scaled to the e4m3 range (per batch,
+KV head and channel), P scaled by 448 before its cast; the row sum stays fp32 and unscaled.
+
+Deviations from the paper / official kernel:
+- The PV skip test applies to every kept block after a row's first; the official CUDA kernel always
+  computes the last two kept blocks. Ours skips more, and the reference simulates ours exactly.
+- Stage 2 is decided per 128-row query block (the official released build's per-CTA mode), not per
+  warp as the paper describes.
+- Query rows that see no key (causal with Nq > Nk, or an empty row of the block map) get zeros; the
+  official kernel leaves them uninitialised.
+
+Limits: head dim up to 256 (64 and 128 native; others are zero-padded inside the tile to the next
+power of two); fp16/bf16 in and out; fp32 inputs are computed with bf16 operands on GPU (fp32 under
+the CPU interpreter). Under the Triton interpreter a bf16 ``tl.dot`` is wrong (triton 3.9), so the
+interpreter path upcasts bf16 tiles to fp32 before its dots; FP8 P.V needs sm89+ and is never used
+under the interpreter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from ._triton_util import check_runnable, interpreter_enabled, padded_head_dim
+from .reference import BLOCK_K, BLOCK_Q, BlockCounts
+
+FP8_E4M3_MAX = 448.0
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch geometry of the attention kernel. BLOCK_M/BLOCK_N equal the predictor's blocks."""
+
+    num_warps: int
+    num_stages: int
+
+
+def default_kernel_config(head_dim: int, device: torch.device) -> KernelConfig:
+    if device.type != "cuda":
+        return KernelConfig(num_warps=4, num_stages=1)
+    return KernelConfig(num_warps=4 if head_dim <= 64 else 8, num_stages=3)
+
+
+@triton.jit
+def _sparge_attn_fwd_kernel(
+    Q, K, V, OUT, Q_SCALE, K_SCALE, V_SCALE,  #
+    LUT, COUNT, NFULL, PV_THRESH, PV_COUNT,  #
+    stride_qb, stride_qh, stride_qn, stride_qd,  #
+    stride_kb, stride_kh, stride_kn, stride_kd,  #
+    stride_vb, stride_vh, stride_vn, stride_vd,  #
+    stride_ob, stride_oh, stride_on, stride_od,  #
+    n_q_heads, group, n_q, n_k, causal_offset, n_qblocks, n_kblocks,  #
+    qk_scale,  #
+    HEAD_DIM: tl.constexpr, QK_DIM: tl.constexpr, D_PAD: tl.constexpr,  #
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
+    IS_CAUSAL: tl.constexpr, PV_SKIP: tl.constexpr,  #
+    QUANT_QK: tl.constexpr, FP8_PV: tl.constexpr, UPCAST_QK: tl.constexpr, UPCAST_PV: tl.constexpr,  #
+):
+    i_m = tl.program_id(0)
+    if IS_CAUSAL:
+        i_m = n_qblocks - 1 - i_m  # heaviest query blocks first
+    i_bh = tl.program_id(1)
+    i_b = i_bh // n_q_heads
+    i_h = i_bh % n_q_heads
+    i_hk = i_h // group
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_n = tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, D_PAD)
+    m_m = o_m < n_q
+    m_qkd = o_d < QK_DIM
+    m_vd = o_d < HEAD_DIM
+
+    # -- load the query tile once
+    q_base = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+    b_q = tl.load(q_base + o_m[:, None] * stride_qn + o_d[None, :] * stride_qd,
+                  mask=m_m[:, None] & m_qkd[None, :], other=0.0)  # [BLOCK_M, D_PAD]
+    if UPCAST_QK:
+        b_q = b_q.to(tl.float32)
+    k_base = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
+    v_base = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+    row = i_bh.to(tl.int64) * n_qblocks + i_m
+    lut_row = LUT + row * n_kblocks
+    n_kept = tl.load(COUNT + row)
+    n_full = tl.load(NFULL + row)
+    if QUANT_QK:
+        q_scale = tl.load(Q_SCALE + row)
+        k_scale_row = K_SCALE + (i_b.to(tl.int64) * (n_q_heads // group) + i_hk) * n_kblocks
+    if PV_SKIP:
+        neg_lambda = -tl.load(PV_THRESH + i_h)
+    n_skipped = 0
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (base-2 logits)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+
+    # stage 0: blocks fully inside the causal triangle and inside K (no token mask);
+    # stage 1: the rest (diagonal blocks, the partial last block of K).
+    for stage in tl.static_range(2):
+        if stage == 0:
+            lo = 0
+            hi = n_full
+        else:
+            lo = n_full
+            hi = n_kept
+        for it in range(lo, hi):
+            kb = tl.load(lut_row + it)
+            o_k = kb * BLOCK_N + o_n
+            m_k = o_k < n_k
+            # -- s = q k^T in base-2 units
+            b_k = tl.load(k_base + o_k[None, :] * stride_kn + o_d[:, None] * stride_kd,
+                          mask=m_qkd[:, None] & m_k[None, :], other=0.0)  # [D_PAD, BLOCK_N]
+            if QUANT_QK:
+                k_scale = tl.load(k_scale_row + kb)
+                b_s = tl.dot(b_q, b_k, out_dtype=tl.int32).to(tl.float32) * (q_scale * k_scale)
+            else:
+                if UPCAST_QK:
+                    b_k = b_k.to(tl.float32)
+                b_s = tl.dot(b_q, b_k) * qk_scale  # [BLOCK_M, BLOCK_N]
+            if stage == 1:
+                m_s = m_k[None, :]
+                if IS_CAUSAL:
+                    m_s = m_s & (o_k[None, :] <= o_m[:, None] + causal_offset)
+                b_s = tl.where(m_s, b_s, float("-inf"))
+            m_local = tl.max(b_s, axis=1)
+            m_new = tl.maximum(m_i, m_local)
+            # -- stage 2: skip P.V when every real row's block max is far below its running max
+            do_pv = True
+            if PV_SKIP:
+                diff = tl.where(m_m & (m_local > float("-inf")), m_local - m_i, float("-inf"))
+                do_pv = tl.max(diff, axis=0) > neg_lambda
+            if do_pv:
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.math.exp2(m_i - m_safe)
+                b_p = tl.math.exp2(b_s - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(b_p, axis=1)
+                acc = acc * alpha[:, None]
+                b_v = tl.load(v_base + o_k[:, None] * stride_vn + o_d[None, :] * stride_vd,
+                              mask=m_k[:, None] & m_vd[None, :], other=0.0)  # [BLOCK_N, D_PAD]
+                if FP8_PV:
+                    acc += tl.dot((b_p * 448.0).to(tl.float8e4nv), b_v)
+                elif UPCAST_PV:
+                    acc += tl.dot(b_p, b_v.to(tl.float32))
+                else:
+                    acc += tl.dot(b_p.to(b_v.dtype), b_v)
+                m_i = m_new
+            else:
+                n_skipped += 1
+
+    # -- epilogue: normalise; rows that saw no key stay zero
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    if FP8_PV:
+        b_vscale = tl.load(V_SCALE + i_b.to(tl.int64) * (n_q_heads // group) * D_PAD + i_hk * D_PAD + o_d)
+        b_o = acc * (b_vscale[None, :] / 448.0) / l_safe[:, None]
+    else:
+        b_o = acc / l_safe[:, None]
+    o_base = OUT + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+    tl.store(o_base + o_m[:, None] * stride_on + o_d[None, :] * stride_od, b_o.to(OUT.dtype.element_ty),
+             mask=m_m[:, None] & m_vd[None, :])
+    if PV_SKIP:
+        tl.store(PV_COUNT + row, n_skipped)
+
+
+@dataclass(frozen=True)
+class BlockLUT:
+    """The block map as the kernel reads it: per (b, h, query block) the ascending kept key-block
+    indices (``indices[..., :count]``), how many there are, and how many of those need no token mask."""
+
+    indices: torch.Tensor  # (B, Hq, nqb, nkb) int32
+    count: torch.Tensor  # (B, Hq, nqb) int32
+    n_unmasked: torch.Tensor  # (B, Hq, nqb) int32
+    kept: torch.Tensor  # (B, Hq, nqb, nkb) bool: the mask actually executed (causal applied)
+
+
+def build_block_lut(mask: torch.Tensor, nq: int, nk: int, is_causal: bool) -> BlockLUT:
+    """Compact a bool block map into ascending index lists (dropping causal fully-future blocks)."""
+    nqb, nkb = mask.shape[-2], mask.shape[-1]
+    kept = mask & reference.allowed_block_mask(nq, nk, is_causal, device=mask.device)
+    count = kept.sum(dim=-1, dtype=torch.int32)
+    # stable sort of "not kept" puts the kept indices first, in ascending order
+    indices = torch.argsort((~kept).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    # key blocks k < limit[q] need no token mask: they end before the diagonal and before Nk
+    limit = torch.full((nqb,), nk // BLOCK_K, device=mask.device, dtype=torch.long)
+    if is_causal:
+        first_q = torch.arange(nqb, device=mask.device) * BLOCK_Q
+        limit = torch.minimum(limit, torch.div(first_q + (nk - nq) + 1, BLOCK_K, rounding_mode="floor"))
+    unmasked = torch.arange(nkb, device=mask.device)[None, :] < limit[:, None]
+    n_unmasked = (kept & unmasked).sum(dim=-1, dtype=torch.int32)
+    return BlockLUT(indices.contiguous(), count.contiguous(), n_unmasked.contiguous(), kept)
+
+
+def compute_dtype_for(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The operand dtype the kernel computes in for an input dtype (see module docstring)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return dtype
+    if dtype == torch.float32:
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    raise TypeError(f"attention inputs must be float16, bfloat16 or float32, got {dtype}")
+
+
+def quantize_v_fp8(v: torch.Tensor, block_n: int = BLOCK_K) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel FP8 e4m3 of V ``(B, Hkv, N, D)`` -> (fp8 ``(B, Hkv, N_pad, D_PAD)`` viewed through
+    strides so that tokens are contiguous per channel, scales ``(B, Hkv, D_PAD)`` float32)."""
+    bsz, heads, n, head_dim = v.shape
+    d_pad = padded_head_dim(head_dim)
+    n_pad = reference.num_blocks(n, block_n) * block_n
+    vf = v.float()
+    scale = vf.abs().amax(dim=2) / FP8_E4M3_MAX + 1e-12  # (B, Hkv, D)
+    vt = torch.zeros(bsz, heads, d_pad, n_pad, device=v.device, dtype=torch.float8_e4m3fn)
+    vt[:, :, :head_dim, :n] = (vf / scale[:, :, None, :]).transpose(-1, -2).to(torch.float8_e4m3fn)
+    scale_pad = torch.ones(bsz, heads, d_pad, device=v.device, dtype=torch.float32)
+    scale_pad[:, :, :head_dim] = scale
+    return vt.transpose(-1, -2), scale_pad  # (B, Hkv, N_pad, D_PAD) with stride 1 along tokens
+
+
+def block_sparse_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    is_causal: bool,
+    scale: float,
+    pvthreshd: torch.Tensor | None,
+    quant: str = "none",
+    quantized: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    config: KernelConfig | None = None,
+) -> tuple[torch.Tensor, BlockCounts]:
+    """Launch the kernel (inputs already validated; ``pvthreshd`` per query head or None).
+
+    ``quant``: "none", "int8" (INT8 QK, fp16/bf16 PV) or "int8-fp8" (INT8 QK, FP8 PV).
+    ``quantized``: optional precomputed ``(q_int8, q_scale, k_int8, k_scale)`` from the predictor's
+    fused pass (Q multiplied by scale*log2(e) before quantization, K smoothed), to avoid a re-read.
+    """
+    check_runnable(q)
+    bsz, num_q_heads, nq, head_dim = q.shape
+    num_kv_heads, nk = k.shape[1], k.shape[2]
+    nqb, nkb = reference.num_blocks(nq, BLOCK_Q), reference.num_blocks(nk, BLOCK_K)
+    interp = interpreter_enabled() and q.device.type == "cpu"
+    cdtype = compute_dtype_for(q.dtype, q.device)
+    out = torch.empty(bsz, num_q_heads, nq, head_dim, device=q.device, dtype=q.dtype)
+    lut = build_block_lut(mask, nq, nk, is_causal)
+    d_pad = padded_head_dim(head_dim)
+    if quant not in ("none", "int8", "int8-fp8"):
+        raise ValueError(f"quant must be 'none', 'int8' or 'int8-fp8', got {quant!r}")
+    if quant == "int8-fp8" and interp:
+        raise ValueError("quant='int8-fp8' needs a GPU with FP8 (sm89+); the Triton interpreter has no FP8 dot")
+
+    qk_scale = scale * reference.LOG2E
+    dummy = torch.empty(1, device=q.device, dtype=torch.float32)
+    q_scale = k_scale = v_scale = dummy
+    qk_dim = head_dim
+    if quant == "none":
+        q_in, k_in = q.to(cdtype), k.to(cdtype)
+    else:
+        if quantized is None:
+            from .predict import pool_and_similarity  # local: predict imports this module's peers
+
+            _, q_in, q_scale = pool_and_similarity(q, BLOCK_Q, smooth=False, quant_multiplier=qk_scale)
+            _, k_in, k_scale = pool_and_similarity(k, BLOCK_K, smooth=True, quant_multiplier=1.0)
+        else:
+            q_in, q_scale, k_in, k_scale = quantized
+        qk_dim = d_pad
+    if quant == "int8-fp8":
+        v_in, v_scale = quantize_v_fp8(v)
+    else:
+        v_in = v.to(cdtype)
+    pv_on = pvthreshd is not None
+    pv_thresh = pvthreshd.to(device=q.device, dtype=torch.float32).contiguous() if pv_on else dummy
+    pv_count = torch.zeros(bsz, num_q_heads, nqb, device=q.device, dtype=torch.int32) if pv_on else dummy
+    cfg = config or default_kernel_config(head_dim, q.device)
+    upcast = interp and (cdtype == torch.bfloat16)
+
+    _sparge_attn_fwd_kernel[(nqb, bsz * num_q_heads)](
+        q_in, k_in, v_in, out, q_scale, k_scale, v_scale,
+        lut.indices, lut.count, lut.n_unmasked, pv_thresh, pv_count,
+        *q_in.stride(), *k_in.stride(), *v_in.stride(), *out.stride(),
+        num_q_heads, num_q_heads // num_kv_heads, nq, nk, nk - nq, nqb, nkb,
+        qk_scale,
+        HEAD_DIM=head_dim, QK_DIM=qk_dim, D_PAD=d_pad, BLOCK_M=BLOCK_Q, BLOCK_N=BLOCK_K,
+        IS_CAUSAL=is_causal, PV_SKIP=pv_on, QUANT_QK=quant != "none", FP8_PV=quant == "int8-fp8",
+        UPCAST_QK=upcast and quant == "none", UPCAST_PV=upcast,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    allowed = reference.allowed_block_mask(nq, nk, is_causal, device=q.device).sum()
+    counts = BlockCounts(
+        allowed=allowed.expand(bsz, num_q_heads).to(torch.long).clone(),
+        computed=lut.count.sum(dim=-1, dtype=torch.long),
+        pv_skipped=pv_count.sum(dim=-1, dtype=torch.long) if pv_on else torch.zeros_like(lut.count[..., 0], dtype=torch.long),
+    )
+    return out, counts

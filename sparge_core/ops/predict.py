@@ -1,0 +1,131 @@
+"""Triton stage-1 predictor: one fused pass per tensor for smoothing, pooling and self-similarity.
+
+Algorithm (SpargeAttn, arXiv 2502.18137, section 3.3): each program reads one block of tokens of Q
+(BLOCK_Q rows) or K (BLOCK_K rows) once and produces
+- the block's mean token (a partial last block divides by its true length),
+- its self-similarity, the mean pairwise cosine of its rows. Instead of forming the block's Gram
+  matrix (as the official kernel does with a ``tl.dot``), we use the identity
+  ``mean_ij <x_i/|x_i|, x_j/|x_j|> = |mean_i x_i/|x_i||^2``: one pass, no matmul, exact in real
+  arithmetic, with an all-zero row contributing a zero vector;
+- optionally (``quant=True``) the block's symmetric INT8 copy and scale (scale = max|x| / 127 + 1e-7,
+  round half away from zero) of ``x * multiplier``, so the quantized attention path reads Q and K once
+  for prediction and quantization together, as the paper's fused kernel does.
+K is smoothed (its per-head token mean subtracted) inside the pass; the mean itself is one torch
+reduction before it (it needs every token of the head, a second read of K).
+
+The pooled score map, its softmax and the top-CDF / top-k selection run in torch (the same
+``select_blocks`` as the reference, in float32): on (nq/128) x (nk/64) blocks that work is small.
+
+Limits: head dim up to 256 (tiles padded to a power of two); pooled values are float32, so the mask
+can differ from the float64 reference only where pooled probabilities or similarities tie within
+float32 rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from ._triton_util import check_runnable, padded_head_dim
+from .reference import BLOCK_K, BLOCK_Q, PooledBlocks
+
+
+@triton.jit
+def _pool_sim_kernel(
+    X, MEAN, POOLED, SIM, XQ, XSCALE,  #
+    stride_xb, stride_xh, stride_xn, stride_xd,  #
+    n_tokens, n_blocks, n_heads, multiplier,  #
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,  #
+    SMOOTH: tl.constexpr, QUANT: tl.constexpr,  #
+):
+    i_blk = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // n_heads
+    i_h = i_bh % n_heads
+    o_n = i_blk * BLOCK + tl.arange(0, BLOCK)
+    o_d = tl.arange(0, D_PAD)
+    m_n = o_n < n_tokens
+    m_d = o_d < HEAD_DIM
+    m_x = m_n[:, None] & m_d[None, :]
+    base = X + i_b.to(tl.int64) * stride_xb + i_h.to(tl.int64) * stride_xh
+    b_x = tl.load(base + o_n[:, None] * stride_xn + o_d[None, :] * stride_xd, mask=m_x, other=0.0).to(tl.float32)
+    if SMOOTH:
+        b_mean = tl.load(MEAN + i_bh * HEAD_DIM + o_d, mask=m_d, other=0.0)
+        b_x = tl.where(m_x, b_x - b_mean[None, :], 0.0)  # [BLOCK, D_PAD]
+    n_real = tl.minimum(n_tokens - i_blk * BLOCK, BLOCK).to(tl.float32)
+
+    # -- mean token of the block
+    b_pooled = tl.sum(b_x, axis=0) / n_real  # [D_PAD]
+    out_row = i_bh.to(tl.int64) * n_blocks + i_blk
+    tl.store(POOLED + out_row * HEAD_DIM + o_d, b_pooled, mask=m_d)
+
+    # -- mean pairwise cosine = squared norm of the mean unit row
+    b_norm = tl.sqrt(tl.sum(b_x * b_x, axis=1))  # [BLOCK]
+    b_unit = b_x / tl.where(b_norm > 0, b_norm, 1.0)[:, None]
+    b_mean_unit = tl.sum(b_unit, axis=0) / n_real
+    tl.store(SIM + out_row, tl.sum(b_mean_unit * b_mean_unit, axis=0))
+
+    # -- optional per-block INT8 copy of x * multiplier
+    if QUANT:
+        b_s = b_x * multiplier
+        b_scale = tl.max(tl.max(tl.abs(b_s), axis=1), axis=0) / 127.0 + 1e-7
+        b_y = b_s / b_scale
+        b_y = b_y + tl.where(b_y >= 0, 0.5, -0.5)
+        b_y = tl.minimum(tl.maximum(b_y, -127.0), 127.0)
+        q_base = XQ + i_bh.to(tl.int64) * n_tokens * D_PAD
+        tl.store(q_base + o_n[:, None] * D_PAD + o_d[None, :], b_y.to(tl.int8), mask=m_n[:, None])
+        tl.store(XSCALE + out_row, b_scale)
+
+
+def pool_and_similarity(
+    x: torch.Tensor, block: int, *, smooth: bool, quant_multiplier: float | None = None
+) -> tuple[PooledBlocks, torch.Tensor | None, torch.Tensor | None]:
+    """Fused pass over ``x`` ``(B, H, N, D)``.
+
+    Returns ``PooledBlocks`` (float32), and when ``quant_multiplier`` is given the INT8 tensor
+    ``(B, H, N, D_PAD)`` (channels beyond D are zero; contiguous, ready for the attention kernel) and its
+    float32 per-block scales ``(B, H, nb)``; otherwise ``None, None``.
+    """
+    check_runnable(x)
+    bsz, heads, n, head_dim = x.shape
+    nb = reference.num_blocks(n, block)
+    d_pad = padded_head_dim(head_dim)
+    mean = x.float().mean(dim=2).contiguous() if smooth else x.new_empty(1, dtype=torch.float32)
+    pooled = torch.empty(bsz, heads, nb, head_dim, device=x.device, dtype=torch.float32)
+    sim = torch.empty(bsz, heads, nb, device=x.device, dtype=torch.float32)
+    quant = quant_multiplier is not None
+    if quant:
+        xq = torch.empty(bsz, heads, n, d_pad, device=x.device, dtype=torch.int8)  # every element written
+        xscale = torch.empty(bsz, heads, nb, device=x.device, dtype=torch.float32)
+    else:
+        xq = xscale = x.new_empty(1, dtype=torch.float32)
+    _pool_sim_kernel[(nb, bsz * heads)](
+        x, mean, pooled, sim, xq, xscale,
+        *x.stride(),
+        n, nb, heads, float(quant_multiplier or 1.0),
+        HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK=block, SMOOTH=smooth, QUANT=quant,
+        num_warps=4 if block * d_pad <= 128 * 64 else 8,
+    )
+    blocks = PooledBlocks(pooled, sim)
+    return (blocks, xq, xscale) if quant else (blocks, None, None)
+
+
+def predict_block_mask(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    is_causal: bool,
+    scale: float,
+    simthreshd1: torch.Tensor,
+    cdfthreshd: torch.Tensor | None = None,
+    topk: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Stage-1 block map with the Triton pass (inputs already validated, params per query head)."""
+    q_blocks, _, _ = pool_and_similarity(q, BLOCK_Q, smooth=False)
+    k_blocks, _, _ = pool_and_similarity(k, BLOCK_K, smooth=True)
+    return reference.select_blocks(
+        q_blocks, k_blocks, nq=q.shape[-2], nk=k.shape[-2], is_causal=is_causal, scale=scale,
+        simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
+    )

@@ -1,0 +1,383 @@
+"""Plain-PyTorch reference of every SpargeAttn piece: the ground truth for all tests.
+
+Written for clarity, not speed: every step is the formula of the paper (arXiv 2502.18137, sections
+3.2-3.5) as DESIGN.md section 3 pins it down. The Triton code in ``predict.py``/``attention.py`` must
+compute the same functions; the tests compare them on random inputs.
+
+Shapes: ``q`` is ``(B, Hq, Nq, D)``, ``k``/``v`` are ``(B, Hkv, Nk, D)`` with ``Hq % Hkv == 0``
+(grouped-query attention: query head ``h`` reads key/value head ``h // (Hq // Hkv)``). Block maps are
+bool ``(B, Hq, ceil(Nq / BLOCK_Q), ceil(Nk / BLOCK_K))``, True = compute this block pair.
+
+Pieces:
+- ``smooth_k``: K minus its mean over tokens (changes no softmax, raises K self-similarity).
+- ``block_mean_pool``: mean of each block of tokens; a partial last block divides by its true length.
+- ``block_self_similarity``: mean pairwise cosine of a block's rows (its Gram matrix of L2-normalised
+  rows, diagonal included, averaged over the true rows).
+- ``select_blocks``: the compressed attention map and the top-CDF / top-k selection, fix rows and
+  columns for non-self-similar blocks, causal blocks.
+- ``masked_attention``: softmax attention restricted to a block map (and the causal triangle), with
+  the stage-2 PV skip simulated exactly as the kernel decides it (see that function).
+- ``quantize_per_block``: symmetric per-block INT8 (scale = max|x| / 127, round half away from zero).
+
+Causal attention with ``Nq != Nk`` is bottom-right aligned: query ``i`` sees keys ``j <= i + Nk - Nq``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+BLOCK_Q = 128
+BLOCK_K = 64
+LOG2E = 1.4426950408889634
+# Added to a block's INT8 scale so an all-zero block does not divide by zero (as SageAttention).
+QUANT_SCALE_EPS = 1e-7
+
+
+def num_blocks(n: int, block: int) -> int:
+    """Number of blocks of ``block`` tokens that cover ``n`` tokens."""
+    return (n + block - 1) // block
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: the block predictor
+# --------------------------------------------------------------------------------------------
+def smooth_k(k: torch.Tensor) -> torch.Tensor:
+    """K minus its mean over the token axis, per batch and head."""
+    return k - k.mean(dim=-2, keepdim=True)
+
+
+def _pad_tokens(x: torch.Tensor, block: int) -> torch.Tensor:
+    n = x.shape[-2]
+    pad = num_blocks(n, block) * block - n
+    return torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
+
+
+def _block_lengths(n: int, block: int, device) -> torch.Tensor:
+    nb = num_blocks(n, block)
+    lengths = torch.full((nb,), block, device=device)
+    lengths[-1] = n - (nb - 1) * block
+    return lengths
+
+
+def block_mean_pool(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``(B, H, N, D) -> (B, H, ceil(N / block), D)``: the mean token of each block."""
+    b, h, n, d = x.shape
+    blocks = _pad_tokens(x, block).view(b, h, -1, block, d)
+    lengths = _block_lengths(n, block, x.device).to(x.dtype)
+    return blocks.sum(dim=3) / lengths[:, None]
+
+
+def block_self_similarity(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``(B, H, N, D) -> (B, H, ceil(N / block))``: mean pairwise cosine of each block's rows.
+
+    Rows are L2-normalised (an all-zero row stays zero), the block's Gram matrix is formed over its
+    true rows, diagonal included, and averaged over ``len * len`` entries. The value lies in [0, 1]
+    (the mean of a Gram matrix of unit vectors is the squared norm of their mean).
+    """
+    b, h, n, d = x.shape
+    norms = x.norm(dim=-1, keepdim=True)
+    unit = x / torch.where(norms > 0, norms, torch.ones_like(norms))
+    blocks = _pad_tokens(unit, block).view(b, h, -1, block, d)  # padded rows are zero
+    gram = blocks @ blocks.transpose(-1, -2)  # (B, H, nb, block, block)
+    lengths = _block_lengths(n, block, x.device).to(x.dtype)
+    return gram.sum(dim=(-1, -2)) / (lengths * lengths)
+
+
+def causal_block_mask(nq: int, nk: int, block_q: int, block_k: int, device=None) -> torch.Tensor:
+    """``(ceil(nq/block_q), ceil(nk/block_k))`` bool: True where the block pair holds at least one
+    (query, key) pair that bottom-right-aligned causal attention allows."""
+    offset = nk - nq
+    q_last = torch.clamp(torch.arange(1, num_blocks(nq, block_q) + 1, device=device) * block_q, max=nq) - 1
+    k_first = torch.arange(num_blocks(nk, block_k), device=device) * block_k
+    return k_first[None, :] <= (q_last + offset)[:, None]
+
+
+def causal_diagonal_block_mask(nq: int, nk: int, block_q: int, block_k: int, device=None) -> torch.Tensor:
+    """``(nqb, nkb)`` bool: the key blocks that hold the query block's own positions (bottom-right
+    aligned: query i sits at key position i + nk - nq). Causal selection always keeps them, so every
+    query row sees at least its own token."""
+    offset = nk - nq
+    nqb, nkb = num_blocks(nq, block_q), num_blocks(nk, block_k)
+    first = torch.arange(nqb, device=device) * block_q + offset
+    last = torch.clamp(torch.arange(1, nqb + 1, device=device) * block_q, max=nq) - 1 + offset
+    lo = torch.div(first.clamp(min=0), block_k, rounding_mode="floor")
+    hi = torch.div(last, block_k, rounding_mode="floor")  # < 0 when the whole block sees no key
+    cols = torch.arange(nkb, device=device)[None, :]
+    return (cols >= lo[:, None]) & (cols <= hi[:, None])
+
+
+def causal_token_mask(nq: int, nk: int, device=None) -> torch.Tensor:
+    """``(nq, nk)`` bool: query i may attend key j iff ``j <= i + nk - nq``."""
+    return torch.arange(nk, device=device)[None, :] <= torch.arange(nq, device=device)[:, None] + (nk - nq)
+
+
+def _expand_kv_heads(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:
+    """Repeat a per-KV-head tensor ``(B, Hkv, ...)`` along dim 1 to ``(B, Hq, ...)``."""
+    return x.repeat_interleave(num_q_heads // x.shape[1], dim=1)
+
+
+def _per_head(value: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A per-query-head 1-D tensor ``(Hq,)`` shaped to broadcast against ``(B, Hq, ...)`` of ndim."""
+    return value.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+@dataclass(frozen=True)
+class PooledBlocks:
+    """What the predictor's pass over Q or K produces: mean token and self-similarity per block."""
+
+    pooled: torch.Tensor  # (B, H, nb, D)
+    sim: torch.Tensor  # (B, H, nb)
+
+
+def pool_and_similarity(x: torch.Tensor, block: int, *, smooth: bool, dtype=torch.float64) -> PooledBlocks:
+    """Reference of the predictor's fused pass: optional K smoothing, pooling, self-similarity."""
+    x = x.to(dtype)
+    if smooth:
+        x = smooth_k(x)
+    return PooledBlocks(block_mean_pool(x, block), block_self_similarity(x, block))
+
+
+def select_blocks(
+    q_blocks: PooledBlocks,
+    k_blocks: PooledBlocks,
+    *,
+    nq: int,
+    nk: int,
+    is_causal: bool,
+    scale: float,
+    simthreshd1: torch.Tensor,
+    cdfthreshd: torch.Tensor | None = None,
+    topk: torch.Tensor | None = None,
+    block_q: int = BLOCK_Q,
+    block_k: int = BLOCK_K,
+) -> torch.Tensor:
+    """The block map from pooled Q/K blocks (DESIGN.md section 3, "Predictor semantics").
+
+    ``simthreshd1`` and ``cdfthreshd`` / ``topk`` are per-query-head 1-D tensors ``(Hq,)``; exactly one
+    of ``cdfthreshd`` / ``topk`` is given. Returns bool ``(B, Hq, nqb, nkb)``.
+
+    1. A block is self-similar iff its mean pairwise cosine is strictly greater than simthreshd1.
+    2. Scores ``pooled_q @ pooled_k^T * scale``; columns of non-self-similar K blocks and causal
+       fully-future blocks are -inf, then a row softmax (a row with no finite score is all zero).
+    3. cdf mode: sort each row descending, keep the leading blocks whose cumulative probability is
+       <= cdfthreshd (at least one). topk mode: keep max(1, floor(topk * nkb)) blocks by score, where
+       nkb counts every K block. cdfthreshd >= 1 or topk >= 1 keeps every block.
+    4. Rows of non-self-similar Q blocks and columns of non-self-similar K blocks are always kept.
+    5. Causal: the diagonal key blocks (those holding the query block's own positions) are always
+       kept, and fully-future blocks never are.
+
+    Rule 5's first half goes beyond the paper: without it a query block whose pooled row favours an
+    older key block can drop its own block, and its first rows then see no key at all (zeros).
+    """
+    if (cdfthreshd is None) == (topk is None):
+        raise ValueError("select_blocks needs exactly one of cdfthreshd and topk")
+    pooled_q = q_blocks.pooled
+    num_q_heads = pooled_q.shape[1]
+    pooled_k = _expand_kv_heads(k_blocks.pooled, num_q_heads)
+    sim_k = _expand_kv_heads(k_blocks.sim, num_q_heads)
+    theta = _per_head(simthreshd1.to(pooled_q.dtype), 3)
+    q_similar = q_blocks.sim > theta  # (B, Hq, nqb)
+    k_similar = sim_k > theta  # (B, Hq, nkb)
+
+    scores = (pooled_q @ pooled_k.transpose(-1, -2)) * scale  # (B, Hq, nqb, nkb)
+    scores = scores.masked_fill(~k_similar[:, :, None, :], -math.inf)
+    allowed = None
+    if is_causal:
+        allowed = causal_block_mask(nq, nk, block_q, block_k, device=scores.device)
+        scores = scores.masked_fill(~allowed, -math.inf)
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.exp(scores - row_max)  # exp(-inf) = 0
+    denom = weights.sum(dim=-1, keepdim=True)
+    probs = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+    nkb = scores.shape[-1]
+    # Sorting is stable so that equal scores keep the lower block index first.
+    order_key = probs if cdfthreshd is not None else scores
+    sorted_vals, order = torch.sort(order_key, dim=-1, descending=True, stable=True)
+    if cdfthreshd is not None:
+        tau = _per_head(cdfthreshd.to(probs.dtype), 4)
+        cdf = torch.cumsum(sorted_vals, dim=-1)
+        n_keep = (cdf <= tau).sum(dim=-1, keepdim=True).clamp(min=1)
+        n_keep = torch.where(tau >= 1, torch.full_like(n_keep, nkb), n_keep)
+    else:
+        frac = _per_head(topk.to(torch.float64), 4)
+        n_keep = torch.floor(frac * nkb).to(torch.long).clamp(min=1)
+        n_keep = torch.where(frac >= 1, torch.full_like(n_keep, nkb), n_keep)
+        n_keep = n_keep.expand(*scores.shape[:-1], 1)
+    keep_sorted = torch.arange(nkb, device=scores.device) < n_keep
+    mask = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+    mask |= ~q_similar[..., :, None]
+    mask |= ~k_similar[..., None, :]
+    if allowed is not None:
+        mask |= causal_diagonal_block_mask(nq, nk, block_q, block_k, device=scores.device)
+        mask &= allowed
+    return mask
+
+
+def predict_block_mask(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    is_causal: bool,
+    scale: float,
+    simthreshd1: torch.Tensor,
+    cdfthreshd: torch.Tensor | None = None,
+    topk: torch.Tensor | None = None,
+    dtype=torch.float64,
+) -> torch.Tensor:
+    """The whole stage-1 predictor in plain PyTorch (inputs already validated, params per head)."""
+    q_blocks = pool_and_similarity(q, BLOCK_Q, smooth=False, dtype=dtype)
+    k_blocks = pool_and_similarity(k, BLOCK_K, smooth=True, dtype=dtype)
+    return select_blocks(
+        q_blocks, k_blocks, nq=q.shape[-2], nk=k.shape[-2], is_causal=is_causal, scale=scale,
+        simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Masked attention and the stage-2 PV skip
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BlockCounts:
+    """Per (batch, query head) block counts of one attention call, as ``(B, Hq)`` int64 tensors."""
+
+    allowed: torch.Tensor  # block pairs the causal mask allows (all pairs when not causal)
+    computed: torch.Tensor  # kept block pairs that were computed (kept and allowed)
+    pv_skipped: torch.Tensor  # computed block pairs whose P.V was skipped by stage 2
+
+
+def allowed_block_mask(nq: int, nk: int, is_causal: bool, device=None) -> torch.Tensor:
+    """``(nqb, nkb)`` bool: the block pairs that attention may touch at all."""
+    if is_causal:
+        return causal_block_mask(nq, nk, BLOCK_Q, BLOCK_K, device=device)
+    return torch.ones(num_blocks(nq, BLOCK_Q), num_blocks(nk, BLOCK_K), dtype=torch.bool, device=device)
+
+
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    is_causal: bool,
+    scale: float,
+    pvthreshd: torch.Tensor | None = None,
+    dtype=torch.float64,
+    max_chunk_elements: int = 1 << 26,
+) -> tuple[torch.Tensor, BlockCounts]:
+    """Softmax attention restricted to the True blocks of ``mask`` and, if causal, to the triangle.
+
+    A query row with no allowed key gets zeros. With ``pvthreshd`` (per query head, ``(Hq,)``) the
+    stage-2 skip is simulated as the kernel decides it: for each BLOCK_Q block of query rows, the kept
+    key blocks are visited in ascending order; in base-2 logits ``s = q.k * scale * log2(e)``, a block
+    is skipped (its exp, row sum and P.V) when, over the block's real query rows that see at least one
+    key in it, ``max(rowmax_block(s) - running_max) <= -pvthreshd``; the running max covers the kept
+    blocks before it (a skipped block cannot raise it). The first block a row sees is never skipped
+    (its running max is -inf). Skipped blocks simply drop out of numerator and denominator.
+
+    Returns the output in ``q.dtype`` and the block counts. Work is chunked over query blocks so that
+    long sequences fit in memory.
+    """
+    bsz, num_q_heads, nq, head_dim = q.shape
+    num_kv_heads, nk = k.shape[1], k.shape[2]
+    group = num_q_heads // num_kv_heads
+    nqb, nkb = num_blocks(nq, BLOCK_Q), num_blocks(nk, BLOCK_K)
+    allowed_blocks = allowed_block_mask(nq, nk, is_causal, device=q.device)
+    kept = mask & allowed_blocks
+
+    kd = k.to(dtype)
+    vd = v.to(dtype)
+    out = torch.empty(bsz, num_q_heads, nq, head_dim, dtype=dtype, device=q.device)
+    pv_skipped = torch.zeros(bsz, num_q_heads, dtype=torch.long, device=q.device)
+    token_causal = causal_token_mask(nq, nk, device=q.device) if is_causal else None
+    if pvthreshd is not None:
+        lam = _per_head(pvthreshd.to(dtype), 4)  # (1, Hq, 1, 1)
+
+    rows_per_chunk = max(1, max_chunk_elements // max(1, bsz * num_q_heads * nk * BLOCK_Q)) * BLOCK_Q
+    for r0 in range(0, nq, rows_per_chunk):
+        r1 = min(nq, r0 + rows_per_chunk)
+        qb0, qb1 = r0 // BLOCK_Q, num_blocks(r1, BLOCK_Q)
+        qc = q[:, :, r0:r1].to(dtype).reshape(bsz, num_kv_heads, group, r1 - r0, head_dim)
+        s = (qc @ kd[:, :, None].transpose(-1, -2)).reshape(bsz, num_q_heads, r1 - r0, nk)
+        s = s * (scale * LOG2E)
+
+        # Token-level view of the block map for these rows.
+        tok = kept[:, :, qb0:qb1].repeat_interleave(BLOCK_Q, dim=2).repeat_interleave(BLOCK_K, dim=3)
+        tok = tok[:, :, : r1 - r0, :nk]
+        if token_causal is not None:
+            tok = tok & token_causal[r0:r1]
+        s = s.masked_fill(~tok, -math.inf)
+
+        if pvthreshd is not None:
+            skip = _pv_skip_blocks(s, kept[:, :, qb0:qb1], lam)  # (B, Hq, qb, nkb)
+            pv_skipped += skip.sum(dim=(2, 3))
+            skip_tok = skip.repeat_interleave(BLOCK_Q, dim=2).repeat_interleave(BLOCK_K, dim=3)
+            s = s.masked_fill(skip_tok[:, :, : r1 - r0, :nk], -math.inf)
+
+        row_max = s.amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        p = torch.exp2(s - row_max)
+        denom = p.sum(dim=-1, keepdim=True)
+        pv = (p.reshape(bsz, num_kv_heads, group, r1 - r0, nk) @ vd[:, :, None]).reshape(bsz, num_q_heads, r1 - r0, -1)
+        out[:, :, r0:r1] = pv / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+    counts = BlockCounts(
+        allowed=allowed_blocks.sum().expand(bsz, num_q_heads).to(torch.long).clone(),
+        computed=kept.sum(dim=(2, 3)).to(torch.long),
+        pv_skipped=pv_skipped,
+    )
+    return out.to(q.dtype), counts
+
+
+def _pv_skip_blocks(s: torch.Tensor, kept: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """Which kept blocks stage 2 skips. ``s``: masked base-2 logits ``(B, H, R, Nk)`` of R query rows
+    (R covers whole BLOCK_Q blocks except possibly the last); ``kept``: ``(B, H, R/BLOCK_Q, nkb)``."""
+    bsz, heads, rows, nk = s.shape
+    nqb, nkb = kept.shape[-2], kept.shape[-1]
+    pad_r, pad_k = nqb * BLOCK_Q - rows, nkb * BLOCK_K - nk
+    sp = torch.nn.functional.pad(s, (0, pad_k, 0, pad_r), value=-math.inf)
+    block_max = sp.view(bsz, heads, nqb, BLOCK_Q, nkb, BLOCK_K).amax(dim=-1)  # (B,H,qb,BQ,nkb)
+    running = torch.cummax(block_max, dim=-1).values
+    before = torch.cat([torch.full_like(running[..., :1], -math.inf), running[..., :-1]], dim=-1)
+    diff = block_max - before  # +inf where the row saw nothing before; nan if nothing now either
+    diff = torch.where(torch.isfinite(block_max), diff, torch.full_like(diff, -math.inf))
+    worst = diff.amax(dim=3)  # (B, H, qb, nkb): the row that most wants this block
+    return kept & (worst <= -lam)
+
+
+def dense_attention(q, k, v, *, is_causal: bool, scale: float, dtype=torch.float64) -> torch.Tensor:
+    """Plain softmax attention (GQA, bottom-right causal) in ``dtype``; output in ``q.dtype``."""
+    full = torch.ones(
+        q.shape[0], q.shape[1], num_blocks(q.shape[2], BLOCK_Q), num_blocks(k.shape[2], BLOCK_K),
+        dtype=torch.bool, device=q.device,
+    )
+    return masked_attention(q, k, v, full, is_causal=is_causal, scale=scale, dtype=dtype)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# INT8 quantization
+# --------------------------------------------------------------------------------------------
+def quantize_per_block(x: torch.Tensor, block: int, *, multiplier: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-block INT8 of ``(B, H, N, D)`` (after multiplying by ``multiplier``).
+
+    scale = max|x_block| / 127 + 1e-7; ``x_int8 = round_half_away(x / scale)``. Returns the int8
+    tensor ``(B, H, N, D)`` and the float32 scales ``(B, H, ceil(N / block))``.
+    """
+    b, h, n, d = x.shape
+    xs = _pad_tokens(x.to(torch.float32) * multiplier, block).view(b, h, -1, block, d)
+    scales = xs.abs().amax(dim=(-1, -2)) / 127.0 + QUANT_SCALE_EPS
+    y = xs / scales[..., None, None]
+    y = torch.sign(y) * torch.floor(y.abs() + 0.5)
+    y = y.clamp(-127, 127).to(torch.int8).view(b, h, -1, d)[:, :, :n]
+    return y, scales
+
+
+def dequantize_per_block(x_int8: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
+    """Inverse of :func:`quantize_per_block` (up to rounding), in float32."""
+    n = x_int8.shape[-2]
+    return x_int8.to(torch.float32) * scales.repeat_interleave(block, dim=-1)[..., :n, None]

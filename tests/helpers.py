@@ -1,0 +1,43 @@
+"""Shared test helpers: fresh random inputs, the relative-L1 metric and the flash-attention
+tolerance rule (kernel error vs a float64 reference at most 2x that of PyTorch's own
+low-precision computation of the same function)."""
+
+from __future__ import annotations
+
+import torch
+
+from sparge_core.ops import reference as R
+
+
+def rand_qkv(b, hq, hkv, nq, nk, d, *, dtype=torch.float16, device="cpu", seed=0, scale=1.0):
+    """Gaussian q/k/v (never zeros), seeded per case."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, nq, d, generator=g) * scale
+    k = torch.randn(b, hkv, nk, d, generator=g) * scale
+    v = torch.randn(b, hkv, nk, d, generator=g)
+    return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
+
+
+def random_block_mask(b, h, nq, nk, density, *, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed + 1000)
+    shape = (b, h, R.num_blocks(nq, R.BLOCK_Q), R.num_blocks(nk, R.BLOCK_K))
+    return (torch.rand(shape, generator=g) < density).to(device)
+
+
+def rel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    den = b.abs().sum().item()
+    return (a - b).abs().sum().item() / den if den else (a - b).abs().sum().item()
+
+
+def assert_within_lowp_rule(out, q, k, v, mask, *, is_causal, scale, pvthreshd=None, factor=2.0, floor=1e-6):
+    """out vs the float64 reference <= factor x (reference in q.dtype vs float64) + floor."""
+    assert torch.isfinite(out).all(), "kernel output has NaN/inf"
+    ref64, _ = R.masked_attention(q, k, v, mask, is_causal=is_causal, scale=scale, pvthreshd=pvthreshd,
+                                  dtype=torch.float64)
+    lowp_dtype = q.dtype if q.dtype != torch.float32 else torch.float32
+    lowp, _ = R.masked_attention(q, k, v, mask, is_causal=is_causal, scale=scale, pvthreshd=pvthreshd,
+                                 dtype=lowp_dtype)
+    err, base = rel_l1(out, ref64), rel_l1(lowp, ref64)
+    assert err <= factor * base + floor, f"kernel rel-L1 {err:.3e} > {factor} x low-precision {base:.3e} + {floor}"
+    return err, base
