@@ -12,10 +12,11 @@ from __future__ import annotations
 import torch
 
 
-def _smooth_walk(bsz: int, heads: int, n: int, dim: int, correlation_length: float, generator) -> torch.Tensor:
+def _smooth_walk(bsz: int, heads: int, n: int, dim: int, correlation_length: float, generator,
+                 device="cpu") -> torch.Tensor:
     """Unit-variance features that decorrelate over ``correlation_length`` tokens (AR(1) process)."""
     rho = float(torch.exp(torch.tensor(-1.0 / max(correlation_length, 1e-3))))
-    steps = torch.randn(bsz, heads, n, dim, generator=generator)
+    steps = torch.randn(bsz, heads, n, dim, generator=generator).to(device)
     # AR(1) via a cumulative recurrence in chunks: x_t = rho x_{t-1} + sqrt(1-rho^2) e_t
     out = torch.empty_like(steps)
     x = steps[:, :, 0]
@@ -30,8 +31,9 @@ def _smooth_walk(bsz: int, heads: int, n: int, dim: int, correlation_length: flo
         idx = torch.arange(m)
         kernel = torch.where(idx[:, None] >= idx[None, :],
                              torch.tensor(rho, dtype=torch.float64) ** (idx[:, None] - idx[None, :]).clamp(min=0).double(),
-                             torch.zeros((), dtype=torch.float64)).float()
-        block = torch.einsum("ij,bhjd->bhid", kernel, e) + powers[:m].float()[None, None, :, None] * x[:, :, None, :]
+                             torch.zeros((), dtype=torch.float64)).float().to(device)
+        decay = powers[:m].float().to(device)[None, None, :, None]
+        block = torch.einsum("ij,bhjd->bhid", kernel, e) + decay * x[:, :, None, :]
         out[:, :, t0:t1] = block
         x = block[:, :, -1]
     return out
@@ -57,14 +59,18 @@ def structured_qkv(
     gen = torch.Generator().manual_seed(seed)
     nk = n if nk is None else nk
     length = max(n, nk)
-    walk = _smooth_walk(batch, kv_heads, length, head_dim, correlation_length, gen)
-    k = walk[:, :, length - nk:] + noise * torch.randn(batch, kv_heads, nk, head_dim, generator=gen)
-    k[:, :, :num_sinks] += 2.0 * torch.randn(batch, kv_heads, 1, head_dim, generator=gen)  # shared sink direction
+    walk = _smooth_walk(batch, kv_heads, length, head_dim, correlation_length, gen, device)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device)
+
+    k = walk[:, :, length - nk:] + noise * randn(batch, kv_heads, nk, head_dim)
+    k[:, :, :num_sinks] += 2.0 * randn(batch, kv_heads, 1, head_dim)  # shared sink direction
     group = q_heads // kv_heads
     q = walk[:, :, length - n:].repeat_interleave(group, dim=1)
-    q = q + noise * torch.randn(batch, q_heads, n, head_dim, generator=gen)
+    q = q + noise * randn(batch, q_heads, n, head_dim)
     # per-head sharpness so heads differ, as in real models
-    sharp = torch.linspace(0.5, 1.5, q_heads)[None, :, None, None]
+    sharp = torch.linspace(0.5, 1.5, q_heads, device=device)[None, :, None, None]
     q = q * sharp * (logit_scale / head_dim ** 0.5)  # logits q.k/sqrt(D) span about +-logit_scale
-    v = torch.randn(batch, kv_heads, nk, head_dim, generator=gen)
-    return (q.to(device=device, dtype=dtype), k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype))
+    v = randn(batch, kv_heads, nk, head_dim)
+    return q.to(dtype), k.to(dtype), v.to(dtype)

@@ -294,7 +294,6 @@ def masked_attention(
     vd = v.to(dtype)
     out = torch.empty(bsz, num_q_heads, nq, head_dim, dtype=dtype, device=q.device)
     pv_skipped = torch.zeros(bsz, num_q_heads, dtype=torch.long, device=q.device)
-    token_causal = causal_token_mask(nq, nk, device=q.device) if is_causal else None
     if pvthreshd is not None:
         lam = _per_head(pvthreshd.to(dtype), 4)  # (1, Hq, 1, 1)
 
@@ -309,8 +308,9 @@ def masked_attention(
         # Token-level view of the block map for these rows.
         tok = kept[:, :, qb0:qb1].repeat_interleave(BLOCK_Q, dim=2).repeat_interleave(BLOCK_K, dim=3)
         tok = tok[:, :, : r1 - r0, :nk]
-        if token_causal is not None:
-            tok = tok & token_causal[r0:r1]
+        if is_causal:
+            rows = torch.arange(r0, r1, device=q.device)[:, None] + (nk - nq)
+            tok = tok & (torch.arange(nk, device=q.device)[None, :] <= rows)
         s = s.masked_fill(~tok, -math.inf)
 
         if pvthreshd is not None:
