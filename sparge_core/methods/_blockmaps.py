@@ -80,7 +80,9 @@ def last_rows_probs(
         future = torch.arange(nk, device=q.device)[None, :] > positions[:, None]
         logits = logits.masked_fill(future, -math.inf)
     probs = torch.softmax(logits, dim=-1)
-    return torch.nan_to_num(probs, nan=0.0), positions
+    if is_causal and int(positions[0]) < 0:  # rows before the first key (Nq > Nk) see nothing: NaN -> 0
+        probs = torch.nan_to_num(probs, nan=0.0)
+    return probs, positions
 
 
 def diagonal_sums(probs: torch.Tensor, positions: torch.Tensor, nq: int) -> torch.Tensor:
@@ -96,13 +98,14 @@ def top_count_select(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor
     """Bool mask of the ``counts`` highest finite entries along the last axis.
 
     ``counts``: integer tensor broadcastable to ``scores.shape[:-1]`` (a different count per row is
-    fine). Ties keep the lower index first (stable sort). ``-inf`` entries are never selected.
+    fine). Ties keep the lower index first (stable sort). ``+inf`` entries (forced lines) rank first;
+    ``-inf`` entries (non-candidates) and NaN are never selected.
     """
     _, order = torch.sort(scores, dim=-1, descending=True, stable=True)
     ranks = torch.arange(scores.shape[-1], device=scores.device)
     keep_sorted = ranks < counts.to(scores.device)[..., None]
     keep = torch.zeros_like(keep_sorted.expand(scores.shape)).scatter(-1, order, keep_sorted.expand(scores.shape))
-    return keep & torch.isfinite(scores)
+    return keep & (scores > -math.inf)
 
 
 def query_block_positions(nq: int, nk: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,8 +13,8 @@ in [0, 1]; ``dense`` has none (density 1). A method registered later declares ``
 
 Every knob is assumed to make the density non-decreasing as it grows (true of all the methods
 here). The density is a step function of the knob, so the result is the closest step to the
-target; bisection stops when the knob interval is below ``1e-6`` (relative) or after ``max_iter``
-mask evaluations. Where a method cannot reach the target (its floors, e.g. sink/local lines,
+target seen; bisection stops at a density within ``tol / 4`` of the target, when the knob interval
+is below ``1e-6`` (relative), or after ``max_iter`` mask evaluations. Where a method cannot reach the target (its floors, e.g. sink/local lines,
 ``min_budget`` or non-self-similar blocks that sparge always keeps, or a step wider than ``2 tol``),
 the closest reachable density is returned and a warning says so; ``strict=True`` raises
 ``DensityNotReachable`` instead.
@@ -126,7 +126,7 @@ def _bisect(evaluate: _Evaluator, low: float, high: float, target: float, max_it
             break
         mid = 0.5 * (low + high)
         density = evaluate(mid)
-        if abs(density - target) <= min(1e-3, tol / 4):
+        if abs(density - target) <= tol / 4:
             break
         if density < target:
             low = mid
