@@ -1,0 +1,185 @@
+"""Record the post-RoPE Q, K, V of a model's attention layers to disk, for calibration.
+
+File layout (a contract other modules rely on)::
+
+    <dir>/meta.json                      model, shape, seq_len, samples, data name + sha256, dtype
+    <dir>/L{layer:03d}/S{sample:03d}.safetensors
+        q: (1, Hq, N, D)   k, v: (1, Hkv, N, D)   in the model's dtype
+
+``capture_to_disk`` runs one window at a time (batch 1, no KV cache) with dense attention through
+``sparge_core.integrations.transformers.capture_qkv``; every file is written atomically and
+``meta.json`` last, so a folder with a ``meta.json`` is complete. ``load_captured(dir, layer)``
+reads one layer back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from sparge_core.params import write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+META_FILE = "meta.json"
+FORMAT = "sparge-qkv-capture"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class CaptureMeta:
+    """The contents of ``meta.json``."""
+
+    model: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    seq_len: int
+    samples: int
+    data_name: str
+    data_sha256: str
+    dtype: str
+    layers: tuple[int, ...]
+    window_starts: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, "model": self.model, "num_layers": self.num_layers,
+                "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
+                "seq_len": self.seq_len, "samples": self.samples,
+                "data": {"name": self.data_name, "sha256": self.data_sha256, "window_starts": list(self.window_starts)},
+                "dtype": self.dtype, "layers": list(self.layers)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CaptureMeta:
+        if d.get("format") != FORMAT:
+            raise ValueError(f"not a sparge capture meta.json (format {d.get('format')!r}, expected {FORMAT!r})")
+        data = d["data"]
+        return cls(d["model"], d["num_layers"], d["num_heads"], d["num_kv_heads"], d["head_dim"], d["seq_len"],
+                   d["samples"], data["name"], data["sha256"], d["dtype"], tuple(d["layers"]),
+                   tuple(data.get("window_starts", ())))
+
+
+def layer_dir(out_dir: str | os.PathLike, layer: int) -> Path:
+    return Path(out_dir) / f"L{layer:03d}"
+
+
+def sample_path(out_dir: str | os.PathLike, layer: int, sample: int) -> Path:
+    return layer_dir(out_dir, layer) / f"S{sample:03d}.safetensors"
+
+
+def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """safetensors file through a temporary file in the same folder and an atomic rename."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass(frozen=True)
+class _Windows:
+    input_ids: torch.Tensor
+    name: str
+    sha256: str
+    starts: tuple[int, ...]
+
+
+def _as_windows(source, corpus, seq_len, samples, seed) -> _Windows:
+    """Token windows from a TokenWindows, an id tensor ``(N, L)`` or a tokenizer + corpus."""
+    from evals.data import TokenWindows, token_windows
+
+    if isinstance(source, TokenWindows):
+        return _Windows(source.input_ids, source.corpus, source.sha256, source.starts)
+    if isinstance(source, torch.Tensor):
+        if source.ndim != 2 or source.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"token ids must be an integer tensor (samples, seq_len), got {source.dtype} "
+                             f"{tuple(source.shape)}")
+        digest = hashlib.sha256(source.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+        return _Windows(source.to(torch.int64), "token-ids", digest, ())
+    if not callable(source):
+        raise TypeError(f"expected a tokenizer, TokenWindows or token-id tensor, got {type(source).__name__}")
+    if seq_len is None or samples is None:
+        raise ValueError("with a tokenizer, pass seq_len and samples (and corpus) to choose the windows")
+    w = token_windows(source, corpus, seq_len, samples, seed=seed)
+    return _Windows(w.input_ids, w.corpus, w.sha256, w.starts)
+
+
+@torch.no_grad()
+def capture_to_disk(model, tokenizer_or_windows, out_dir: str | os.PathLike, layers: Iterable[int] | None = None, *,
+                    corpus: str = "pydoc", seq_len: int | None = None, samples: int | None = None,
+                    seed: int | None = None, model_name: str | None = None) -> CaptureMeta:
+    """Run the model on each window and write the Q, K, V of the chosen layers (all by default).
+
+    ``tokenizer_or_windows`` is an ``evals.data.TokenWindows``, an int tensor ``(samples, seq_len)``
+    of token ids, or a tokenizer (then ``corpus``, ``seq_len``, ``samples`` and ``seed`` pick the
+    windows with ``evals.data.token_windows``). Returns the metadata written to ``meta.json``.
+    """
+    from evals.models import model_spec
+    from sparge_core.integrations.transformers import capture_qkv
+
+    windows = _as_windows(tokenizer_or_windows, corpus, seq_len, samples, seed)
+    spec = model_spec(model, model_name)
+    chosen = tuple(range(spec.num_layers)) if layers is None else tuple(sorted(set(layers)))
+    bad = [x for x in chosen if not 0 <= x < spec.num_layers]
+    if bad:
+        raise ValueError(f"layers {bad} are out of range; the model has layers 0..{spec.num_layers - 1}")
+    out_dir = Path(out_dir)
+    if (out_dir / META_FILE).exists():
+        raise FileExistsError(f"{out_dir} already holds a capture (meta.json); choose a new folder or delete it")
+    device = next(model.parameters()).device
+    current = {"sample": 0}
+
+    def write(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        save_tensors_atomic(sample_path(out_dir, layer, current["sample"]), {"q": q.cpu(), "k": k.cpu(), "v": v.cpu()})
+
+    with capture_qkv(model, chosen, sink=write):
+        for i, ids in enumerate(windows.input_ids):
+            current["sample"] = i
+            model(ids[None].to(device), use_cache=False)
+            logger.info("captured sample %d/%d", i + 1, windows.input_ids.shape[0])
+    meta = CaptureMeta(spec.name, spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim,
+                       int(windows.input_ids.shape[1]), int(windows.input_ids.shape[0]), windows.name,
+                       windows.sha256, str(next(model.parameters()).dtype).removeprefix("torch."), chosen,
+                       windows.starts)
+    write_json_atomic(out_dir / META_FILE, meta.to_dict())
+    return meta
+
+
+def read_meta(out_dir: str | os.PathLike) -> CaptureMeta:
+    path = Path(out_dir) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {out_dir} is not a finished capture")
+    return CaptureMeta.from_dict(json.loads(path.read_text()))
+
+
+def load_captured(out_dir: str | os.PathLike, layer: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``[(q, k, v)]`` of one layer, one tuple per sample in sample order."""
+    from safetensors.torch import load_file
+
+    meta = read_meta(out_dir)
+    if layer not in meta.layers:
+        raise ValueError(f"layer {layer} was not captured in {out_dir}; captured layers: {list(meta.layers)}")
+    result = []
+    for sample in range(meta.samples):
+        path = sample_path(out_dir, layer, sample)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing from the capture")
+        t = load_file(str(path))
+        result.append((t["q"], t["k"], t["v"]))
+    return result

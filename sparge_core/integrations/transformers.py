@@ -1,0 +1,470 @@
+"""Sparse attention inside Hugging Face transformers models (Llama, Qwen2/3, Mistral, Gemma3).
+
+::
+
+    from sparge_core.integrations.transformers import apply, remove
+
+    handle = apply(model, "sparge", cdfthreshd=0.9)       # one method for every layer
+    handle = apply(model, "results/configs/smollm2.json")  # calibrated, per layer (DESIGN.md section 4)
+    handle = apply(model, "sparge", collect_stats=True)    # ...and count skipped blocks per layer
+    logits = model(input_ids).logits
+    print(handle.sparsity_report())
+    remove(model)                                          # back to the original attention
+
+``apply`` registers an attention function named ``sparge`` with ``transformers.AttentionInterface``
+(and transformers' SDPA mask builder under the same name with ``AttentionMaskInterface``, so
+padding masks reach it) and switches the model to it. Each attention module carries a reference to
+the ``SpargeAttention`` handle, which maps ``module.layer_idx`` to that layer's method.
+
+Semantics of the attention function:
+
+- K and V arrive un-repeated (GQA stays native: the kernels handle ``Hq % Hkv == 0``).
+- Dense SDPA (transformers' own ``sdpa_attention_forward``) is used for queries shorter than one
+  ``BLOCK_Q`` block (decoding), for layers the config marks dense, for sliding-window layers whose
+  window is shorter than the keys, and for masks that are not "causal (or full) over one
+  contiguous range of tokens per sequence" (e.g. packed sequences); the last case logs a warning.
+- With a padding mask, each sequence runs on its own valid contiguous token range (bottom-right
+  aligned causal), so a padded batch gives the same result per sequence as separate runs. Query
+  rows at padded positions get zeros.
+- The output is ``[B, S, Hq, D]`` as transformers expects.
+
+This module imports transformers; ``sparge_core/__init__`` does not import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import weakref
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..methods import AttentionMethod, get_method, method_names
+from ..ops.reference import BLOCK_Q, allowed_block_mask
+from ..params import ModelConfig
+from .capture import QKVRecorder
+
+logger = logging.getLogger(__name__)
+
+IMPLEMENTATION_NAME = "sparge"
+#: transformers ``model_type`` values this integration is tested or written for
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text", "gemma3")
+_HANDLE_ATTR = "_sparge_attention"
+
+
+# --------------------------------------------------------------------------------------------
+# per-layer statistics
+# --------------------------------------------------------------------------------------------
+@dataclass
+class LayerStats:
+    """Block counts of one layer summed over calls and batch, per query head."""
+
+    allowed: torch.Tensor | None = None
+    computed: torch.Tensor | None = None
+    pv_skipped: torch.Tensor | None = None
+    sparse_calls: int = 0
+    dense_calls: int = 0
+
+    def add(self, allowed: torch.Tensor, computed: torch.Tensor, pv_skipped: torch.Tensor) -> None:
+        """Add ``(B, Hq)`` counts of one call."""
+        parts = [t.detach().sum(0).to("cpu", torch.long) for t in (allowed, computed, pv_skipped)]
+        if self.allowed is None:
+            self.allowed, self.computed, self.pv_skipped = parts
+        else:
+            self.allowed += parts[0]
+            self.computed += parts[1]
+            self.pv_skipped += parts[2]
+
+    def summary(self) -> dict[str, float | int]:
+        """qk_sparsity, pv_skip and the paper's sparsity of this layer (0 for dense calls)."""
+        if self.allowed is None:
+            return {"qk_sparsity": 0.0, "pv_skip": 0.0, "sparsity": 0.0, "sparse_calls": self.sparse_calls,
+                    "dense_calls": self.dense_calls}
+        allowed, computed, skipped = (int(t.sum()) for t in (self.allowed, self.computed, self.pv_skipped))
+        return {
+            "qk_sparsity": (allowed - computed) / allowed if allowed else 0.0,
+            "pv_skip": skipped / computed if computed else 0.0,
+            "sparsity": (2 * (allowed - computed) + skipped) / (2 * allowed) if allowed else 0.0,
+            "sparse_calls": self.sparse_calls,
+            "dense_calls": self.dense_calls,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# the handle bound to a model
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SpargeAttention:
+    """What ``apply`` installed on one model: the method of each layer (None = dense SDPA)."""
+
+    methods: dict[int, AttentionMethod | None]
+    original_implementation: str
+    backend: str = "auto"
+    quant: str = "auto"
+    collect_stats: bool = False
+    stats: dict[int, LayerStats] = field(default_factory=dict)
+    recorder: QKVRecorder | None = None
+    description: str = ""
+    _mask_plan: tuple | None = field(default=None, repr=False)
+    _warned_layers: set = field(default_factory=set, repr=False)
+
+    def method_for(self, layer: int) -> AttentionMethod | None:
+        if layer not in self.methods:
+            raise KeyError(f"sparge has no entry for layer {layer} (it knows layers 0..{len(self.methods) - 1})")
+        return self.methods[layer]
+
+    def layer_stats(self, layer: int) -> LayerStats:
+        return self.stats.setdefault(layer, LayerStats())
+
+    def reset_stats(self) -> None:
+        self.stats.clear()
+
+    def sparsity_report(self) -> dict[str, Any]:
+        """Per-layer summaries and their totals (block counts summed over layers and heads)."""
+        layers = {layer: s.summary() for layer, s in sorted(self.stats.items())}
+        total = LayerStats()
+        for s in self.stats.values():
+            if s.allowed is not None:
+                total.add(s.allowed[None], s.computed[None], s.pv_skipped[None])
+            total.sparse_calls += s.sparse_calls
+            total.dense_calls += s.dense_calls
+        return {"layers": layers, "total": total.summary()}
+
+
+def handle_of(model) -> SpargeAttention | None:
+    """The ``SpargeAttention`` installed on a model by ``apply``, or None."""
+    return getattr(model, _HANDLE_ATTR, None)
+
+
+# --------------------------------------------------------------------------------------------
+# apply / remove
+# --------------------------------------------------------------------------------------------
+def apply(model, config: str | os.PathLike | dict | ModelConfig | AttentionMethod, *, backend: str = "auto",
+          quant: str = "auto", collect_stats: bool = False, **method_params) -> SpargeAttention:
+    """Route the model's attention through sparge.
+
+    Args:
+        model: a transformers causal LM of a supported family (``SUPPORTED_MODEL_TYPES``).
+        config: a method name from the registry (``method_names()``; ``method_params`` are its
+            global hyperparameters), a configured ``AttentionMethod``, a ``ModelConfig``, a dict in
+            the config-file format or the path of a config JSON (per-layer hyperparameters; layers
+            marked dense and layers without an entry run dense SDPA).
+        backend, quant: passed to the kernels (see ``sparge_core.block_sparse_attn``).
+        collect_stats: count skipped blocks per layer (``handle.sparsity_report()``).
+
+    Returns the ``SpargeAttention`` handle (also reachable as ``handle_of(model)``). Applying again
+    replaces the previous routing; ``remove(model)`` restores the original implementation.
+    """
+    layers = attention_modules(model)
+    if handle_of(model) is not None:
+        remove(model)
+    methods, description = _resolve_methods(model, config, method_params, num_layers=len(layers))
+    handle = SpargeAttention(methods=methods, original_implementation=model.config._attn_implementation,
+                             backend=backend, quant=quant, collect_stats=collect_stats, description=description)
+    _install(model, layers, handle)
+    return handle
+
+
+def remove(model) -> None:
+    """Undo ``apply``: restore the model's previous attention implementation."""
+    handle = handle_of(model)
+    if handle is None:
+        raise ValueError("sparge is not applied to this model (nothing to remove)")
+    model.set_attn_implementation(handle.original_implementation)
+    for module in model.modules():
+        if getattr(module, _HANDLE_ATTR, None) is handle:
+            delattr(module, _HANDLE_ATTR)
+
+
+def _install(model, layers: dict[int, torch.nn.Module], handle: SpargeAttention) -> None:
+    register()
+    for module in layers.values():
+        setattr(module, _HANDLE_ATTR, handle)
+    setattr(model, _HANDLE_ATTR, handle)
+    model.set_attn_implementation(IMPLEMENTATION_NAME)
+    if model.config._attn_implementation != IMPLEMENTATION_NAME:
+        for module in [model, *layers.values()]:
+            delattr(module, _HANDLE_ATTR)
+        raise ValueError(f"{type(model).__name__} did not accept a custom attention implementation "
+                         f"(it is still {model.config._attn_implementation!r})")
+
+
+def register() -> None:
+    """Register the ``sparge`` attention function and its mask builder with transformers."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(IMPLEMENTATION_NAME, sparge_attention_forward)
+    AttentionMaskInterface.register(IMPLEMENTATION_NAME, sdpa_mask)
+
+
+def attention_modules(model) -> dict[int, torch.nn.Module]:
+    """``{layer_idx: attention module}``; raises for unsupported architectures."""
+    model_type = _model_type(model)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"sparge does not support {type(model).__name__} (model_type {model_type!r}); supported "
+                         f"model types: {list(SUPPORTED_MODEL_TYPES)}")
+    found: dict[int, torch.nn.Module] = {}
+    for module in model.modules():
+        if hasattr(module, "layer_idx") and hasattr(module, "num_key_value_groups") and hasattr(module, "head_dim"):
+            if module.layer_idx in found:
+                raise ValueError(f"two attention modules claim layer_idx {module.layer_idx}")
+            found[module.layer_idx] = module
+    if not found or sorted(found) != list(range(len(found))):
+        raise ValueError(f"could not find attention modules numbered 0..N-1 in {type(model).__name__} "
+                         f"(found layer indices {sorted(found)})")
+    return found
+
+
+def _model_type(model) -> str:
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"expected a transformers PreTrainedModel, got {type(model).__name__}")
+    return getattr(config, "model_type", "")
+
+
+def _model_shape(model) -> dict[str, int]:
+    cfg = model.config
+    inner = getattr(cfg, "text_config", None)
+    cfg = inner if inner is not None and hasattr(inner, "num_attention_heads") else cfg
+    heads = int(cfg.num_attention_heads)
+    return {"num_layers": int(cfg.num_hidden_layers), "num_heads": heads,
+            "num_kv_heads": int(getattr(cfg, "num_key_value_heads", None) or heads),
+            "head_dim": int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)}
+
+
+def _resolve_methods(model, config, method_params: dict, *, num_layers: int):
+    """``({layer: method or None}, description)`` for the accepted kinds of ``config``."""
+    if isinstance(config, AttentionMethod):
+        _no_params(method_params, "a configured AttentionMethod")
+        return {i: config for i in range(num_layers)}, repr(config)
+    if isinstance(config, str) and config in method_names():
+        method = get_method(config, **method_params)
+        return {i: method for i in range(num_layers)}, repr(method)
+    if isinstance(config, (str, os.PathLike)):
+        path = Path(config)
+        if not path.suffix == ".json" and not path.exists():
+            raise ValueError(f"config {str(config)!r} is neither a known method ({method_names()}) nor a config "
+                             f"JSON file")
+        _no_params(method_params, "a config file")
+        config = ModelConfig.load(path)
+    elif isinstance(config, dict):
+        _no_params(method_params, "a config dict")
+        config = ModelConfig.from_dict(config)
+    elif not isinstance(config, ModelConfig):
+        raise TypeError(f"config must be a method name, an AttentionMethod, a ModelConfig, a dict or a path, got "
+                        f"{type(config).__name__}")
+    _no_params(method_params, "a ModelConfig")
+    config.check_matches(**_model_shape(model))
+    return _methods_from_config(config, num_layers), f"config for {config.model.name}"
+
+
+def _methods_from_config(config: ModelConfig, num_layers: int) -> dict[int, AttentionMethod | None]:
+    from ..methods.sparge import Sparge
+
+    methods: dict[int, AttentionMethod | None] = {i: None for i in range(num_layers)}
+    for lc in config.layers:
+        methods[lc.layer] = None if lc.is_dense else Sparge.from_layer_config(lc)
+    missing = [i for i in range(num_layers) if i not in {lc.layer for lc in config.layers}]
+    if missing:
+        logger.info("sparge config has no entry for layers %s; they run dense", missing)
+    return methods
+
+
+def _no_params(params: dict, what: str) -> None:
+    if params:
+        raise TypeError(f"hyperparameters {sorted(params)} cannot be combined with {what}; put them in the config "
+                        f"or pass a method name")
+
+
+# --------------------------------------------------------------------------------------------
+# capture
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def capture_qkv(model, layers: Iterable[int] | None = None, *, sink=None,
+                device: str | torch.device = "cpu") -> Iterator[QKVRecorder]:
+    """Record the post-RoPE Q, K, V each attention layer receives while the block runs.
+
+    If sparge is applied, its routing stays as it is; otherwise the model runs dense SDPA through
+    the sparge function for the duration (numerically the model's ordinary SDPA path). Yields the
+    ``QKVRecorder`` (see ``sparge_core.integrations.capture``).
+    """
+    recorder = QKVRecorder(layers, sink=sink, device=device)
+    handle = handle_of(model)
+    temporary = handle is None
+    if temporary:
+        modules = attention_modules(model)
+        handle = SpargeAttention(methods={i: None for i in modules},
+                                 original_implementation=model.config._attn_implementation, description="dense")
+        _install(model, modules, handle)
+    elif handle.recorder is not None:
+        raise RuntimeError("a capture is already running on this model")
+    handle.recorder = recorder
+    try:
+        yield recorder
+    finally:
+        handle.recorder = None
+        if temporary:
+            remove(model)
+
+
+# --------------------------------------------------------------------------------------------
+# the attention function
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Run:
+    """One group of sequences sharing a valid range: query rows [q0, q1), keys [k0, k1)."""
+
+    batch: tuple[int, ...]
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+
+
+def sparge_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                             scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+    """The function registered as ``sparge``; see the module docstring for its semantics."""
+    handle: SpargeAttention | None = getattr(module, _HANDLE_ATTR, None)
+    if handle is None:
+        raise RuntimeError("this model's attention is set to 'sparge' but sparge was not applied to it; use "
+                           "sparge_core.integrations.transformers.apply(model, ...)")
+    if kwargs.get("softcap") is not None:
+        raise ValueError("sparge does not support attention logit soft-capping (softcap)")
+    layer = module.layer_idx
+    if handle.recorder is not None:
+        handle.recorder.record(layer, query, key, value)
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    method = handle.method_for(layer)
+    window = kwargs.get("sliding_window")
+    use_dense = (method is None or query.shape[2] < BLOCK_Q or dropout > 0.0
+                 or (window is not None and key.shape[2] > window))
+    if not use_dense:
+        runs = _plan(handle, attention_mask, query.shape[0], query.shape[2], key.shape[2], causal)
+        if runs is not None:
+            return _sparse_attention(handle, method, layer, query, key, value, runs, causal, scaling), None
+        log = logger.debug if layer in handle._warned_layers else logger.warning
+        handle._warned_layers.add(layer)
+        log("sparge: layer %d got a mask that is not causal over one contiguous range per sequence; running "
+            "dense SDPA for it", layer)
+    return _dense_attention(handle, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+
+
+def _dense_attention(handle, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if handle.collect_stats:
+        _count_dense(handle, module.layer_idx, query, key, causal=bool(
+            is_causal if is_causal is not None else getattr(module, "is_causal", True)))
+    passed = {k: v for k, v in kwargs.items() if k != "sliding_window"}
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **passed)
+
+
+def _count_dense(handle: SpargeAttention, layer: int, query, key, *, causal: bool) -> None:
+    allowed = allowed_block_mask(query.shape[2], key.shape[2], causal).sum()
+    counts = allowed.expand(query.shape[0], query.shape[1]).to(torch.long)
+    stats = handle.layer_stats(layer)
+    stats.add(counts, counts, torch.zeros_like(counts))
+    stats.dense_calls += 1
+
+
+def _sparse_attention(handle, method, layer, query, key, value, runs: list[_Run], causal: bool, scaling):
+    bsz, heads, nq, dim = query.shape
+    whole = len(runs) == 1 and len(runs[0].batch) == bsz and (runs[0].q0, runs[0].q1) == (0, nq) \
+        and (runs[0].k0, runs[0].k1) == (0, key.shape[2])
+    out = query.new_zeros(bsz, heads, nq, value.shape[-1]) if not whole else None
+    for run in runs:
+        idx = list(run.batch)
+        q = query if whole else query[idx, :, run.q0:run.q1]
+        k = key if whole else key[idx, :, run.k0:run.k1]
+        v = value if whole else value[idx, :, run.k0:run.k1]
+        result = method(q, k, v, is_causal=causal, scale=scaling, backend=handle.backend, quant=handle.quant,
+                        return_stats=handle.collect_stats)
+        if handle.collect_stats:
+            result, stats = result
+            layer_stats = handle.layer_stats(layer)
+            layer_stats.add(stats.allowed_blocks, stats.computed_blocks, stats.pv_skipped_blocks)
+            layer_stats.sparse_calls += 1
+        if whole:
+            out = result
+        else:
+            out[idx, :, run.q0:run.q1] = result
+    return out.transpose(1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# mask analysis: which contiguous token range each sequence attends over
+# --------------------------------------------------------------------------------------------
+def _plan(handle: SpargeAttention, mask, bsz: int, nq: int, nk: int, causal: bool) -> list[_Run] | None:
+    """Runs covering the batch, or None when the mask is not of the supported form."""
+    if mask is None:
+        return [_Run(tuple(range(bsz)), 0, nq, 0, nk)]
+    cached = handle._mask_plan
+    if cached is not None and cached[0]() is mask and cached[1] == (mask._version, causal, nq, nk):
+        return cached[2]
+    runs = _plan_from_mask(mask, bsz, nq, nk, causal)
+    handle._mask_plan = (weakref.ref(mask), (mask._version, causal, nq, nk), runs)
+    return runs
+
+
+def _allowed(mask: torch.Tensor) -> torch.Tensor | None:
+    """Boolean ``(B, Nq, Nk)`` "may attend" from a bool or additive float mask; None if unsupported."""
+    if mask.ndim != 4:
+        return None
+    if mask.shape[1] != 1:
+        if not bool((mask == mask[:, :1]).all()):
+            return None  # per-head masks
+        mask = mask[:, :1]
+    mask = mask[:, 0]
+    if mask.dtype == torch.bool:
+        return mask
+    allowed = mask == 0
+    blocked = mask <= torch.finfo(mask.dtype).min / 2
+    return allowed if bool((allowed | blocked).all()) else None  # a float bias is not a mask
+
+
+def _plan_from_mask(mask: torch.Tensor, bsz: int, nq: int, nk: int, causal: bool) -> list[_Run] | None:
+    allowed = _allowed(mask)
+    if allowed is None or allowed.shape[-2:] != (nq, nk) or allowed.shape[0] not in (1, bsz):
+        return None
+    allowed = allowed.expand(bsz, nq, nk)
+    offset = nk - nq  # query row i sits at key position i + offset
+    groups: dict[tuple[int, int, int, int], list[int]] = {}
+    for b in range(bsz):
+        span = _valid_span(allowed[b], nq, offset, causal)
+        if span is None:
+            return None
+        if span[1] > span[0]:  # sequences that are all padding get zeros
+            groups.setdefault(span, []).append(b)
+    return [_Run(tuple(batch), *span) for span, batch in groups.items()]
+
+
+def _valid_span(allowed: torch.Tensor, nq: int, offset: int, causal: bool) -> tuple[int, int, int, int] | None:
+    """``(q0, q1, k0, k1)`` if ``allowed`` (Nq, Nk) is causal/full over keys [k0, k1) for the query
+    rows at those positions (other rows may hold anything: they are padding); else None."""
+    nk = allowed.shape[1]
+    keys = allowed.any(dim=0).nonzero().flatten()
+    if keys.numel() == 0:
+        return (0, 0, 0, 0)
+    k0, k1 = int(keys[0]), int(keys[-1]) + 1
+    if keys.numel() != k1 - k0:
+        return None  # holes in the key range
+    q0, q1 = max(0, k0 - offset), min(nq, k1 - offset)
+    if q1 <= q0:
+        return None  # no query row inside the valid range (not a layout we split)
+    rows = allowed[q0:q1]
+    expected = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool, device=allowed.device)
+    if causal:
+        expected = torch.tril(expected, diagonal=(k1 - k0) - (q1 - q0))
+    if not bool((rows[:, k0:k1] == expected).all()):
+        return None
+    if (k0 > 0 and bool(rows[:, :k0].any())) or (k1 < nk and bool(rows[:, k1:].any())):
+        return None
+    return (q0, q1, k0, k1)
