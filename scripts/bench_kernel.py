@@ -177,7 +177,7 @@ def run(args) -> None:
                             j[0] = (j[0] + 1) % ROTATE
                             q, k, v, qq = pre[j[0]]
                             return A.block_sparse_attn(q, k, v, mask, is_causal=causal, scale=d ** -0.5,
-                                                       pvthreshd=None, quant=args.fp8_variant, quantized=qq)
+                                                       pvthreshd=None, quant=args.quant_variant, quantized=qq)
 
                         record(n, d, causal, density, "sparge-quant-kernel", bench_ms(quant_kernel))
                         del pre
@@ -234,7 +234,7 @@ def main() -> None:
     ap.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.5, 0.2, 0.1])
     ap.add_argument("--methods", nargs="+", default=["sdpa-cudnn", "sdpa-flash", "sparge", "sparge-quant",
                                                      "sparge-quant-kernel", "flex", "predict", "sparge-pipeline"])
-    ap.add_argument("--fp8-variant", default="int8-fp8", help="kernel variant for sparge-quant-kernel")
+    ap.add_argument("--quant-variant", default="int8", help="kernel variant for sparge-quant-kernel")
     ap.add_argument("--out", default=None, help="CSV path (default results/kernel/<gpu>.csv)")
     ap.add_argument("--no-plot", dest="plot", action="store_false")
     ap.add_argument("--plot-only", default=None, help="only draw the plot of an existing CSV")

@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--d", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.3])
-    ap.add_argument("--variants", nargs="+", default=["none", "int8", "int8-fp8"])
+    ap.add_argument("--variants", nargs="+", default=["none", "int8"])
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4])
     ap.add_argument("--out", default=None)

@@ -5,8 +5,11 @@ when no CUDA device is present (the Makefile sets it too).
 """
 
 import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import helpers` from any test module
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -60,7 +60,8 @@ def test_pv_skip_on_gpu_matches_reference_counts_closely(causal):
                                      pvthreshd=torch.full((8,), 8.0, device="cuda"))
     # decisions may flip where a block max sits within bf16 rounding of the threshold
     assert abs(st.pv_skipped_blocks.sum().item() - counts.pv_skipped.sum().item()) <= 0.01 * counts.computed.sum().item() + 2
-    assert st.pv_skip > 0.05
+    if not causal:  # structured inputs: local attention, so in causal order the max comes last
+        assert st.pv_skip > 0.05
     assert rel_l1(out, ref) < 0.02
 
 
@@ -78,8 +79,10 @@ def test_sparge_attn_end_to_end_gpu(causal, quant):
 
 
 def test_quantized_dense_accuracy_gpu():
-    q, k, v = rand_qkv(1, 8, 8, 8192, 128, dtype=torch.bfloat16, device="cuda", seed=4)
+    q, k, v = rand_qkv(1, 8, 8, 8192, 8192, 128, dtype=torch.bfloat16, device="cuda", seed=4)
     full = torch.ones(1, 1, 64, 128, dtype=torch.bool, device="cuda")
     ref = R.dense_attention(q, k, v, is_causal=False, scale=128 ** -0.5)
     out = block_sparse_attn(q, k, v, full, pvthreshd=None, quant="int8")
-    assert rel_l1(out, ref) < 0.05
+    assert rel_l1(out, ref) < 0.02  # INT8 QK^T, 16-bit P.V
+    out = block_sparse_attn(q, k, v, full, pvthreshd=None, quant="int8-fp8")
+    assert rel_l1(out, ref) < 0.05  # FP8 P.V costs about 0.025 more on Gaussian inputs

@@ -3,14 +3,18 @@
 Algorithm: FlashAttention-2 forward (online softmax in base 2: ``sm_scale * log2(e)`` is folded into
 the logits so the kernel uses ``exp2``). One program handles a BLOCK_Q(=128)-row block of queries of
 one (batch, query head) and visits **only the kept key blocks**, read from a compacted, ascending
-index list built from the block map (``build_block_lut``), never testing every block. Per kept block:
+index list built from the block map by a small Triton kernel (``build_block_lut``), never testing
+every block. The kept 64-key blocks are gathered **two at a time into one 128-key tile** (kept blocks
+of rank 2t and 2t+1, wherever they are): the block map keeps its 128x64 granularity while the
+matmuls run on 128x128 tiles, which Hopper's tensor cores need to be efficient. Per tile:
 
 1. ``s = q k^T`` (fp16/bf16 operands, or INT8 with per-block scales, fp32 accumulate);
-2. only on blocks that cross the causal diagonal or the end of K, a token mask (causal is
-   bottom-right aligned when Nq != Nk: query i sees keys j <= i + Nk - Nq);
-3. stage 2 (``pvthreshd``): the block's row maxima are compared with the running maxima; if
-   ``max over the block's real query rows of (rowmax_block - rowmax_running) <= -pvthreshd`` the
-   block's exp, row-sum update and P.V are skipped (every P entry is below 2^-pvthreshd of its row's
+2. only on tiles that cross the causal diagonal or the end of K (or hold an odd last block without
+   a partner), a token mask (causal is bottom-right aligned when Nq != Nk: query i sees keys
+   j <= i + Nk - Nq);
+3. stage 2 (``pvthreshd``): the tile's row maxima are compared with the running maxima; if
+   ``max over the block's real query rows of (rowmax_tile - rowmax_running) <= -pvthreshd`` the
+   tile's exp, row-sum update and P.V are skipped (every P entry is below 2^-pvthreshd of its row's
    running max). Decided per 128-row block of queries, as the official CUDA kernel's per-CTA mode;
 4. otherwise the usual rescale, ``exp2``, row sum and ``acc += P V``.
 
@@ -27,8 +31,9 @@ changes no softmax); ``QK^T`` in INT8 with int32 accumulate, dequantized by the 
 KV head and channel), P scaled by 448 before its cast; the row sum stays fp32 and unscaled.
 
 Deviations from the paper / official kernel:
-- The PV skip test applies to every kept block after a row's first; the official CUDA kernel always
-  computes the last two kept blocks. Ours skips more, and the reference simulates ours exactly.
+- The PV skip test is made per tile of two kept blocks (so both are skipped or neither), for every
+  tile after a row's first; the official CUDA kernel tests each block and always computes the last
+  two kept blocks. The reference simulates ours exactly.
 - Stage 2 is decided per 128-row query block (the official released build's per-CTA mode), not per
   warp as the paper describes.
 - Query rows that see no key (causal with Nq > Nk, or an empty row of the block map) get zeros; the
@@ -67,7 +72,7 @@ class KernelConfig:
 def default_kernel_config(head_dim: int, device: torch.device) -> KernelConfig:
     if device.type != "cuda":
         return KernelConfig(num_warps=4, num_stages=1)
-    return KernelConfig(num_warps=4 if head_dim <= 64 else 8, num_stages=3)
+    return KernelConfig(num_warps=8, num_stages=3)
 
 
 @triton.jit
@@ -85,6 +90,7 @@ def _sparge_attn_fwd_kernel(
     IS_CAUSAL: tl.constexpr, PV_SKIP: tl.constexpr,  #
     QUANT_QK: tl.constexpr, FP8_PV: tl.constexpr, UPCAST_QK: tl.constexpr, UPCAST_PV: tl.constexpr,  #
 ):
+    TILE_N: tl.constexpr = 2 * BLOCK_N  # two kept key blocks per iteration
     i_m = tl.program_id(0)
     if IS_CAUSAL:
         i_m = n_qblocks - 1 - i_m  # heaviest query blocks first
@@ -93,7 +99,9 @@ def _sparge_attn_fwd_kernel(
     i_h = i_bh % n_q_heads
     i_hk = i_h // group
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_n = tl.arange(0, BLOCK_N)
+    o_t = tl.arange(0, TILE_N)
+    o_half = o_t % BLOCK_N
+    m_first = o_t < BLOCK_N  # columns of the pair's first block
     o_d = tl.arange(0, D_PAD)
     m_m = o_m < n_q
     m_qkd = o_d < QK_DIM
@@ -122,37 +130,48 @@ def _sparge_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
 
-    # stage 0: blocks fully inside the causal triangle and inside K (no token mask);
-    # stage 1: the rest (diagonal blocks, the partial last block of K).
+    # The kept blocks are visited two at a time (a 128-key tile). Stage 0: pairs of blocks fully inside
+    # the causal triangle and inside K (no token mask); stage 1: the rest (diagonal blocks, the partial
+    # last block of K, an odd last block without a partner).
     for stage in tl.static_range(2):
         if stage == 0:
             lo = 0
-            hi = n_full
+            hi = n_full // 2
         else:
-            lo = n_full
-            hi = n_kept
+            lo = n_full // 2
+            hi = (n_kept + 1) // 2
         for it in range(lo, hi):
-            kb = tl.load(lut_row + it)
-            o_k = kb * BLOCK_N + o_n
-            m_k = o_k < n_k
+            kb0 = tl.load(lut_row + 2 * it)
+            if stage == 0:
+                kb1 = tl.load(lut_row + 2 * it + 1)
+                m_col = o_t >= 0
+            else:
+                has_second = 2 * it + 1 < n_kept
+                kb1 = tl.load(lut_row + tl.minimum(2 * it + 1, n_kept - 1))  # an odd last block: its own partner
+                m_col = m_first | ((o_t * 0 + 2 * it + 1) < n_kept)  # (a vector compare: the interpreter
+                # mistypes a scalar bool broadcast into a vector mask)
+            kb = tl.where(m_first, kb0, kb1)  # [TILE_N] block index of each column
+            o_k = kb * BLOCK_N + o_half  # [TILE_N] key position of each column
+            if stage == 1:
+                m_col = m_col & (o_k < n_k)
             # -- s = q k^T in base-2 units
             b_k = tl.load(k_base + o_k[None, :] * stride_kn + o_d[:, None] * stride_kd,
-                          mask=m_qkd[:, None] & m_k[None, :], other=0.0)  # [D_PAD, BLOCK_N]
+                          mask=m_qkd[:, None] & m_col[None, :], other=0.0)  # [D_PAD, TILE_N]
             if QUANT_QK:
-                k_scale = tl.load(k_scale_row + kb)
-                b_s = tl.dot(b_q, b_k, out_dtype=tl.int32).to(tl.float32) * (q_scale * k_scale)
+                k_scale = tl.where(m_first, tl.load(k_scale_row + kb0), tl.load(k_scale_row + kb1))
+                b_s = tl.dot(b_q, b_k, out_dtype=tl.int32).to(tl.float32) * (q_scale * k_scale[None, :])
             else:
                 if UPCAST_QK:
                     b_k = b_k.to(tl.float32)
-                b_s = tl.dot(b_q, b_k) * qk_scale  # [BLOCK_M, BLOCK_N]
+                b_s = tl.dot(b_q, b_k) * qk_scale  # [BLOCK_M, TILE_N]
             if stage == 1:
-                m_s = m_k[None, :]
+                m_s = m_col[None, :]
                 if IS_CAUSAL:
                     m_s = m_s & (o_k[None, :] <= o_m[:, None] + causal_offset)
                 b_s = tl.where(m_s, b_s, float("-inf"))
             m_local = tl.max(b_s, axis=1)
             m_new = tl.maximum(m_i, m_local)
-            # -- stage 2: skip P.V when every real row's block max is far below its running max
+            # -- stage 2: skip P.V when every real row's tile max is far below its running max
             do_pv = True
             if PV_SKIP:
                 diff = tl.where(m_m & (m_local > float("-inf")), m_local - m_i, float("-inf"))
@@ -164,7 +183,7 @@ def _sparge_attn_fwd_kernel(
                 l_i = l_i * alpha + tl.sum(b_p, axis=1)
                 acc = acc * alpha[:, None]
                 b_v = tl.load(v_base + o_k[:, None] * stride_vn + o_d[None, :] * stride_vd,
-                              mask=m_k[:, None] & m_vd[None, :], other=0.0)  # [BLOCK_N, D_PAD]
+                              mask=m_col[:, None] & m_vd[None, :], other=0.0)  # [TILE_N, D_PAD]
                 if FP8_PV:
                     acc += tl.dot((b_p * 448.0).to(tl.float8e4nv), b_v)
                 elif UPCAST_PV:
@@ -173,7 +192,10 @@ def _sparge_attn_fwd_kernel(
                     acc += tl.dot(b_p.to(b_v.dtype), b_v)
                 m_i = m_new
             else:
-                n_skipped += 1
+                if stage == 0:
+                    n_skipped += 2
+                else:
+                    n_skipped += 1 + has_second.to(tl.int32)
 
     # -- epilogue: normalise; rows that saw no key stay zero
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -192,29 +214,60 @@ def _sparge_attn_fwd_kernel(
 @dataclass(frozen=True)
 class BlockLUT:
     """The block map as the kernel reads it: per (b, h, query block) the ascending kept key-block
-    indices (``indices[..., :count]``), how many there are, and how many of those need no token mask."""
+    indices (``indices[..., :count]``; the tail is unspecified), how many there are, and how many of
+    those need no token mask (they come first)."""
 
     indices: torch.Tensor  # (B, Hq, nqb, nkb) int32
     count: torch.Tensor  # (B, Hq, nqb) int32
     n_unmasked: torch.Tensor  # (B, Hq, nqb) int32
-    kept: torch.Tensor  # (B, Hq, nqb, nkb) bool: the mask actually executed (causal applied)
+
+
+@triton.jit
+def _mask_to_lut_kernel(
+    MASK, LUT, COUNT, NFULL,  #
+    stride_mb, stride_mh, stride_mq, stride_mk,  #
+    n_q_heads, n_qblocks, n_kblocks, n_q, n_k,  #
+    NK_PAD: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,  #
+):
+    i_qb = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // n_q_heads
+    i_h = i_bh % n_q_heads
+    o_j = tl.arange(0, NK_PAD)
+    m_j = o_j < n_kblocks
+    b_m = tl.load(MASK + i_b.to(tl.int64) * stride_mb + i_h.to(tl.int64) * stride_mh + i_qb * stride_mq
+                  + o_j * stride_mk, mask=m_j, other=0)
+    keep = (b_m != 0) & m_j
+    # key blocks j < limit end before the causal diagonal and before the end of K: no token mask
+    limit = n_k // BLOCK_K
+    if IS_CAUSAL:
+        offset = n_k - n_q
+        q_last = tl.minimum((i_qb + 1) * BLOCK_Q, n_q) - 1 + offset
+        keep = keep & (o_j * BLOCK_K <= q_last)  # drop fully-future blocks
+        limit = tl.minimum(limit, tl.maximum(i_qb * BLOCK_Q + offset + 1, 0) // BLOCK_K)
+    keep_i = keep.to(tl.int32)
+    row = i_bh.to(tl.int64) * n_qblocks + i_qb
+    position = tl.cumsum(keep_i, axis=0) - 1
+    tl.store(LUT + row * n_kblocks + position, o_j, mask=keep)
+    tl.store(COUNT + row, tl.sum(keep_i, axis=0))
+    tl.store(NFULL + row, tl.sum(tl.where(o_j < limit, keep_i, 0), axis=0))
 
 
 def build_block_lut(mask: torch.Tensor, nq: int, nk: int, is_causal: bool) -> BlockLUT:
-    """Compact a bool block map into ascending index lists (dropping causal fully-future blocks)."""
-    nqb, nkb = mask.shape[-2], mask.shape[-1]
-    kept = mask & reference.allowed_block_mask(nq, nk, is_causal, device=mask.device)
-    count = kept.sum(dim=-1, dtype=torch.int32)
-    # stable sort of "not kept" puts the kept indices first, in ascending order
-    indices = torch.argsort((~kept).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-    # key blocks k < limit[q] need no token mask: they end before the diagonal and before Nk
-    limit = torch.full((nqb,), nk // BLOCK_K, device=mask.device, dtype=torch.long)
-    if is_causal:
-        first_q = torch.arange(nqb, device=mask.device) * BLOCK_Q
-        limit = torch.minimum(limit, torch.div(first_q + (nk - nq) + 1, BLOCK_K, rounding_mode="floor"))
-    unmasked = torch.arange(nkb, device=mask.device)[None, :] < limit[:, None]
-    n_unmasked = (kept & unmasked).sum(dim=-1, dtype=torch.int32)
-    return BlockLUT(indices.contiguous(), count.contiguous(), n_unmasked.contiguous(), kept)
+    """Compact a bool block map ``(B, Hq, nqb, nkb)`` (any strides, e.g. an expanded one) into ascending
+    index lists, dropping causal fully-future blocks."""
+    bsz, num_q_heads, nqb, nkb = mask.shape
+    indices = torch.empty(bsz, num_q_heads, nqb, nkb, device=mask.device, dtype=torch.int32)
+    count = torch.empty(bsz, num_q_heads, nqb, device=mask.device, dtype=torch.int32)
+    n_unmasked = torch.empty_like(count)
+    m8 = mask.view(torch.int8)
+    _mask_to_lut_kernel[(nqb, bsz * num_q_heads)](
+        m8, indices, count, n_unmasked, *m8.stride(),
+        num_q_heads, nqb, nkb, nq, nk,
+        NK_PAD=max(16, triton.next_power_of_2(nkb)), IS_CAUSAL=is_causal, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K,
+        num_warps=4 if nkb <= 1024 else 8,
+    )
+    return BlockLUT(indices, count, n_unmasked)
 
 
 def compute_dtype_for(dtype: torch.dtype, device: torch.device) -> torch.dtype:

@@ -13,8 +13,11 @@ Algorithm (SpargeAttn, arXiv 2502.18137, section 3.3): each program reads one bl
 K is smoothed (its per-head token mean subtracted) inside the pass; the mean itself is one torch
 reduction before it (it needs every token of the head, a second read of K).
 
-The pooled score map, its softmax and the top-CDF / top-k selection run in torch (the same
-``select_blocks`` as the reference, in float32): on (nq/128) x (nk/64) blocks that work is small.
+The pooled score map is one batched torch matmul; the selection (non-self-similar and fully-future
+columns to -inf, the row softmax, a descending sort, the cumulative sum and its cut, the fix rows and
+columns, causal diagonal and future blocks) is one Triton program per row of the block map
+(``_select_kernel``). It keeps the blocks whose value is at least the value at the cut, so it can keep
+more blocks than the reference only where values tie exactly at the cut.
 
 Limits: head dim up to 256 (tiles padded to a power of two); pooled values are float32, so the mask
 can differ from the float64 reference only where pooled probabilities or similarities tie within
@@ -112,6 +115,93 @@ def pool_and_similarity(
     return (blocks, xq, xscale) if quant else (blocks, None, None)
 
 
+@triton.jit
+def _select_kernel(
+    SCORES, SIM_Q, SIM_K, THETA, BUDGET, MASK,  #
+    n_q_heads, group, n_qblocks, n_kblocks, n_q, n_k, scale,  #
+    NK_PAD: tl.constexpr, TOPK_MODE: tl.constexpr, IS_CAUSAL: tl.constexpr,  #
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,  #
+):
+    i_qb = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // n_q_heads
+    i_h = i_bh % n_q_heads
+    i_hk = i_h // group
+    o_j = tl.arange(0, NK_PAD)
+    m_j = o_j < n_kblocks
+    row = i_bh.to(tl.int64) * n_qblocks + i_qb
+    theta = tl.load(THETA + i_h)
+    budget = tl.load(BUDGET + i_h)  # cdfthreshd, or topk in top-k mode
+
+    # -- self-similarity: fix rows (query block) and columns (key blocks)
+    sim_k = tl.load(SIM_K + (i_b.to(tl.int64) * (n_q_heads // group) + i_hk) * n_kblocks + o_j, mask=m_j, other=0.0)
+    k_similar = sim_k > theta
+    q_similar = (tl.load(SIM_Q + row) + 0.0 * o_j) > theta  # (a vector: see attention.py on interpreter masks)
+    s = tl.load(SCORES + row * n_kblocks + o_j, mask=m_j, other=float("-inf")) * scale
+    s = tl.where(k_similar, s, float("-inf"))
+    if IS_CAUSAL:
+        offset = n_k - n_q
+        q_first = i_qb * BLOCK_Q + offset
+        q_last = tl.minimum((i_qb + 1) * BLOCK_Q, n_q) - 1 + offset
+        allowed = o_j * BLOCK_K <= q_last
+        s = tl.where(allowed, s, float("-inf"))
+
+    # -- top-CDF or top-k: the value at the cut of the descending order
+    if TOPK_MODE:
+        n_keep = tl.maximum(tl.floor(budget * n_kblocks).to(tl.int32), 1)
+        n_keep = tl.where(budget >= 1.0, n_kblocks, n_keep)
+        values = s
+    else:
+        s_max = tl.max(s, axis=0)
+        s_max = tl.where(s_max == float("-inf"), 0.0, s_max)
+        w = tl.exp(s - s_max)
+        total = tl.sum(w, axis=0)
+        values = w / tl.where(total > 0, total, 1.0)
+        cdf = tl.cumsum(tl.sort(values, descending=True), axis=0)
+        n_keep = tl.maximum(tl.sum((cdf <= budget).to(tl.int32), axis=0), 1)
+        n_keep = tl.where(budget >= 1.0, n_kblocks, n_keep)
+    ordered = tl.sort(values, descending=True)
+    cut = tl.min(tl.where(o_j < n_keep, ordered, float("inf")), axis=0)
+    keep = (values >= cut) | ~q_similar | ~k_similar
+    if IS_CAUSAL:
+        diagonal = (o_j >= tl.maximum(q_first, 0) // BLOCK_K) & (o_j * BLOCK_K <= q_last)
+        keep = (keep | diagonal) & allowed
+    tl.store(MASK + row * n_kblocks + o_j, keep.to(tl.int8), mask=m_j)
+
+
+def select_blocks(
+    q_blocks: PooledBlocks,
+    k_blocks: PooledBlocks,
+    *,
+    nq: int,
+    nk: int,
+    is_causal: bool,
+    scale: float,
+    simthreshd1: torch.Tensor,
+    cdfthreshd: torch.Tensor | None = None,
+    topk: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton version of ``reference.select_blocks`` (same arguments, same block map up to ties)."""
+    if (cdfthreshd is None) == (topk is None):
+        raise ValueError("select_blocks needs exactly one of cdfthreshd and topk")
+    pooled_q, pooled_k = q_blocks.pooled, k_blocks.pooled
+    bsz, num_q_heads, nqb, head_dim = pooled_q.shape
+    num_kv_heads, nkb = pooled_k.shape[1], pooled_k.shape[2]
+    group = num_q_heads // num_kv_heads
+    # pooled scores of all query heads of a KV head in one batched matmul
+    scores = pooled_q.reshape(bsz, num_kv_heads, group * nqb, head_dim) @ pooled_k.transpose(-1, -2)
+    mask = torch.empty(bsz, num_q_heads, nqb, nkb, device=pooled_q.device, dtype=torch.bool)
+    budget = (topk if topk is not None else cdfthreshd).to(device=pooled_q.device, dtype=torch.float32)
+    _select_kernel[(nqb, bsz * num_q_heads)](
+        scores, q_blocks.sim, k_blocks.sim.contiguous(), simthreshd1.to(device=pooled_q.device, dtype=torch.float32),
+        budget.contiguous(), mask.view(torch.int8),
+        num_q_heads, group, nqb, nkb, nq, nk, float(scale),
+        NK_PAD=max(16, triton.next_power_of_2(nkb)), TOPK_MODE=topk is not None, IS_CAUSAL=is_causal,
+        BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, num_warps=4 if nkb <= 1024 else 8,
+    )
+    return mask
+
+
 def predict_block_mask(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -125,7 +215,7 @@ def predict_block_mask(
     """Stage-1 block map with the Triton pass (inputs already validated, params per query head)."""
     q_blocks, _, _ = pool_and_similarity(q, BLOCK_Q, smooth=False)
     k_blocks, _, _ = pool_and_similarity(k, BLOCK_K, smooth=True)
-    return reference.select_blocks(
+    return select_blocks(
         q_blocks, k_blocks, nq=q.shape[-2], nk=k.shape[-2], is_causal=is_causal, scale=scale,
         simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
     )
