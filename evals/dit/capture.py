@@ -1,0 +1,136 @@
+"""Capture a DiT's post-RoPE Q/K/V during sampling as calibration samples on disk.
+
+Layout (shared with the LLM capture):
+
+    <dir>/L{layer:03d}/S{sample:03d}.safetensors   tensors q, k, v, each (1, heads, tokens, head_dim)
+    <dir>/meta.json
+
+One sample is one (prompt, denoising step) pair of the conditional branch (the unconditional rows
+of classifier-free guidance are not recorded). Samples are numbered in generation order: prompt
+chunk, then step, then prompt within the chunk; ``meta.json`` lists each sample's prompt, caption,
+step and time ``t``. Tensors are stored in the token order named by
+``meta["token_layout"]["order"]`` (``row-major`` = as the model made them; e.g. ``hilbert`` to
+calibrate a Hilbert-ordered deployment directly). ``steps`` keeps only some denoising steps
+(storage: a video layer sample is about 3 x 2 MB in fp16).
+
+safetensors is imported here, outside ``sparge_core``, which stays torch + triton only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from sparge_core.integrations.dit import QKVCapture, install
+
+from . import data
+from .model import DiT, SamplerConfig, sample
+
+logger = logging.getLogger(__name__)
+
+CAPTURE_FORMAT = "sparge-capture"
+CAPTURE_VERSION = 1
+
+
+def sample_path(root: str | Path, layer: int, sample_id: int) -> Path:
+    return Path(root) / f"L{layer:03d}" / f"S{sample_id:03d}.safetensors"
+
+
+class SafetensorsSink:
+    """``sink(layer, sample, q, k, v)`` writing one safetensors file per (layer, sample)."""
+
+    def __init__(self, root: str | Path, dtype: torch.dtype = torch.float16):
+        from safetensors.torch import save_file
+
+        self._save = save_file
+        self.root = Path(root)
+        self.dtype = dtype
+        self.written: set[tuple[int, int]] = set()
+
+    def __call__(self, layer: int, sample_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        path = sample_path(self.root, layer, sample_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.to("cpu", self.dtype).contiguous() for name, t in (("q", q), ("k", k), ("v", v))}
+        self._save(tensors, str(path))
+        self.written.add((layer, sample_id))
+
+
+def load_sample(root: str | Path, layer: int, sample_id: int, device="cpu") -> tuple[torch.Tensor, ...]:
+    """``(q, k, v)`` of one captured sample."""
+    from safetensors.torch import load_file
+
+    t = load_file(str(sample_path(root, layer, sample_id)), device=str(device))
+    return t["q"], t["k"], t["v"]
+
+
+@torch.no_grad()
+def capture_dit(model: DiT, captions: list[str], out_dir: str | Path, *, sampler: SamplerConfig = SamplerConfig(),
+                seed: int = 0, steps: list[int] | None = None, layers: list[int] | None = None,
+                order: str | None = None, batch: int = 8, dtype: torch.dtype = torch.float16,
+                model_name: str = "dit") -> dict:
+    """Sample ``captions`` densely, recording Q/K/V of the kept steps; returns the meta dict."""
+    out = Path(out_dir)
+    sink = SafetensorsSink(out, dtype=dtype)
+    layout = model.layout
+    keep_steps = set(range(sampler.steps)) if steps is None else set(steps)
+    bad = sorted(s for s in keep_steps if not 0 <= s < sampler.steps)
+    if bad:
+        raise ValueError(f"steps {bad} are outside 0..{sampler.steps - 1}")
+    hook = QKVCapture(sink, layout=layout if order else None, order=order, layers=set(layers) if layers else None)
+    records: list[dict] = []
+    for start in range(0, len(captions), batch):
+        chunk = captions[start:start + batch]
+
+        def on_step(step: int, t: float, chunk=chunk, start=start) -> None:
+            if step not in keep_steps:
+                hook.set_context(sample_ids=[], step=step)
+                return
+            ids = []
+            for i, caption in enumerate(chunk):
+                ids.append(len(records))
+                records.append({"sample": len(records), "prompt": start + i, "caption": caption, "step": step,
+                                "t": round(t, 6)})
+            hook.set_context(sample_ids=ids, step=step)
+
+        with install(model, hook):
+            sample(model, chunk, seed=seed + start, sampler=sampler, on_step=on_step)
+    cfg = model.cfg
+    meta = {
+        "format": CAPTURE_FORMAT, "version": CAPTURE_VERSION, "source": "dit",
+        "model": {"name": model_name, "num_layers": cfg.depth, "num_heads": cfg.heads, "num_kv_heads": cfg.heads,
+                  "head_dim": cfg.head_dim},
+        "layers": sorted(layers) if layers else list(range(cfg.depth)),
+        "num_samples": len(records),
+        "seq_len": cfg.context_length + cfg.num_visual_tokens,
+        "is_causal": False,
+        "dtype": str(dtype).replace("torch.", ""),
+        "token_layout": {"text_before": layout.text_before, "grid": list(layout.grid),
+                         "order": order or "row-major"},
+        "sampler": {"steps": sampler.steps, "cfg_scale": sampler.cfg_scale, "seed": seed, "kept_steps": sorted(keep_steps)},
+        "samples": records,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    logger.info("captured %d samples x %d layers into %s", len(records), len(meta["layers"]), out)
+    return meta
+
+
+def capture_size_bytes(model: DiT, num_samples: int, bytes_per_value: int = 2) -> int:
+    """Disk size of a capture of ``num_samples`` samples over all layers (for planning)."""
+    cfg = model.cfg
+    per = 3 * cfg.heads * (cfg.context_length + cfg.num_visual_tokens) * cfg.head_dim * bytes_per_value
+    return per * cfg.depth * num_samples
+
+
+def default_prompts(video: bool, n: int) -> list[str]:
+    """``n`` captions spread over the attribute combinations (deterministic)."""
+    specs = data.all_specs(video)
+    step = max(1, len(specs) // max(1, n))
+    return [specs[(i * step) % len(specs)].caption() for i in range(n)]
+
+
+__all__ = ["CAPTURE_FORMAT", "SafetensorsSink", "capture_dit", "capture_size_bytes", "default_prompts", "load_sample",
+           "sample_path"]
