@@ -11,6 +11,7 @@ Corpora (``corpus_names()``):
   ``apt-get download`` and read from its R data files without R (``fetch_austen()``).
 - any local ``.txt`` file, or a ``.jsonl`` file whose lines are objects with a ``"text"`` field.
 
+torch is imported only when windows are made, so fetching and hashing stay light.
 Fetched corpora are cached as UTF-8 text under ``<cache>/sparge/corpora/`` (``$XDG_CACHE_HOME``
 or ``~/.cache``); ``load_corpus`` never downloads anything by itself and says how to fetch what is
 missing. Command line: ``python -m evals.data fetch austen|shakespeare`` and
@@ -33,8 +34,10 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +172,8 @@ class TokenWindows:
 
 def tokenize_corpus(tokenizer, corpus: Corpus) -> torch.Tensor:
     """All token ids of a corpus (no special tokens), int64 ``(n,)``."""
+    import torch
+
     ids = tokenizer(corpus.text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
@@ -182,6 +187,8 @@ def token_windows(tokenizer, corpus: str | os.PathLike | Corpus, length: int, co
     seeded permutation (returned in corpus order). Same tokenizer, corpus, length, count and seed
     give the same windows.
     """
+    import torch
+
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
         raise ValueError(f"length must be a positive integer, got {length!r}")
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
