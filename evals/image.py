@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
 import logging
 import math
 import time
@@ -214,6 +213,16 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def resolve_dtype(dtype: str, device) -> torch.dtype:
+    """The model dtype of a run: "auto" is bfloat16 on CUDA (what the kernels are for), float32 on CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    options = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in options:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(options)}, got {dtype!r}")
+    return options[dtype]
+
+
 def _device_name(device) -> str:
     dev = torch.device(device)
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
@@ -277,9 +286,10 @@ def matched_method(spec: MethodSpec, target_density: float, probe: dict[int, lis
 def _suite(kind: str, model_ckpt: str, methods: list, configs: dict[str, str] | None, out_json: str | Path, *,
            clip_ckpt: str | None, n_prompts: int | None, steps: int, cfg_scale: float, order: str, device: str,
            backend: str, batch: int, target_density: float | None, image_reward_weights: str | None,
-           seed: int, fid_resolution: int = 224) -> dict:
+           seed: int, fid_resolution: int = 224, dtype: str = "auto") -> dict:
     video = kind == "t2v"
-    model, info = load_checkpoint(model_ckpt, device=device)
+    model_dtype = resolve_dtype(dtype, device)
+    model, info = load_checkpoint(model_ckpt, device=device, dtype=model_dtype)
     if model.cfg.is_video != video:
         raise ValueError(f"{model_ckpt} is a {'video' if model.cfg.is_video else 'image'} model; suite {kind} needs "
                          f"a {'video' if video else 'image'} model")
@@ -359,7 +369,7 @@ def _suite(kind: str, model_ckpt: str, methods: list, configs: dict[str, str] | 
         "settings": {"n_prompts": len(captions), "seeds": [seeds[0], seeds[-1]], "steps": steps, "cfg_scale": cfg_scale,
                      "token_order": order, "backend": backend, "batch": batch, "target_density": target_density,
                      "fid_label": FID_LABEL + (" over video frames" if video else ""), "fid_n": len(captions),
-                     "fid_resolution": fid_resolution},
+                     "fid_resolution": fid_resolution, "dtype": str(model_dtype).replace("torch.", "")},
         "image_reward": image_reward(image_reward_weights),
         "methods": results,
     }
@@ -372,7 +382,7 @@ def _metrics(out: torch.Tensor, real: torch.Tensor, specs, captions, clip, video
     m: dict[str, Any] = {}
     if video:
         m["attribute_accuracy"] = data.attribute_accuracy(specs, data.read_video_attributes(out))
-        frames = lambda x: x.permute(0, 2, 1, 3, 4).reshape(-1, x.shape[1], *x.shape[3:])  # noqa: E731
+        frames = lambda x: x.permute(0, 2, 1, 3, 4).reshape(-1, x.shape[1], *x.shape[3:])
         m["fid_efficientnet_lite0"] = _safe(lambda: fid_efficientnet(data.to_unit(frames(real)),
                                                                      data.to_unit(frames(out)), device=device,
                                                                      resolution=fid_resolution))
@@ -399,7 +409,7 @@ def run_t2i(model_ckpt: str, methods: list, configs: dict[str, str] | None, out_
             clip_ckpt: str | None = None, n_prompts: int | None = None, steps: int = 20, cfg_scale: float = 3.0,
             order: str = "hilbert", device: str = "cpu", backend: str = "auto", batch: int = 32,
             target_density: float | None = None, image_reward_weights: str | None = None, seed: int = 0,
-            fid_resolution: int = 224) -> dict:
+            fid_resolution: int = 224, dtype: str = "auto") -> dict:
     """Text-to-image suite. ``methods``: names (e.g. ``["dense", "minference", "flexprefill"]``) or
     dicts ``{"label", "method", "params", "config", "match_density"}``; ``configs``: label ->
     calibrated config JSON (per-layer sparge). Plain names other than dense/sparge are matched to
@@ -407,18 +417,20 @@ def run_t2i(model_ckpt: str, methods: list, configs: dict[str, str] | None, out_
     return _suite("t2i", model_ckpt, methods, configs, out_json, clip_ckpt=clip_ckpt, n_prompts=n_prompts,
                   steps=steps, cfg_scale=cfg_scale, order=order, device=device, backend=backend, batch=batch,
                   target_density=target_density, image_reward_weights=image_reward_weights, seed=seed,
-                  fid_resolution=fid_resolution)
+                  fid_resolution=fid_resolution, dtype=dtype)
 
 
 def run_t2v(model_ckpt: str, methods: list, configs: dict[str, str] | None, out_json: str | Path, *,
             clip_ckpt: str | None = None, n_prompts: int | None = None, steps: int = 20, cfg_scale: float = 3.0,
             order: str = "hilbert", device: str = "cpu", backend: str = "auto", batch: int = 8,
-            target_density: float | None = None, seed: int = 0, fid_resolution: int = 224) -> dict:
+            target_density: float | None = None, seed: int = 0, fid_resolution: int = 224,
+            dtype: str = "auto") -> dict:
     """Text-to-video suite (same arguments as ``run_t2i``): CLIPSIM, CLIP-T, frame FID, attribute
     accuracy (colour, shape, direction), PSNR/SSIM vs dense."""
     return _suite("t2v", model_ckpt, methods, configs, out_json, clip_ckpt=clip_ckpt, n_prompts=n_prompts,
                   steps=steps, cfg_scale=cfg_scale, order=order, device=device, backend=backend, batch=batch,
-                  target_density=target_density, image_reward_weights=None, seed=seed, fid_resolution=fid_resolution)
+                  target_density=target_density, image_reward_weights=None, seed=seed, fid_resolution=fid_resolution,
+                  dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,9 +496,9 @@ def permutation_ablation(video_ckpt: str, out_json: str | Path | None = None, *,
             found["sim_q"], found["sim_k"] = _self_similarity(q, k)
             found["layer"] = layer
             per_layer.append(found)
-        mean = lambda key: sum(r[key] for r in per_layer) / len(per_layer)  # noqa: E731
-        rows[name] = {"sparsity": mean("sparsity"), "l1": mean("l1"), "sim_q": mean("sim_q"), "sim_k": mean("sim_k"),
-                      "per_layer": per_layer}
+        rows[name] = {key: sum(r[key] for r in per_layer) / len(per_layer)
+                      for key in ("sparsity", "l1", "sim_q", "sim_k")}
+        rows[name]["per_layer"] = per_layer
         logger.info("order %s: %s", name, {k: round(v, 4) for k, v in rows[name].items() if k != "per_layer"})
     doc = {"suite": "permutation-ablation", "model": {"checkpoint": str(video_ckpt), "sha256": _sha256(video_ckpt)},
            "device": _device_name(device), "versions": _versions(),

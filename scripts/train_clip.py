@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from evals.dit.train import CLIP_PRESETS, TrainConfig, train_clip  # noqa: E402
+from evals.dit.train import CLIP_PRESETS, TrainConfig, train_clip
 
 
 def main(argv=None) -> int:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from evals.dit.train import DIT_PRESETS, TrainConfig, preset_with, train_dit  # noqa: E402
+from evals.dit.train import DIT_PRESETS, TrainConfig, preset_with, train_dit
 
 
 def main(argv=None) -> int:

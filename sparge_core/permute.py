@@ -49,8 +49,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -237,7 +237,7 @@ def _grid3(grid: Grid) -> tuple[int, int, int]:
 
 
 def _hilbert_perm(grid: Grid, seed: int) -> torch.Tensor:
-    t, h, w = _grid3(grid)
+    _, h, w = _grid3(grid)
     cells = torch.tensor(hilbert_cells(grid), dtype=torch.int64).reshape(-1, 3)
     return (cells[:, 0] * h + cells[:, 1]) * w + cells[:, 2]
 

@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from evals.dit import data
-from evals.dit.model import DiT, DiTConfig, SamplerConfig, load_checkpoint, rectified_flow_loss, sample, save_checkpoint
+from evals.dit.model import (
+    DiT,
+    DiTConfig,
+    SamplerConfig,
+    load_checkpoint,
+    rectified_flow_loss,
+    sample,
+    save_checkpoint,
+)
 from sparge_core.integrations.dit import QKVCapture, SparseDiTAttention, TokenLayout, install
 from sparge_core.methods.base import AttentionMethod
 from sparge_core.params import ConfigError, LayerConfig, ModelConfig, ModelInfo

@@ -111,7 +111,7 @@ def test_search_layer_respects_the_bound():
     x = centers.repeat_interleave(128, 0) + 0.3 * torch.randn(256, 32, generator=g)
     q = x.view(1, 1, 256, 32).expand(2, 2, -1, -1).contiguous()
     k, v = q.clone(), torch.randn(2, 2, 256, 32, generator=g)
-    grids = dict(sim_grid=(-1.0,), cdf_grid=(0.5, 0.9, 0.99), backend="reference")
+    grids = {"sim_grid": (-1.0,), "cdf_grid": (0.5, 0.9, 0.99), "backend": "reference"}
     strict = I.search_layer(q, k, v, l1_bound=0.0, **grids)
     assert strict["sparsity"] == 0.0 and strict["cdfthreshd"] == 1.0
     # cdf 0.5 is sparser (0.75) but breaks the bound; 0.9 (sparsity 0.5) is the sparsest that keeps it

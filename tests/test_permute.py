@@ -54,7 +54,7 @@ def test_hilbert_is_local_on_all_small_boxes():
     for grid in sizes:
         cells = P.hilbert_cells(grid)
         assert len(set(cells)) == len(cells) == math.prod(grid), grid
-        for a, b in zip(cells, cells[1:]):
+        for a, b in itertools.pairwise(cells):
             assert sum(abs(x - y) for x, y in zip(a, b)) == 1, (grid, a, b)
 
 

@@ -67,11 +67,12 @@ def load_sample(root: str | Path, layer: int, sample_id: int, device="cpu") -> t
 
 
 @torch.no_grad()
-def capture_dit(model: DiT, captions: list[str], out_dir: str | Path, *, sampler: SamplerConfig = SamplerConfig(),
+def capture_dit(model: DiT, captions: list[str], out_dir: str | Path, *, sampler: SamplerConfig | None = None,
                 seed: int = 0, steps: list[int] | None = None, layers: list[int] | None = None,
                 order: str | None = None, batch: int = 8, dtype: torch.dtype = torch.float16,
                 model_name: str = "dit") -> dict:
     """Sample ``captions`` densely, recording Q/K/V of the kept steps; returns the meta dict."""
+    sampler = sampler or SamplerConfig()
     out = Path(out_dir)
     sink = SafetensorsSink(out, dtype=dtype)
     layout = model.layout

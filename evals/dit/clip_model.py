@@ -44,7 +44,7 @@ def clip_architecture() -> ModuleType:
     spec = importlib.util.find_spec("clip")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("the CLIP architecture comes from clip-anytorch: pip install --no-deps clip-anytorch==2.6.0")
-    path = Path(list(spec.submodule_search_locations)[0]) / "model.py"
+    path = Path(next(iter(spec.submodule_search_locations))) / "model.py"
     if not path.is_file():
         raise ImportError(f"clip-anytorch is installed but {path} is missing")
     mod_spec = importlib.util.spec_from_file_location(_MODULE_NAME, path)

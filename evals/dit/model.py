@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from sparge_core.integrations.dit import TokenLayout
 
@@ -153,9 +153,10 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
         cos, sin, parts = rope
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q = torch.cat([q[:, :, :n_text], _rotate(q[:, :, n_text:], cos, sin, parts)], dim=2)
         k = torch.cat([k[:, :, :n_text], _rotate(k[:, :, n_text:], cos, sin, parts)], dim=2)
-        q, k, v = q.to(v.dtype), k.to(v.dtype), v
+        q, k = q.to(v.dtype), k.to(v.dtype)
         out = self.attention_fn(q, k, v, self.layer_idx)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
@@ -251,12 +252,11 @@ class DiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Velocity for noisy samples ``x`` at times ``t`` (B,) given caption ids ``text`` (B, L)."""
-        cfg = self.cfg
-        vis = self.patch_embed(self.patchify(x))
+        vis = self.patch_embed(self.patchify(x.to(self.patch_embed.weight.dtype)))
         words = self.word_embed(text) + self.text_pos[: text.shape[1]]
-        keep = (text != data.TOKEN_ID[data.PAD]).float().unsqueeze(-1)
+        keep = (text != data.TOKEN_ID[data.PAD]).to(words.dtype).unsqueeze(-1)
         pooled = (words * keep).sum(1) / keep.sum(1).clamp(min=1)
-        c = self.t_mlp(timestep_embedding(t, 256)) + self.text_pool(pooled)
+        c = self.t_mlp(timestep_embedding(t, 256).to(vis.dtype)) + self.text_pool(pooled)
         h = torch.cat([words, vis], dim=1)
         rope = self._rope()
         for blk in self.blocks:

@@ -116,15 +116,16 @@ def train_dit(model_cfg: DiTConfig, train: TrainConfig, out: str | Path, device:
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - decay)
-        losses.append(float(loss.detach()))
+        losses.append(loss.detach())  # synchronised only when logged
         step += 1
         if step % train.log_every == 0:
-            mean = sum(losses[-train.log_every:]) / len(losses[-train.log_every:])
+            mean = float(torch.stack(losses[-train.log_every:]).mean())
             history.append({"step": step, "loss": mean, "seconds": round(time.time() - t0, 1)})
             logger.info("step %d  loss %.4f  %.1f s", step, mean, time.time() - t0)
     seconds = time.time() - t0
     info = {"preset": preset, "steps": step, "seconds": round(seconds, 1), "device": _device_name(dev),
-            "train": asdict(train), "params": params, "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
+            "train": asdict(train), "params": params,
+            "final_loss": float(torch.stack(losses[-50:]).mean()) if losses else None,
             "history": history, "torch": str(torch.__version__)}
     info["eval"] = _quick_eval(ema, dev, Path(out), n=eval_samples, steps=eval_steps)
     save_checkpoint(ema, out, info)
@@ -198,10 +199,10 @@ def train_clip(cfg: ClipConfig, train: TrainConfig, out: str | Path, device: str
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(loss.detach())  # synchronised only when logged
         step += 1
         if step % train.log_every == 0:
-            mean = sum(losses[-train.log_every:]) / len(losses[-train.log_every:])
+            mean = float(torch.stack(losses[-train.log_every:]).mean())
             history.append({"step": step, "loss": mean, "seconds": round(time.time() - t0, 1)})
             logger.info("step %d  loss %.4f  %.1f s", step, mean, time.time() - t0)
     model.eval()

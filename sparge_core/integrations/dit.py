@@ -36,8 +36,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -163,10 +164,10 @@ class SparseDiTAttention:
     stats: dict[int, LayerStats] = field(default_factory=dict)
 
     @classmethod
-    def from_method(cls, name: str, layout: TokenLayout, *, order: str = "hilbert", **kwargs) -> SparseDiTAttention:
-        """One method for every layer: ``name`` from the method registry with ``params``."""
-        params = kwargs.pop("params", {}) or {}
-        method = get_method(name, **params)
+    def from_method(cls, name: str, layout: TokenLayout, *, order: str = "hilbert", params: dict | None = None,
+                    **kwargs) -> SparseDiTAttention:
+        """One method for every layer: ``name`` from the method registry, built with ``params``."""
+        method = get_method(name, **(params or {}))
         return cls(lambda layer: method, layout, order=order, **kwargs)
 
     @classmethod
