@@ -133,7 +133,8 @@ def write_tar(payload: list[Payload], tar_path: Path) -> None:
 
 def split_into_parts(tar_path: Path, out: Path, max_part_bytes: int, bundle_text: str) -> list[Path]:
     """Cut the tar into chunks, one chunk per part folder (each part < max_part_bytes)."""
-    manifest_bytes = len(bundle_text.encode()) + 16 + SUMS_LINE_BYTES  # 16: room for the part count
+    # 16: room for the part count; 4096: the folder entry itself, as `du` counts it
+    manifest_bytes = len(bundle_text.encode()) + 16 + SUMS_LINE_BYTES + 4096
     chunk_bytes = max_part_bytes - manifest_bytes
     if chunk_bytes < 100_000:
         raise SystemExit(f"--max-part-mb is too small: the manifests alone take {manifest_bytes} bytes")
