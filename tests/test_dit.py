@@ -200,12 +200,20 @@ def test_capture_writes_one_file_per_layer_and_prompt_step(tmp_path):
 
     m = _model(VID)
     meta = capture_dit(m, VCAPTIONS, tmp_path / "cap", sampler=FAST, steps=[0, 2], seed=1, batch=1)
-    assert meta["num_samples"] == 4 and meta["layers"] == [0, 1]
+    assert meta["samples"] == 4 and meta["layers"] == [0, 1]
     files = sorted(p.relative_to(tmp_path / "cap").as_posix() for p in (tmp_path / "cap").rglob("*.safetensors"))
     assert files == [f"L{layer:03d}/S{s:03d}.safetensors" for layer in range(2) for s in range(4)]
     on_disk = json.loads((tmp_path / "cap" / "meta.json").read_text())
     assert on_disk["token_layout"] == {"text_before": 8, "grid": [3, 6, 6], "order": "row-major"}
-    assert [(r["prompt"], r["step"]) for r in on_disk["samples"]] == [(0, 0), (0, 2), (1, 0), (1, 2)]
+    assert [(r["prompt"], r["step"]) for r in on_disk["sample_info"]] == [(0, 0), (0, 2), (1, 0), (1, 2)]
+    try:  # the LLM capture's reader accepts the DiT capture
+        from calibrate.capture import CaptureMeta, load_captured
+    except ImportError:
+        CaptureMeta = None
+    if CaptureMeta is not None:
+        parsed = CaptureMeta.from_dict(on_disk)
+        assert (parsed.samples, parsed.num_heads, parsed.layers) == (4, VID.heads, (0, 1))
+        assert len(load_captured(tmp_path / "cap", 1)) == 4
     q, k, v = load_sample(tmp_path / "cap", 1, 2)
     n = 8 + VID.num_visual_tokens
     assert q.shape == k.shape == v.shape == (1, VID.heads, n, VID.head_dim) and q.dtype == torch.float16

@@ -1,9 +1,15 @@
 """Capture a DiT's post-RoPE Q/K/V during sampling as calibration samples on disk.
 
-Layout (shared with the LLM capture):
+Layout and ``meta.json`` keys are those of the LLM capture (``calibrate.capture``, format
+``sparge-qkv-capture``), so calibration reads DiT captures the same way:
 
     <dir>/L{layer:03d}/S{sample:03d}.safetensors   tensors q, k, v, each (1, heads, tokens, head_dim)
-    <dir>/meta.json
+    <dir>/meta.json                                written last (a folder with it is complete)
+
+DiT-specific keys are added beside the shared ones: ``source`` ("dit"), ``is_causal`` (false),
+``token_layout`` (text tokens before the visual grid, the grid, the stored order), ``sampler`` and
+``sample_info`` (one record per sample). ``data.name`` is "dit-prompts" and ``data.sha256`` hashes
+the captions, seed and kept steps.
 
 One sample is one (prompt, denoising step) pair of the conditional branch (the unconditional rows
 of classifier-free guidance are not recorded). Samples are numbered in generation order: prompt
@@ -18,20 +24,24 @@ safetensors is imported here, outside ``sparge_core``, which stays torch + trito
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import tempfile
 from pathlib import Path
 
 import torch
 
 from sparge_core.integrations.dit import QKVCapture, install
+from sparge_core.params import write_json_atomic
 
 from . import data
 from .model import DiT, SamplerConfig, sample
 
 logger = logging.getLogger(__name__)
 
-CAPTURE_FORMAT = "sparge-capture"
+CAPTURE_FORMAT = "sparge-qkv-capture"
 CAPTURE_VERSION = 1
 
 
@@ -54,7 +64,15 @@ class SafetensorsSink:
         path = sample_path(self.root, layer, sample_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.to("cpu", self.dtype).contiguous() for name, t in (("q", q), ("k", k), ("v", v))}
-        self._save(tensors, str(path))
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            self._save(tensors, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
         self.written.add((layer, sample_id))
 
 
@@ -99,22 +117,22 @@ def capture_dit(model: DiT, captions: list[str], out_dir: str | Path, *, sampler
         with install(model, hook):
             sample(model, chunk, seed=seed + start, sampler=sampler, on_step=on_step)
     cfg = model.cfg
+    digest = hashlib.sha256(json.dumps({"captions": captions, "seed": seed, "steps": sorted(keep_steps)}).encode())
     meta = {
-        "format": CAPTURE_FORMAT, "version": CAPTURE_VERSION, "source": "dit",
-        "model": {"name": model_name, "num_layers": cfg.depth, "num_heads": cfg.heads, "num_kv_heads": cfg.heads,
-                  "head_dim": cfg.head_dim},
-        "layers": sorted(layers) if layers else list(range(cfg.depth)),
-        "num_samples": len(records),
-        "seq_len": cfg.context_length + cfg.num_visual_tokens,
-        "is_causal": False,
+        "format": CAPTURE_FORMAT, "version": CAPTURE_VERSION, "model": model_name, "num_layers": cfg.depth,
+        "num_heads": cfg.heads, "num_kv_heads": cfg.heads, "head_dim": cfg.head_dim,
+        "seq_len": cfg.context_length + cfg.num_visual_tokens, "samples": len(records),
+        "data": {"name": "dit-prompts", "sha256": digest.hexdigest(), "window_starts": []},
         "dtype": str(dtype).replace("torch.", ""),
+        "layers": sorted(layers) if layers else list(range(cfg.depth)),
+        "source": "dit",
+        "is_causal": False,
         "token_layout": {"text_before": layout.text_before, "grid": list(layout.grid),
                          "order": order or "row-major"},
         "sampler": {"steps": sampler.steps, "cfg_scale": sampler.cfg_scale, "seed": seed, "kept_steps": sorted(keep_steps)},
-        "samples": records,
+        "sample_info": records,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    write_json_atomic(out / "meta.json", meta)
     logger.info("captured %d samples x %d layers into %s", len(records), len(meta["layers"]), out)
     return meta
 
