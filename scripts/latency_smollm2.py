@@ -1,0 +1,115 @@
+"""Prefill latency of a model (one forward pass, no KV cache), dense SDPA vs sparge methods.
+
+For each length the same token window is run ``--repeats`` times after ``--warmup`` runs; the
+median wall time (CUDA-synchronised) is reported, with the per-method sparsity of one extra run.
+
+    python scripts/latency_smollm2.py --lengths 2048 4096 8192 \\
+        --out results/speed/smollm2/h100-prefill.json
+
+Methods use the syntax of scripts/ppl_smollm2.py (``sdpa``, ``sparge``, ``sparge:cdfthreshd=1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from ppl_smollm2 import device_name, parse_method, versions  # noqa: E402
+
+from evals.data import load_corpus, token_windows  # noqa: E402
+from evals.models import load_model  # noqa: E402
+from sparge_core.integrations.transformers import apply, handle_of, remove  # noqa: E402
+from sparge_core.params import write_json_atomic  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def time_prefill(model, ids: torch.Tensor, warmup: int, repeats: int) -> list[float]:
+    device = ids.device
+    for _ in range(warmup):
+        model(ids, use_cache=False, logits_to_keep=1)
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        model(ids, use_cache=False, logits_to_keep=1)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+@torch.no_grad()
+def sparsity_of(model, ids: torch.Tensor, name: str, params: dict, backend: str) -> dict:
+    apply(model, name, backend=backend, collect_stats=True, **params)
+    try:
+        model(ids, use_cache=False, logits_to_keep=1)
+        return handle_of(model).sparsity_report()["total"]
+    finally:
+        remove(model)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--corpus", default="pydoc")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--methods", nargs="+", default=["sdpa", "sparge", "sparge:cdfthreshd=1"])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
+    corpus = load_corpus(args.corpus)
+    rows = []
+    for length in args.lengths:
+        ids = token_windows(tokenizer, corpus, length, 1).input_ids.to(device)
+        for spec in args.methods:
+            name, params = parse_method(spec)
+            if name != "sdpa":
+                apply(model, name, backend=args.backend, **params)
+            try:
+                times = time_prefill(model, ids, args.warmup, args.repeats)
+            finally:
+                if handle_of(model) is not None:
+                    remove(model)
+            sparsity = sparsity_of(model, ids, name, params, args.backend) if name != "sdpa" else {}
+            row = {"length": length, "method": spec, "median_ms": 1e3 * statistics.median(times),
+                   "min_ms": 1e3 * min(times), "times_ms": [1e3 * t for t in times],
+                   "sparsity": sparsity.get("sparsity"), "qk_sparsity": sparsity.get("qk_sparsity")}
+            rows.append(row)
+            print(f"{length:6d} {spec:24s} {row['median_ms']:9.2f} ms  sparsity {row['sparsity']}", flush=True)
+    record = {
+        "suite": "prefill-latency",
+        "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT), *sys.argv[1:]]),
+        "model": args.model, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "device": device_name(device), "backend": args.backend,
+        "data": corpus.describe(), "warmup": args.warmup, "repeats": args.repeats,
+        "versions": versions(), "rows": rows,
+    }
+    write_json_atomic(args.out, record)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
