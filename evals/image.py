@@ -516,3 +516,54 @@ def permutation_ablation(video_ckpt: str, out_json: str | Path | None = None, *,
 __all__ = ["FID_LABEL", "EfficientNetLite0Features", "MethodSpec", "clip_score", "clip_temporal", "clipsim",
            "fid_efficientnet", "generate", "image_reward", "permutation_ablation", "psnr_ssim", "run_t2i", "run_t2v",
            "search_layer"]
+
+
+def main(argv=None) -> int:
+    """``python -m evals.image t2i|t2v|ablation ...`` (the project CLI ``python -m evals`` wraps the suites)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Image/video suites and the token-order ablation.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("t2i", "t2v"):
+        s = sub.add_parser(name)
+        s.add_argument("--ckpt", required=True)
+        s.add_argument("--clip", default=None)
+        s.add_argument("--methods", default="dense,minference,flexprefill",
+                       help="comma-separated registry names; names other than dense/sparge are density-matched")
+        s.add_argument("--config", action="append", default=[], metavar="LABEL=PATH",
+                       help="a calibrated per-layer sparge config (repeatable)")
+        s.add_argument("--out", required=True)
+        s.add_argument("--prompts", type=int, default=None, help="default: every attribute combination")
+        s.add_argument("--target-density", type=float, default=None)
+        s.add_argument("--fid-resolution", type=int, default=224)
+        s.add_argument("--dtype", default="auto")
+        s.add_argument("--batch", type=int, default=32 if name == "t2i" else 8)
+    a = sub.add_parser("ablation")
+    a.add_argument("--ckpt", required=True)
+    a.add_argument("--out", required=True)
+    a.add_argument("--bound", type=float, default=0.05)
+    a.add_argument("--prompts", type=int, default=4)
+    for s in (*sub.choices.values(),):
+        s.add_argument("--steps", type=int, default=20)
+        s.add_argument("--cfg-scale", type=float, default=3.0)
+        s.add_argument("--order", default="hilbert")
+        s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        s.add_argument("--backend", default="auto")
+        s.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.cmd == "ablation":
+        permutation_ablation(args.ckpt, args.out, l1_bound=args.bound, n_prompts=args.prompts, steps=args.steps,
+                             cfg_scale=args.cfg_scale, device=args.device, backend=args.backend, seed=args.seed)
+        return 0
+    configs = dict(item.split("=", 1) for item in args.config)
+    run = run_t2i if args.cmd == "t2i" else run_t2v
+    run(args.ckpt, [m for m in args.methods.split(",") if m], configs, args.out, clip_ckpt=args.clip,
+        n_prompts=args.prompts, steps=args.steps, cfg_scale=args.cfg_scale, order=args.order, device=args.device,
+        backend=args.backend, batch=args.batch, target_density=args.target_density,
+        fid_resolution=args.fid_resolution, dtype=args.dtype, seed=args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -153,3 +153,37 @@ def default_prompts(video: bool, n: int) -> list[str]:
 
 __all__ = ["CAPTURE_FORMAT", "SafetensorsSink", "capture_dit", "capture_size_bytes", "default_prompts", "load_sample",
            "sample_path"]
+
+
+def main(argv=None) -> int:
+    """``python -m evals.dit.capture --ckpt evals/dit/checkpoints/t2i.pt --out captures/t2i ...``"""
+    import argparse
+
+    from .model import load_checkpoint
+
+    p = argparse.ArgumentParser(description="Capture a DiT's Q/K/V per (prompt, denoising step) for calibration.")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--prompts", type=int, default=5, help="number of captions (spread over the attributes)")
+    p.add_argument("--keep-steps", default=None, help="comma-separated denoising steps to record (default: all)")
+    p.add_argument("--sampler-steps", type=int, default=SamplerConfig.steps)
+    p.add_argument("--cfg-scale", type=float, default=SamplerConfig.cfg_scale)
+    p.add_argument("--order", default=None, help="store tensors in this token order (default: the model's)")
+    p.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=8)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    model, _ = load_checkpoint(args.ckpt, device=args.device)
+    ints = lambda text: [int(x) for x in text.split(",")] if text else None  # noqa: E731
+    meta = capture_dit(model, default_prompts(model.cfg.is_video, args.prompts), args.out,
+                       sampler=SamplerConfig(args.sampler_steps, args.cfg_scale), seed=args.seed,
+                       steps=ints(args.keep_steps), layers=ints(args.layers), order=args.order, batch=args.batch,
+                       model_name=Path(args.ckpt).stem)
+    logger.info("%d samples, %.1f MB", meta["samples"], capture_size_bytes(model, meta["samples"]) / 1e6)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
