@@ -39,7 +39,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("inputs", sorted(INPUTS))
-@pytest.mark.parametrize("name,fixed", CASES, ids=[f"{n}-{'-'.join(map(str, f.values())) or 'default'}" for n, f in CASES])
+@pytest.mark.parametrize(
+    "name,fixed", CASES, ids=[f"{n}-{'-'.join(map(str, f.values())) or 'default'}" for n, f in CASES]
+)
 def test_reaches_targets_within_tolerance(inputs, name, fixed):
     q, k = INPUTS[inputs](seed=len(name) + len(fixed))
     for target in (0.5, 0.7):
@@ -64,9 +66,13 @@ def test_non_causal_matching():
     q, k = _structured_qk(seed=2)
     q, k = q[:, :, :2048], k[:, :, :2048]
     for name in ("minference", "flexprefill"):
-        method, reached = match_density(name, q, k, 0.5, False, strict=True, **({"min_budget": None} if name == "flexprefill" else {}))
+        method, reached = match_density(
+            name, q, k, 0.5, False, strict=True, **({"min_budget": None} if name == "flexprefill" else {})
+        )
         assert abs(reached - 0.5) <= 0.02
-        assert bm.mask_density(method.block_mask(q, k, is_causal=False), 2048, 2048, False) == pytest.approx(reached)
+        assert bm.mask_density(method.block_mask(q, k, is_causal=False), 2048, 2048, False) == pytest.approx(
+            reached
+        )
 
 
 def test_unreachable_is_reported(caplog):
@@ -86,8 +92,15 @@ def test_density_definition_matches_kernel_stats():
     q, k = q[:, :, :640], k[:, :, :640]
     v = torch.randn(k.shape, generator=torch.Generator().manual_seed(5))
     method, reached = match_density("minference", q, k, 0.6, True, pattern="block_sparse")
-    _, stats = block_sparse_attn(q, k, v, method.block_mask(q, k, is_causal=True), is_causal=True,
-                                 backend="reference", return_stats=True)
+    _, stats = block_sparse_attn(
+        q,
+        k,
+        v,
+        method.block_mask(q, k, is_causal=True),
+        is_causal=True,
+        backend="reference",
+        return_stats=True,
+    )
     assert stats.density == pytest.approx(reached)
     # hand count: a causal 2 x 4 grid allows 2 + 4 = 6 pairs; keeping 3 of them (and a future one) is 0.5
     mask = torch.tensor([[True, False, True, False], [True, True, False, False]])[None, None]
@@ -104,15 +117,30 @@ def test_knobs_for_every_registered_method():
     assert knobs["flexprefill"].name == "gamma" and knobs["flexprefill"].high == 1.0
 
 
-@pytest.mark.parametrize("call,exc,match", [
-    (lambda q, k: match_density("nope", q, k, 0.5, True), ValueError, "known methods: .*'flexprefill'"),
-    (lambda q, k: match_density("flexprefill", q, k, 1.5, True), ValueError, "target_density must be in"),
-    (lambda q, k: match_density("flexprefill", q, k, "0.5", True), TypeError, "target_density must be a number"),
-    (lambda q, k: match_density("flexprefill", q, k, 0.5, True, gamma=0.9), TypeError, "budget parameter 'gamma'"),
-    (lambda q, k: match_density("flexprefill", q, k, 0.5, True, tol=0), ValueError, "tol must be"),
-    (lambda q, k: match_density("flexprefill", q, k, 0.5, "yes"), TypeError, "is_causal"),
-    (lambda q, k: match_density("minference", q, k, 0.5, True, pattern="zigzag"), ValueError, "unknown pattern"),
-])
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda q, k: match_density("nope", q, k, 0.5, True), ValueError, "known methods: .*'flexprefill'"),
+        (lambda q, k: match_density("flexprefill", q, k, 1.5, True), ValueError, "target_density must be in"),
+        (
+            lambda q, k: match_density("flexprefill", q, k, "0.5", True),
+            TypeError,
+            "target_density must be a number",
+        ),
+        (
+            lambda q, k: match_density("flexprefill", q, k, 0.5, True, gamma=0.9),
+            TypeError,
+            "budget parameter 'gamma'",
+        ),
+        (lambda q, k: match_density("flexprefill", q, k, 0.5, True, tol=0), ValueError, "tol must be"),
+        (lambda q, k: match_density("flexprefill", q, k, 0.5, "yes"), TypeError, "is_causal"),
+        (
+            lambda q, k: match_density("minference", q, k, 0.5, True, pattern="zigzag"),
+            ValueError,
+            "unknown pattern",
+        ),
+    ],
+)
 def test_bad_arguments(call, exc, match):
     g = torch.Generator().manual_seed(6)
     q, k = torch.randn(1, 2, 300, 16, generator=g), torch.randn(1, 1, 300, 16, generator=g)

@@ -6,15 +6,14 @@ import math
 
 import pytest
 import torch
+from helpers import rand_qkv, rel_l1
 
 from sparge_core import block_sparse_attn
-from sparge_core.methods import get_method, method_names
 from sparge_core.methods import _blockmaps as bm
+from sparge_core.methods import get_method, method_names
 from sparge_core.methods.flexprefill import FlexPrefill, js_distance
 from sparge_core.ops import reference as R
 from sparge_core.synthetic import structured_qkv
-
-from helpers import rand_qkv, rel_l1
 
 
 def rows128_to_mask(rows, nkb128):
@@ -22,7 +21,7 @@ def rows128_to_mask(rows, nkb128):
     mask = torch.zeros(len(rows), 2 * nkb128, dtype=torch.bool)
     for r, cols in enumerate(rows):
         for c in cols:
-            mask[r, 2 * c: 2 * c + 2] = True
+            mask[r, 2 * c : 2 * c + 2] = True
     return mask
 
 
@@ -70,7 +69,9 @@ def test_query_aware_hand_checked():
     assert torch.equal(plan.mask[0, 0], want)
     # gamma * 4 = 3.996 also takes (1, 0), (1, 1), (2, 0), (2, 1) [cumulative 3.9926], (3, 0) [3.9951],
     # not (3, 1) [3.9975]; of these only (2, 1) is new
-    plan9 = get_method("flexprefill", gamma=0.999, tau=1.0, min_budget=None).plan(q, k, is_causal=True, scale=1.0)
+    plan9 = get_method("flexprefill", gamma=0.999, tau=1.0, min_budget=None).plan(
+        q, k, is_causal=True, scale=1.0
+    )
     assert torch.equal(plan9.mask[0, 0], rows128_to_mask([[0], [0, 1], [0, 1, 2], [0, 2, 3]], 4))
 
 
@@ -81,8 +82,10 @@ def test_js_distance_values():
     assert got[0].item() == pytest.approx(0.0, abs=1e-7)
     assert got[1].item() == pytest.approx(math.sqrt(math.log(2)), rel=1e-6)  # disjoint supports
     m = [0.5, 0.5]
-    want = math.sqrt(0.5 * sum(a * math.log(a / b) for a, b in zip([0.25, 0.75], m))
-                     + 0.5 * sum(a * math.log(a / b) for a, b in zip([0.75, 0.25], m)))
+    want = math.sqrt(
+        0.5 * sum(a * math.log(a / b) for a, b in zip([0.25, 0.75], m))
+        + 0.5 * sum(a * math.log(a / b) for a, b in zip([0.75, 0.25], m))
+    )
     assert got[2].item() == pytest.approx(want, rel=1e-6)
 
 
@@ -118,13 +121,18 @@ def test_sink_and_diagonal_always_kept():
 
 def test_density_grows_with_gamma():
     q, k, _ = structured_qkv(1, 4, 2, 2048, 32, dtype=torch.float32, seed=5)
-    densities = [bm.mask_density(FlexPrefill(gamma=gm, min_budget=None).block_mask(q, k, is_causal=True), 2048, 2048, True)
-                 for gm in (0.0, 0.5, 0.9, 0.99)]
+    densities = [
+        bm.mask_density(
+            FlexPrefill(gamma=gm, min_budget=None).block_mask(q, k, is_causal=True), 2048, 2048, True
+        )
+        for gm in (0.0, 0.5, 0.9, 0.99)
+    ]
     assert densities == sorted(densities) and densities[-1] > densities[0]
 
 
-@pytest.mark.parametrize("n,min_budget,dense", [(256, None, True), (257, None, False), (1024, 1024, True),
-                                                 (1025, 1024, False)])
+@pytest.mark.parametrize(
+    "n,min_budget,dense", [(256, None, True), (257, None, False), (1024, 1024, True), (1025, 1024, False)]
+)
 def test_dense_for_short_inputs(n, min_budget, dense):
     q, k, _ = rand_qkv(1, 2, 1, n, n, 16, dtype=torch.float32, seed=n)
     plan = FlexPrefill(gamma=0.0, min_budget=min_budget).plan(q, k, is_causal=True)
@@ -140,7 +148,7 @@ def test_full_coverage_gives_dense_output():
     m = get_method("flexprefill", gamma=1.0)
     assert torch.equal(m.block_mask(q, k, is_causal=True), bm.full_mask(q, k, True))
     out = m(q, k, v, is_causal=True, backend="reference")
-    assert rel_l1(out, R.dense_attention(q, k, v, is_causal=True, scale=32 ** -0.5)) < 1e-5
+    assert rel_l1(out, R.dense_attention(q, k, v, is_causal=True, scale=32**-0.5)) < 1e-5
 
 
 def test_sparse_mask_runs_on_triton():
@@ -160,15 +168,17 @@ def test_batch_matches_per_sample(tau):
     m = FlexPrefill(gamma=0.9, tau=tau, min_budget=None)
     batched = m.plan(q, k, is_causal=True)
     for b in range(3):
-        single = m.plan(q[b:b + 1], k[b:b + 1], is_causal=True)
-        assert torch.equal(batched.mask[b:b + 1], single.mask)
-        assert torch.equal(batched.query_aware[b:b + 1], single.query_aware)
+        single = m.plan(q[b : b + 1], k[b : b + 1], is_causal=True)
+        assert torch.equal(batched.mask[b : b + 1], single.mask)
+        assert torch.equal(batched.query_aware[b : b + 1], single.query_aware)
 
 
 def test_gqa_equals_repeated_kv():
     q, k, _ = structured_qkv(1, 4, 2, 900, 32, dtype=torch.float32, seed=10)
     m = FlexPrefill(gamma=0.9, min_budget=None)
-    assert torch.equal(m.block_mask(q, k, is_causal=True), m.block_mask(q, k.repeat_interleave(2, dim=1), is_causal=True))
+    assert torch.equal(
+        m.block_mask(q, k, is_causal=True), m.block_mask(q, k.repeat_interleave(2, dim=1), is_causal=True)
+    )
 
 
 def test_non_causal_and_chunked_prefill_are_well_formed():
@@ -186,18 +196,21 @@ def test_registered_and_unknown_names_list_known():
         get_method("flex-prefill")
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(gamma=1.5), ValueError, "gamma must be a finite number in \\[0.0, 1.0\\]"),
-    (dict(gamma="0.9"), TypeError, "gamma must be a number"),
-    (dict(tau=-0.1), ValueError, "tau must be"),
-    (dict(tau=float("inf")), ValueError, "tau"),
-    (dict(min_budget=0), ValueError, "min_budget must be >= 1"),
-    (dict(min_budget=1.5), TypeError, "min_budget must be an int"),
-    (dict(max_budget=-3), ValueError, "max_budget"),
-    (dict(block_size=64), ValueError, "block_size must be 128"),
-    (dict(block_size="128"), TypeError, "block_size must be an int"),
-    (dict(gama=0.9), TypeError, "gama"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(gamma=1.5), ValueError, "gamma must be a finite number in \\[0.0, 1.0\\]"),
+        (dict(gamma="0.9"), TypeError, "gamma must be a number"),
+        (dict(tau=-0.1), ValueError, "tau must be"),
+        (dict(tau=float("inf")), ValueError, "tau"),
+        (dict(min_budget=0), ValueError, "min_budget must be >= 1"),
+        (dict(min_budget=1.5), TypeError, "min_budget must be an int"),
+        (dict(max_budget=-3), ValueError, "max_budget"),
+        (dict(block_size=64), ValueError, "block_size must be 128"),
+        (dict(block_size="128"), TypeError, "block_size must be an int"),
+        (dict(gama=0.9), TypeError, "gama"),
+    ],
+)
 def test_bad_parameters(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         get_method("flexprefill", **kwargs)

@@ -7,15 +7,14 @@ import math
 
 import pytest
 import torch
+from helpers import rand_qkv, rel_l1
 
 from sparge_core import block_sparse_attn
-from sparge_core.methods import get_method, method_names
 from sparge_core.methods import _blockmaps as bm
+from sparge_core.methods import get_method, method_names
 from sparge_core.methods.minference import HeadPattern, MInference, load_minference_config
 from sparge_core.ops import reference as R
 from sparge_core.synthetic import structured_qkv
-
-from helpers import rand_qkv, rel_l1
 
 
 def rows_to_mask(rows, nkb):
@@ -44,8 +43,9 @@ def _token_cover(cols, dists, nq, nk, is_causal):
     """Brute force: the token-level line mask, then 'any pair in the block'."""
     pos = torch.arange(nq)[:, None] + (nk - nq)
     key = torch.arange(nk)[None, :]
-    tok = cols[..., None, :] | dists.gather(-1, (pos - key + nq - 1).reshape(1, 1, -1).expand(*dists.shape[:2], -1)
-                                            ).reshape(*dists.shape[:2], nq, nk)
+    tok = cols[..., None, :] | dists.gather(
+        -1, (pos - key + nq - 1).reshape(1, 1, -1).expand(*dists.shape[:2], -1)
+    ).reshape(*dists.shape[:2], nq, nk)
     if is_causal:
         tok = tok & (key <= pos)
     nqb, nkb = R.num_blocks(nq, R.BLOCK_Q), R.num_blocks(nk, R.BLOCK_K)
@@ -53,7 +53,9 @@ def _token_cover(cols, dists, nq, nk, is_causal):
     return pad.reshape(*tok.shape[:2], nqb, R.BLOCK_Q, nkb, R.BLOCK_K).any(-1).any(-2)
 
 
-@pytest.mark.parametrize("nq,nk,causal", [(300, 300, True), (200, 450, True), (333, 190, False), (129, 129, False)])
+@pytest.mark.parametrize(
+    "nq,nk,causal", [(300, 300, True), (200, 450, True), (333, 190, False), (129, 129, False)]
+)
 def test_line_block_cover_matches_token_mask(nq, nk, causal):
     g = torch.Generator().manual_seed(nq + nk)
     cols = torch.rand(2, 3, nk, generator=g) < 0.01
@@ -92,7 +94,9 @@ def test_block_sparse_hand_checked():
     g = torch.Generator().manual_seed(21)
     u = _direction(d, 22)
     noise = torch.randn(1, 1, n, d, generator=g)
-    noise = noise - R.block_mean_pool(noise, R.BLOCK_K).repeat_interleave(R.BLOCK_K, dim=2)  # zero block means
+    noise = noise - R.block_mean_pool(noise, R.BLOCK_K).repeat_interleave(
+        R.BLOCK_K, dim=2
+    )  # zero block means
     k = noise.clone()
     k[0, 0, 320:384] += 10.0 * u  # key block 5: best everywhere it is allowed
     k[0, 0, 0:64] += 5.0 * u  # key block 0: second best
@@ -122,7 +126,7 @@ def test_vertical_slash_scores_match_loop_derivation():
     for h in range(2):
         rows = q[0, h, -64:].double() @ k[0, 0].double().T / math.sqrt(d)
         for i in range(64):
-            rows[i, n - 64 + i + 1:] = -math.inf
+            rows[i, n - 64 + i + 1 :] = -math.inf
         p = torch.softmax(rows, -1)
         vertical = p.sum(0)
         vertical[:3] = math.inf
@@ -141,7 +145,11 @@ def test_vertical_slash_scores_match_loop_derivation():
 # config files in MInference's format
 # ----------------------------------------------------------------------------------------------
 CONFIG = [
-    {"0": ["vertical_and_slash", 40, 120, 0.91], "1": ["stream_llm", 64, 128, 0.5], "2": ["block_sparse", 0, 0, 0.3]},
+    {
+        "0": ["vertical_and_slash", 40, 120, 0.91],
+        "1": ["stream_llm", 64, 128, 0.5],
+        "2": ["block_sparse", 0, 0, 0.3],
+    },
     {"0": ["vertical_and_slash", 1000, 6096, 12], "2": ["vertical_and_slash", 30, 800, 0.7]},
 ]
 
@@ -162,29 +170,36 @@ def test_config_per_head_masks_match_single_patterns(tmp_path):
     path.write_text(json.dumps(CONFIG))
     q, k, _ = structured_qkv(2, 3, 1, 640, 32, dtype=torch.float32, seed=7)
     got = get_method("minference", config=str(path), layer=0, topk=3).block_mask(q, k, is_causal=True)
-    singles = [MInference("vertical_slash", vertical_size=40, slash_size=120),
-               MInference("a_shape", n_init=64, n_local=128),
-               MInference("block_sparse", topk=3)]
+    singles = [
+        MInference("vertical_slash", vertical_size=40, slash_size=120),
+        MInference("a_shape", n_init=64, n_local=128),
+        MInference("block_sparse", topk=3),
+    ]
     for h, single in enumerate(singles):
         want = single.block_mask(q, k, is_causal=True)[:, h]
         assert torch.equal(got[:, h], want), f"head {h}"
     # layer 1: head 1 is missing -> MInference's fallback (1000, 6096)
     got1 = MInference(config=path, layer=1).block_mask(q, k, is_causal=True)
-    fallback = MInference("vertical_slash", vertical_size=1000, slash_size=6096).block_mask(q, k, is_causal=True)
+    fallback = MInference("vertical_slash", vertical_size=1000, slash_size=6096).block_mask(
+        q, k, is_causal=True
+    )
     assert torch.equal(got1[:, 1], fallback[:, 1])
     assert not torch.equal(got[:, 0], got[:, 1])
 
 
-@pytest.mark.parametrize("bad,match", [
-    ({"x": 1}, "JSON list"),
-    ([{"0": ["diagonal", 1, 2, 0.0]}], "unknown pattern 'diagonal'"),
-    ([{"0": ["vertical_and_slash", -5, 2, 0.0]}], "vertical_size"),
-    ([{"0": ["vertical_and_slash", 5, 2.5, 0.0]}], "slash_size"),
-    ([{"zero": ["vertical_and_slash", 5, 2, 0.0]}], "head keys"),
-    ([{"0": ["vertical_and_slash", 5]}], "expected \\[pattern"),
-    ([{"0": ["vertical_and_slash", 5, 2, "high"]}], "score"),
-    ([["vertical_and_slash", 5, 2, 0.0]], "layer 0"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"x": 1}, "JSON list"),
+        ([{"0": ["diagonal", 1, 2, 0.0]}], "unknown pattern 'diagonal'"),
+        ([{"0": ["vertical_and_slash", -5, 2, 0.0]}], "vertical_size"),
+        ([{"0": ["vertical_and_slash", 5, 2.5, 0.0]}], "slash_size"),
+        ([{"zero": ["vertical_and_slash", 5, 2, 0.0]}], "head keys"),
+        ([{"0": ["vertical_and_slash", 5]}], "expected \\[pattern"),
+        ([{"0": ["vertical_and_slash", 5, 2, "high"]}], "score"),
+        ([["vertical_and_slash", 5, 2, 0.0]], "layer 0"),
+    ],
+)
 def test_config_errors_name_the_field(bad, match):
     with pytest.raises(ValueError, match=match):
         load_minference_config(bad)
@@ -211,12 +226,15 @@ def test_config_head_count_and_layer_checks(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # full budgets = dense; batch vectorisation; kernel
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("params", [
-    dict(pattern="vertical_slash", vertical_size=4096, slash_size=4096),
-    dict(pattern="block_sparse", topk=64),
-    dict(pattern="a_shape", n_init=0, n_local=4096),
-    dict(pattern="vertical_slash", budget_ratio=100.0),
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(pattern="vertical_slash", vertical_size=4096, slash_size=4096),
+        dict(pattern="block_sparse", topk=64),
+        dict(pattern="a_shape", n_init=0, n_local=4096),
+        dict(pattern="vertical_slash", budget_ratio=100.0),
+    ],
+)
 @pytest.mark.parametrize("causal", [True, False])
 def test_full_budgets_give_dense(params, causal):
     q, k, v = rand_qkv(1, 4, 2, 700, 700, 32, dtype=torch.float32, seed=9)
@@ -224,7 +242,7 @@ def test_full_budgets_give_dense(params, causal):
     mask = m.block_mask(q, k, is_causal=causal)
     assert torch.equal(mask, bm.full_mask(q, k, causal))
     out = m(q, k, v, is_causal=causal, backend="reference")
-    dense = R.dense_attention(q, k, v, is_causal=causal, scale=32 ** -0.5)
+    dense = R.dense_attention(q, k, v, is_causal=causal, scale=32**-0.5)
     assert rel_l1(out, dense) < 1e-5
 
 
@@ -245,7 +263,7 @@ def test_batch_matches_per_sample(pattern):
     m = MInference(pattern, budget_ratio=0.05, n_init=32, n_local=100, topk=3)
     batched = m.block_mask(q, k, is_causal=True)
     for b in range(3):
-        assert torch.equal(batched[b:b + 1], m.block_mask(q[b:b + 1], k[b:b + 1], is_causal=True))
+        assert torch.equal(batched[b : b + 1], m.block_mask(q[b : b + 1], k[b : b + 1], is_causal=True))
 
 
 def test_chunked_prefill_keeps_diagonal_and_causality():
@@ -266,18 +284,21 @@ def test_registered_and_unknown_names_list_known():
         get_method("minfrence")
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(pattern="diagonal"), ValueError, "unknown pattern 'diagonal'"),
-    (dict(pattern=3), TypeError, "pattern must be a string"),
-    (dict(vertical_size=-1), ValueError, "vertical_size must be >= 0"),
-    (dict(slash_size=10.5), TypeError, "slash_size must be an int"),
-    (dict(topk=True), TypeError, "topk must be an int"),
-    (dict(budget_ratio=-0.5), ValueError, "budget_ratio must be a finite number >= 0"),
-    (dict(budget_ratio=float("nan")), ValueError, "budget_ratio"),
-    (dict(budget_ratio="1"), TypeError, "budget_ratio must be a number"),
-    (dict(last_q=0), ValueError, "last_q must be >= 1"),
-    (dict(layer=2), ValueError, "layer= is only meaningful"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(pattern="diagonal"), ValueError, "unknown pattern 'diagonal'"),
+        (dict(pattern=3), TypeError, "pattern must be a string"),
+        (dict(vertical_size=-1), ValueError, "vertical_size must be >= 0"),
+        (dict(slash_size=10.5), TypeError, "slash_size must be an int"),
+        (dict(topk=True), TypeError, "topk must be an int"),
+        (dict(budget_ratio=-0.5), ValueError, "budget_ratio must be a finite number >= 0"),
+        (dict(budget_ratio=float("nan")), ValueError, "budget_ratio"),
+        (dict(budget_ratio="1"), TypeError, "budget_ratio must be a number"),
+        (dict(last_q=0), ValueError, "last_q must be >= 1"),
+        (dict(layer=2), ValueError, "layer= is only meaningful"),
+    ],
+)
 def test_bad_parameters(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         get_method("minference", **kwargs)

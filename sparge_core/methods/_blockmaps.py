@@ -72,7 +72,7 @@ def last_rows_probs(
     num_kv_heads, nk = k.shape[1], k.shape[2]
     rows = min(rows, nq)
     group = num_q_heads // num_kv_heads
-    q_last = q[:, :, nq - rows:].float().reshape(bsz, num_kv_heads, group, rows, head_dim)
+    q_last = q[:, :, nq - rows :].float().reshape(bsz, num_kv_heads, group, rows, head_dim)
     logits = (q_last @ k.float()[:, :, None].transpose(-1, -2)) * scale  # (B, Hkv, g, R, Nk)
     logits = logits.reshape(bsz, num_q_heads, rows, nk)
     positions = torch.arange(nq - rows, nq, device=q.device) + (nk - nq)
@@ -104,7 +104,9 @@ def top_count_select(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor
     _, order = torch.sort(scores, dim=-1, descending=True, stable=True)
     ranks = torch.arange(scores.shape[-1], device=scores.device)
     keep_sorted = ranks < counts.to(scores.device)[..., None]
-    keep = torch.zeros_like(keep_sorted.expand(scores.shape)).scatter(-1, order, keep_sorted.expand(scores.shape))
+    keep = torch.zeros_like(keep_sorted.expand(scores.shape)).scatter(
+        -1, order, keep_sorted.expand(scores.shape)
+    )
     return keep & (scores > -math.inf)
 
 
@@ -133,7 +135,9 @@ def _range_count(prefix: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> to
     return count.masked_fill(empty, 0)
 
 
-def line_block_cover(columns: torch.Tensor, distances: torch.Tensor, nq: int, nk: int, is_causal: bool) -> torch.Tensor:
+def line_block_cover(
+    columns: torch.Tensor, distances: torch.Tensor, nq: int, nk: int, is_causal: bool
+) -> torch.Tensor:
     """Block map covering token-level vertical and slash lines.
 
     Args:

@@ -14,10 +14,10 @@ in [0, 1]; ``dense`` has none (density 1). A method registered later declares ``
 Every knob is assumed to make the density non-decreasing as it grows (true of all the methods
 here). The density is a step function of the knob, so the result is the closest step to the
 target seen; bisection stops at a density within ``tol / 4`` of the target, when the knob interval
-is below ``1e-6`` (relative), or after ``max_iter`` mask evaluations. Where a method cannot reach the target (its floors, e.g. sink/local lines,
-``min_budget`` or non-self-similar blocks that sparge always keeps, or a step wider than ``2 tol``),
-the closest reachable density is returned and a warning says so; ``strict=True`` raises
-``DensityNotReachable`` instead.
+is below ``1e-6`` (relative), or after ``max_iter`` mask evaluations. Where a method cannot reach
+the target (its floors, e.g. sink/local lines, ``min_budget`` or non-self-similar blocks that sparge
+always keeps, or a step wider than ``2 tol``), the closest reachable density is returned and a
+warning says so; ``strict=True`` raises ``DensityNotReachable`` instead.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from .. import validation
-from . import _blockmaps as bm
 from . import _REGISTRY, _load_builtin, get_method
+from . import _blockmaps as bm
 from .base import AttentionMethod
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_TOLERANCE = 0.02
 # methods defined elsewhere whose knob range is not declared on the class
 _KNOWN_RANGES: dict[str, tuple[float, float | None]] = {"sparge": (0.0, 1.0), "sparge-topk": (0.0, 1.0)}
-_MAX_UNBOUNDED = float(2 ** 24)
+_MAX_UNBOUNDED = float(2**24)
 
 
 class DensityNotReachable(ValueError):
@@ -66,13 +66,16 @@ def budget_knob(method_name: str) -> Knob | None:
         return None
     span = getattr(cls, "budget_range", None) or _KNOWN_RANGES.get(method_name)
     if span is None:
-        raise ValueError(f"method {method_name!r} has budget_param {param!r} but no budget_range; "
-                         "declare budget_range = (low, high or None) on the class")
+        raise ValueError(
+            f"method {method_name!r} has budget_param {param!r} but no budget_range; "
+            "declare budget_range = (low, high or None) on the class"
+        )
     return Knob(param, float(span[0]), None if span[1] is None else float(span[1]))
 
 
-def method_density(method: AttentionMethod, q: torch.Tensor, k: torch.Tensor, *, is_causal: bool,
-                   scale: float | None = None) -> float:
+def method_density(
+    method: AttentionMethod, q: torch.Tensor, k: torch.Tensor, *, is_causal: bool, scale: float | None = None
+) -> float:
     """The density of ``method``'s block map on (q, k)."""
     mask = method.block_mask(q, k, is_causal=is_causal, scale=scale)
     return bm.mask_density(mask, q.shape[2], k.shape[2], is_causal)
@@ -101,8 +104,9 @@ class _Evaluator:
 
     def __call__(self, value: float) -> float:
         if value not in self.seen:
-            self.seen[value] = method_density(self.method(value), self.q, self.k, is_causal=self.is_causal,
-                                              scale=self.scale)
+            self.seen[value] = method_density(
+                self.method(value), self.q, self.k, is_causal=self.is_causal, scale=self.scale
+            )
         return self.seen[value]
 
     def closest(self, target: float) -> tuple[float, float]:
@@ -164,8 +168,10 @@ def match_density(
         _report(method_name, None, target, reached, tol, strict, f"{method_name!r} has no budget knob")
         return method, reached
     if knob.name in fixed:
-        raise TypeError(f"match_density sets {method_name!r}'s budget parameter {knob.name!r} itself; "
-                        "do not pass it among the fixed parameters")
+        raise TypeError(
+            f"match_density sets {method_name!r}'s budget parameter {knob.name!r} itself; "
+            "do not pass it among the fixed parameters"
+        )
 
     evaluate = _Evaluator(method_name, knob, fixed, q, k, is_causal, scale)
     low = knob.low
@@ -174,19 +180,32 @@ def match_density(
     if d_low < target < d_high:
         _bisect(evaluate, low, high, target, max_iter, tol)
     value, reached = evaluate.closest(target)
-    reason = (f"{knob.name} in [{low:g}, {high:g}] gives densities in [{d_low:.4f}, {d_high:.4f}]"
-              f" with {fixed or 'default parameters'}")
+    reason = (
+        f"{knob.name} in [{low:g}, {high:g}] gives densities in [{d_low:.4f}, {d_high:.4f}]"
+        f" with {fixed or 'default parameters'}"
+    )
     _report(method_name, knob.name, target, reached, tol, strict, reason)
-    logger.info("match_density: %s %s=%.6g -> density %.4f (target %.4f, %d evaluations)", method_name, knob.name,
-                value, reached, target, len(evaluate.seen))
+    logger.info(
+        "match_density: %s %s=%.6g -> density %.4f (target %.4f, %d evaluations)",
+        method_name,
+        knob.name,
+        value,
+        reached,
+        target,
+        len(evaluate.seen),
+    )
     return evaluate.method(value), reached
 
 
-def _report(name: str, knob: str | None, target: float, reached: float, tol: float, strict: bool, reason: str) -> None:
+def _report(
+    name: str, knob: str | None, target: float, reached: float, tol: float, strict: bool, reason: str
+) -> None:
     if abs(reached - target) <= tol or math.isclose(abs(reached - target), tol):
         return
-    message = (f"{name}: density {target:.3f} is not reachable within {tol} "
-               f"(closest {reached:.4f}{f' via {knob}' if knob else ''}); {reason}")
+    message = (
+        f"{name}: density {target:.3f} is not reachable within {tol} "
+        f"(closest {reached:.4f}{f' via {knob}' if knob else ''}); {reason}"
+    )
     if strict:
         raise DensityNotReachable(message)
     logger.warning(message)

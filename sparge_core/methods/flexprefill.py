@@ -83,7 +83,9 @@ def _check_budget(name: str, value: Any) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"flexprefill: {name} must be an int (tokens) or None, got {value!r} ({type(value).__name__})")
+        raise TypeError(
+            f"flexprefill: {name} must be an int (tokens) or None, got {value!r} ({type(value).__name__})"
+        )
     if value < 1:
         raise ValueError(f"flexprefill: {name} must be >= 1 token (or None), got {value}")
     return value
@@ -112,7 +114,9 @@ def _cover_count(scores: torch.Tensor, gamma: float) -> torch.Tensor:
 def js_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Square root of the Jensen-Shannon divergence (natural log) along the last axis."""
     m = 0.5 * (p + q)
-    jsd = 0.5 * (torch.xlogy(p, p) - torch.xlogy(p, m)).sum(-1) + 0.5 * (torch.xlogy(q, q) - torch.xlogy(q, m)).sum(-1)
+    jsd = 0.5 * (torch.xlogy(p, p) - torch.xlogy(p, m)).sum(-1) + 0.5 * (
+        torch.xlogy(q, q) - torch.xlogy(q, m)
+    ).sum(-1)
     return jsd.clamp(min=0).sqrt()
 
 
@@ -138,13 +142,20 @@ class FlexPrefill(AttentionMethod):
         if isinstance(block_size, bool) or not isinstance(block_size, int):
             raise TypeError(f"flexprefill: block_size must be an int, got {block_size!r}")
         if block_size != BLOCK:
-            raise ValueError(f"flexprefill: block_size must be {BLOCK} (the kernel's {BLOCK_Q}-query block, two "
-                             f"{BLOCK_K}-key blocks); got {block_size}")
+            raise ValueError(
+                f"flexprefill: block_size must be {BLOCK} (the kernel's {BLOCK_Q}-query block, two "
+                f"{BLOCK_K}-key blocks); got {block_size}"
+            )
         self.block_size = block_size
 
     def params(self) -> dict[str, Any]:
-        return {"gamma": self.gamma, "tau": self.tau, "min_budget": self.min_budget,
-                "max_budget": self.max_budget, "block_size": self.block_size}
+        return {
+            "gamma": self.gamma,
+            "tau": self.tau,
+            "min_budget": self.min_budget,
+            "max_budget": self.max_budget,
+            "block_size": self.block_size,
+        }
 
     # ---------------------------------------------------------------------------------------
     def _min_blocks(self) -> int:
@@ -154,7 +165,9 @@ class FlexPrefill(AttentionMethod):
         min_tokens = self._min_blocks() * BLOCK
         return self.gamma >= 1.0 or nq == 1 or nk <= max(2 * BLOCK, min_tokens)
 
-    def plan(self, q: torch.Tensor, k: torch.Tensor, *, is_causal: bool, scale: float | None = None) -> FlexPrefillPlan:
+    def plan(
+        self, q: torch.Tensor, k: torch.Tensor, *, is_causal: bool, scale: float | None = None
+    ) -> FlexPrefillPlan:
         """The block map and the per-head decisions behind it."""
         validation.check_qk(q, k)
         validation.check_flag("is_causal", is_causal)
@@ -163,9 +176,14 @@ class FlexPrefill(AttentionMethod):
         nk = k.shape[2]
         if self._runs_dense(nq, nk):
             zeros = torch.zeros(bsz, num_heads, dtype=torch.long, device=q.device)
-            return FlexPrefillPlan(bm.full_mask(q, k, is_causal), True,
-                                   torch.full((bsz, num_heads), math.nan, device=q.device),
-                                   torch.zeros(bsz, num_heads, dtype=torch.bool, device=q.device), zeros, zeros)
+            return FlexPrefillPlan(
+                bm.full_mask(q, k, is_causal),
+                True,
+                torch.full((bsz, num_heads), math.nan, device=q.device),
+                torch.zeros(bsz, num_heads, dtype=torch.bool, device=q.device),
+                zeros,
+                zeros,
+            )
 
         probs, positions = bm.last_rows_probs(q, k, BLOCK, sm_scale, is_causal)
         rows = probs.shape[-2]
@@ -176,28 +194,42 @@ class FlexPrefill(AttentionMethod):
         nkb = num_blocks(nk, BLOCK)
         min_blocks = min(self._min_blocks(), nkb)
         max_blocks = nkb if self.max_budget is None else min(math.ceil(self.max_budget / BLOCK), nkb)
-        v_count = (_cover_count(vertical, self.gamma) // COUNT_TO_BLOCKS + 1).clamp(min=min_blocks).clamp(max=max_blocks)
-        s_count = (_cover_count(slash, self.gamma) // COUNT_TO_BLOCKS + 1).clamp(min=min_blocks).clamp(max=max_blocks)
+        v_count = (
+            (_cover_count(vertical, self.gamma) // COUNT_TO_BLOCKS + 1)
+            .clamp(min=min_blocks)
+            .clamp(max=max_blocks)
+        )
+        s_count = (
+            (_cover_count(slash, self.gamma) // COUNT_TO_BLOCKS + 1)
+            .clamp(min=min_blocks)
+            .clamp(max=max_blocks)
+        )
 
         vertical_blocks = self._sum_pool(vertical, nkb)  # (B, H, nkb)
         slash_groups, group_of_offset = self._slash_groups(slash, nq, nk, is_causal)
 
         pooled_k = bm.expand_kv(reference.block_mean_pool(k.float(), BLOCK), num_heads)  # (B, H, nkb, D)
-        q_last_mean = q[:, :, nq - rows:].float().mean(dim=-2, keepdim=True) * sm_scale  # (B, H, 1, D)
+        q_last_mean = q[:, :, nq - rows :].float().mean(dim=-2, keepdim=True) * sm_scale  # (B, H, 1, D)
         estimate = torch.softmax((q_last_mean @ pooled_k.transpose(-1, -2)).squeeze(-2), dim=-1)
         distance = js_distance(estimate, vertical_blocks)
         query_aware = distance < self.tau
         v_count = torch.where(query_aware, torch.full_like(v_count, min_blocks), v_count)
         s_count = torch.where(query_aware, torch.full_like(s_count, min_blocks), s_count)
 
-        vs128 = self._vertical_slash_blocks(vertical_blocks, slash_groups, group_of_offset, v_count, s_count, nq, nk)
+        vs128 = self._vertical_slash_blocks(
+            vertical_blocks, slash_groups, group_of_offset, v_count, s_count, nq, nk
+        )
         qa128 = self._query_aware_blocks(q, pooled_k, nq, nk, is_causal, sm_scale)
         mask128 = vs128 | (qa128 & query_aware[..., None, None])
         mask = mask128.repeat_interleave(BLOCK // BLOCK_K, dim=-1)[..., : num_blocks(nk, BLOCK_K)]
-        mask = (mask | bm.diagonal_blocks(nq, nk, q.device)) & reference.allowed_block_mask(nq, nk, is_causal, device=q.device)
+        mask = (mask | bm.diagonal_blocks(nq, nk, q.device)) & reference.allowed_block_mask(
+            nq, nk, is_causal, device=q.device
+        )
         return FlexPrefillPlan(mask, False, distance, query_aware, v_count, s_count)
 
-    def block_mask(self, q: torch.Tensor, k: torch.Tensor, *, is_causal: bool, scale: float | None = None) -> torch.Tensor:
+    def block_mask(
+        self, q: torch.Tensor, k: torch.Tensor, *, is_causal: bool, scale: float | None = None
+    ) -> torch.Tensor:
         return self.plan(q, k, is_causal=is_causal, scale=scale).mask
 
     # ---------------------------------------------------------------------------------------
@@ -215,7 +247,9 @@ class FlexPrefill(AttentionMethod):
         group = torch.div(dist, BLOCK, rounding_mode="floor")
         g_min = int(group[0])
         index = (group - g_min).expand_as(slash)
-        groups = torch.zeros(*slash.shape[:-1], int(group[-1]) - g_min + 1, dtype=slash.dtype, device=slash.device)
+        groups = torch.zeros(
+            *slash.shape[:-1], int(group[-1]) - g_min + 1, dtype=slash.dtype, device=slash.device
+        )
         groups.scatter_add_(-1, index, slash)
         values = torch.arange(g_min, g_min + groups.shape[-1], device=slash.device)
         if is_causal:
@@ -229,8 +263,9 @@ class FlexPrefill(AttentionMethod):
         _, p_last = bm.query_block_positions(nq, nk, device)
         return torch.div(p_last, BLOCK, rounding_mode="floor")
 
-    def _vertical_slash_blocks(self, vertical_blocks, slash_groups, group_zero: int, v_count, s_count,
-                               nq: int, nk: int) -> torch.Tensor:
+    def _vertical_slash_blocks(
+        self, vertical_blocks, slash_groups, group_zero: int, v_count, s_count, nq: int, nk: int
+    ) -> torch.Tensor:
         """``(B, H, nqb, nkb128)``: the selected vertical and slash blocks."""
         device = vertical_blocks.device
         vertical_blocks = vertical_blocks.clone()
@@ -246,7 +281,9 @@ class FlexPrefill(AttentionMethod):
         slash_mask = s_sel.gather(-1, flat).reshape(*s_sel.shape[:2], *index.shape) & valid
         return slash_mask | v_sel[..., None, :]
 
-    def _query_aware_blocks(self, q, pooled_k, nq: int, nk: int, is_causal: bool, scale: float) -> torch.Tensor:
+    def _query_aware_blocks(
+        self, q, pooled_k, nq: int, nk: int, is_causal: bool, scale: float
+    ) -> torch.Tensor:
         """``(B, H, nqb, nkb128)``: the globally selected blocks of the pooled block attention."""
         pooled_q = reference.block_mean_pool(q.float(), BLOCK) * scale
         scores = pooled_q @ pooled_k.transpose(-1, -2)  # (B, H, nqb, nkb)

@@ -77,12 +77,21 @@ logger = logging.getLogger(__name__)
 PATTERNS = ("vertical_slash", "block_sparse", "a_shape")
 # accepted spellings -> canonical name (MInference's config names included)
 PATTERN_ALIASES = {
-    "vertical_slash": "vertical_slash", "vertical_and_slash": "vertical_slash", "vs": "vertical_slash",
-    "block_sparse": "block_sparse", "bs": "block_sparse",
-    "a_shape": "a_shape", "stream_llm": "a_shape", "streaming": "a_shape",
+    "vertical_slash": "vertical_slash",
+    "vertical_and_slash": "vertical_slash",
+    "vs": "vertical_slash",
+    "block_sparse": "block_sparse",
+    "bs": "block_sparse",
+    "a_shape": "a_shape",
+    "stream_llm": "a_shape",
+    "streaming": "a_shape",
 }
 # the names MInference's config files use
-CONFIG_PATTERN_NAMES = {"vertical_and_slash": "vertical_slash", "stream_llm": "a_shape", "block_sparse": "block_sparse"}
+CONFIG_PATTERN_NAMES = {
+    "vertical_and_slash": "vertical_slash",
+    "stream_llm": "a_shape",
+    "block_sparse": "block_sparse",
+}
 
 DEFAULT_VERTICAL_SIZE = 1000
 DEFAULT_SLASH_SIZE = 6096
@@ -176,11 +185,16 @@ def load_minference_config(source: str | os.PathLike | list) -> list[dict[int, H
     else:
         data = source
     if not isinstance(data, list) or not data:
-        raise ValueError("minference config: expected a non-empty JSON list with one {head: [...]} dict per layer")
+        raise ValueError(
+            "minference config: expected a non-empty JSON list with one {head: [...]} dict per layer"
+        )
     layers = []
     for index, layer in enumerate(data):
         if not isinstance(layer, dict):
-            raise ValueError(f"minference config: layer {index} must be a dict of head -> pattern, got {type(layer).__name__}")
+            raise ValueError(
+                f"minference config: layer {index} must be a dict of head -> pattern, "
+                f"got {type(layer).__name__}"
+            )
         layers.append(dict(_parse_head(index, key, entry) for key, entry in layer.items()))
     return layers
 
@@ -227,10 +241,14 @@ class MInference(AttentionMethod):
         if config is not None:
             given = [name for name, value in sizes.items() if value is not None]
             if pattern is not None or given:
-                raise ValueError("minference: with config=, the per-head patterns and sizes come from the config; "
-                                 f"do not also pass {['pattern'] if pattern is not None else given}")
+                raise ValueError(
+                    "minference: with config=, the per-head patterns and sizes come from the config; "
+                    f"do not also pass {['pattern'] if pattern is not None else given}"
+                )
             if layer is None:
-                raise ValueError("minference: config= needs layer= (the index of the layer this method serves)")
+                raise ValueError(
+                    "minference: config= needs layer= (the index of the layer this method serves)"
+                )
             self._config_source = config if isinstance(config, (str, os.PathLike)) else "<in-memory>"
             layers = load_minference_config(config)
             _check_int("layer", layer)
@@ -245,7 +263,9 @@ class MInference(AttentionMethod):
             self.layer_patterns = None
             self.pattern = canonical_pattern("vertical_slash" if pattern is None else pattern)
         self.layer = layer
-        self.vertical_size = _check_int("vertical_size", DEFAULT_VERTICAL_SIZE if vertical_size is None else vertical_size)
+        self.vertical_size = _check_int(
+            "vertical_size", DEFAULT_VERTICAL_SIZE if vertical_size is None else vertical_size
+        )
         self.slash_size = _check_int("slash_size", DEFAULT_SLASH_SIZE if slash_size is None else slash_size)
         self.n_init = _check_int("n_init", DEFAULT_N_INIT if n_init is None else n_init)
         self.n_local = _check_int("n_local", DEFAULT_N_LOCAL if n_local is None else n_local)
@@ -264,8 +284,12 @@ class MInference(AttentionMethod):
             elif self.pattern == "a_shape":
                 out.update(n_init=self.n_init, n_local=self.n_local)
         else:
-            out.update(config=os.fspath(self._config_source) if self._config_source != "<in-memory>"
-                       else self._config_source, layer=self.layer)
+            out.update(
+                config=os.fspath(self._config_source)
+                if self._config_source != "<in-memory>"
+                else self._config_source,
+                layer=self.layer,
+            )
         out.update(last_q=self.last_q, sink_columns=self.sink_columns, local_slashes=self.local_slashes)
         return out
 
@@ -279,11 +303,18 @@ class MInference(AttentionMethod):
             return [head] * num_heads
         extra = [h for h in self.layer_patterns if h >= num_heads]
         if extra:
-            raise ValueError(f"minference: config layer {self.layer} lists heads {sorted(extra)} but the input has "
-                             f"{num_heads} query heads")
+            raise ValueError(
+                f"minference: config layer {self.layer} lists heads {sorted(extra)} but the input has "
+                f"{num_heads} query heads"
+            )
         missing = [h for h in range(num_heads) if h not in self.layer_patterns]
         if missing:
-            logger.debug("minference: layer %s heads %s are not in the config; using %s", self.layer, missing, FALLBACK_HEAD)
+            logger.debug(
+                "minference: layer %s heads %s are not in the config; using %s",
+                self.layer,
+                missing,
+                FALLBACK_HEAD,
+            )
         return [self.layer_patterns.get(h, FALLBACK_HEAD) for h in range(num_heads)]
 
     def _budgets(self, heads: list[HeadPattern], device) -> dict[str, torch.Tensor]:
@@ -296,8 +327,9 @@ class MInference(AttentionMethod):
         return {"ids": ids, "size_a": size_a, "size_b": size_b, "topk": topk}
 
     # ---------------------------------------------------------------------------------------
-    def line_selection(self, q: torch.Tensor, k: torch.Tensor, *, is_causal: bool,
-                       scale: float | None = None) -> LineSelection:
+    def line_selection(
+        self, q: torch.Tensor, k: torch.Tensor, *, is_causal: bool, scale: float | None = None
+    ) -> LineSelection:
         """The token-level vertical and slash lines of every vertical_slash / a_shape head."""
         validation.check_qk(q, k)
         validation.check_flag("is_causal", is_causal)
@@ -371,7 +403,9 @@ class MInference(AttentionMethod):
         return bm.top_count_select(scores, budgets["topk"][None, :, None])
 
     # ---------------------------------------------------------------------------------------
-    def block_mask(self, q: torch.Tensor, k: torch.Tensor, *, is_causal: bool, scale: float | None = None) -> torch.Tensor:
+    def block_mask(
+        self, q: torch.Tensor, k: torch.Tensor, *, is_causal: bool, scale: float | None = None
+    ) -> torch.Tensor:
         validation.check_qk(q, k)
         validation.check_flag("is_causal", is_causal)
         sm_scale = validation.resolve_scale(scale, q.shape[-1])
