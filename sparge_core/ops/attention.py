@@ -4,17 +4,14 @@ Algorithm: FlashAttention-2 forward (online softmax in base 2: ``sm_scale * log2
 the logits so the kernel uses ``exp2``). One program handles a BLOCK_Q(=128)-row block of queries of
 one (batch, query head) and visits **only the kept key blocks**, read from a compacted, ascending
 index list built from the block map by a small Triton kernel (``build_block_lut``), never testing
-every block. The kept 64-key blocks are gathered **two at a time into one 128-key tile** (kept blocks
-of rank 2t and 2t+1, wherever they are): the block map keeps its 128x64 granularity while the
-matmuls run on 128x128 tiles, which Hopper's tensor cores need to be efficient. Per tile:
+every block. Per kept block:
 
 1. ``s = q k^T`` (fp16/bf16 operands, or INT8 with per-block scales, fp32 accumulate);
-2. only on tiles that cross the causal diagonal or the end of K (or hold an odd last block without
-   a partner), a token mask (causal is bottom-right aligned when Nq != Nk: query i sees keys
-   j <= i + Nk - Nq);
-3. stage 2 (``pvthreshd``): the tile's row maxima are compared with the running maxima; if
-   ``max over the block's real query rows of (rowmax_tile - rowmax_running) <= -pvthreshd`` the
-   tile's exp, row-sum update and P.V are skipped (every P entry is below 2^-pvthreshd of its row's
+2. only on blocks that cross the causal diagonal or the end of K, a token mask (causal is
+   bottom-right aligned when Nq != Nk: query i sees keys j <= i + Nk - Nq);
+3. stage 2 (``pvthreshd``): the block's row maxima are compared with the running maxima; if
+   ``max over the block's real query rows of (rowmax_block - rowmax_running) <= -pvthreshd`` the
+   block's exp, row-sum update and P.V are skipped (every P entry is below 2^-pvthreshd of its row's
    running max). Decided per 128-row block of queries, as the official CUDA kernel's per-CTA mode;
 4. otherwise the usual rescale, ``exp2``, row sum and ``acc += P V``.
 
@@ -31,9 +28,12 @@ changes no softmax); ``QK^T`` in INT8 with int32 accumulate, dequantized by the 
 KV head and channel), P scaled by 448 before its cast; the row sum stays fp32 and unscaled.
 
 Deviations from the paper / official kernel:
-- The PV skip test is made per tile of two kept blocks (so both are skipped or neither), for every
-  tile after a row's first; the official CUDA kernel tests each block and always computes the last
-  two kept blocks. The reference simulates ours exactly.
+- The PV skip test applies to every kept block after a row's first; the official CUDA kernel always
+  computes the last two kept blocks. Ours skips more, and the reference simulates ours exactly.
+
+Measured alternative, not kept: gathering two kept 64-key blocks into one 128-key tile (to feed
+Hopper's tensor cores larger tiles) ran slower on an H100 (bf16 438 vs 448, INT8 549 vs 600 dense-
+equivalent TFLOPS at N=32K, D=128), see results/kernel/NOTES.md.
 - Stage 2 is decided per 128-row query block (the official released build's per-CTA mode), not per
   warp as the paper describes.
 - Query rows that see no key (causal with Nq > Nk, or an empty row of the block map) get zeros; the
@@ -69,9 +69,13 @@ class KernelConfig:
     num_stages: int
 
 
-def default_kernel_config(head_dim: int, device: torch.device) -> KernelConfig:
+def default_kernel_config(head_dim: int, device: torch.device, quant: str = "none") -> KernelConfig:
+    """Launch config chosen by measurement (``scripts/tune_kernel.py`` on an H100, N=32K, dense and 0.3
+    density, causal or not; results/kernel/tune-h100-80gb-hbm3.csv): the best or within 3% of it."""
     if device.type != "cuda":
         return KernelConfig(num_warps=4, num_stages=1)
+    if head_dim > 64:
+        return KernelConfig(num_warps=4, num_stages=2 if quant == "none" else 3)
     return KernelConfig(num_warps=8, num_stages=3)
 
 
@@ -89,8 +93,8 @@ def _sparge_attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
     IS_CAUSAL: tl.constexpr, PV_SKIP: tl.constexpr,  #
     QUANT_QK: tl.constexpr, FP8_PV: tl.constexpr, UPCAST_QK: tl.constexpr, UPCAST_PV: tl.constexpr,  #
+    EVEN_QK: tl.constexpr, EVEN_V: tl.constexpr,  #
 ):
-    TILE_N: tl.constexpr = 2 * BLOCK_N  # two kept key blocks per iteration
     i_m = tl.program_id(0)
     if IS_CAUSAL:
         i_m = n_qblocks - 1 - i_m  # heaviest query blocks first
@@ -99,9 +103,7 @@ def _sparge_attn_fwd_kernel(
     i_h = i_bh % n_q_heads
     i_hk = i_h // group
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_t = tl.arange(0, TILE_N)
-    o_half = o_t % BLOCK_N
-    m_first = o_t < BLOCK_N  # columns of the pair's first block
+    o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, D_PAD)
     m_m = o_m < n_q
     m_qkd = o_d < QK_DIM
@@ -130,48 +132,40 @@ def _sparge_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
 
-    # The kept blocks are visited two at a time (a 128-key tile). Stage 0: pairs of blocks fully inside
-    # the causal triangle and inside K (no token mask); stage 1: the rest (diagonal blocks, the partial
-    # last block of K, an odd last block without a partner).
+    # stage 0: blocks fully inside the causal triangle and inside K (no token mask);
+    # stage 1: the rest (diagonal blocks, the partial last block of K).
     for stage in tl.static_range(2):
         if stage == 0:
             lo = 0
-            hi = n_full // 2
+            hi = n_full
         else:
-            lo = n_full // 2
-            hi = (n_kept + 1) // 2
+            lo = n_full
+            hi = n_kept
         for it in range(lo, hi):
-            kb0 = tl.load(lut_row + 2 * it)
-            if stage == 0:
-                kb1 = tl.load(lut_row + 2 * it + 1)
-                m_col = o_t >= 0
-            else:
-                has_second = 2 * it + 1 < n_kept
-                kb1 = tl.load(lut_row + tl.minimum(2 * it + 1, n_kept - 1))  # an odd last block: its own partner
-                m_col = m_first | ((o_t * 0 + 2 * it + 1) < n_kept)  # (a vector compare: the interpreter
-                # mistypes a scalar bool broadcast into a vector mask)
-            kb = tl.where(m_first, kb0, kb1)  # [TILE_N] block index of each column
-            o_k = kb * BLOCK_N + o_half  # [TILE_N] key position of each column
-            if stage == 1:
-                m_col = m_col & (o_k < n_k)
+            kb = tl.load(lut_row + it)
+            o_k = kb * BLOCK_N + o_n
+            m_k = o_k < n_k
             # -- s = q k^T in base-2 units
-            b_k = tl.load(k_base + o_k[None, :] * stride_kn + o_d[:, None] * stride_kd,
-                          mask=m_qkd[:, None] & m_col[None, :], other=0.0)  # [D_PAD, TILE_N]
+            k_ptrs = k_base + o_k[None, :] * stride_kn + o_d[:, None] * stride_kd
+            if stage == 0 and EVEN_QK:
+                b_k = tl.load(k_ptrs)  # [D_PAD, BLOCK_N]
+            else:
+                b_k = tl.load(k_ptrs, mask=m_qkd[:, None] & m_k[None, :], other=0.0)
             if QUANT_QK:
-                k_scale = tl.where(m_first, tl.load(k_scale_row + kb0), tl.load(k_scale_row + kb1))
-                b_s = tl.dot(b_q, b_k, out_dtype=tl.int32).to(tl.float32) * (q_scale * k_scale[None, :])
+                k_scale = tl.load(k_scale_row + kb)
+                b_s = tl.dot(b_q, b_k, out_dtype=tl.int32).to(tl.float32) * (q_scale * k_scale)
             else:
                 if UPCAST_QK:
                     b_k = b_k.to(tl.float32)
-                b_s = tl.dot(b_q, b_k) * qk_scale  # [BLOCK_M, TILE_N]
+                b_s = tl.dot(b_q, b_k) * qk_scale  # [BLOCK_M, BLOCK_N]
             if stage == 1:
-                m_s = m_col[None, :]
+                m_s = m_k[None, :]
                 if IS_CAUSAL:
                     m_s = m_s & (o_k[None, :] <= o_m[:, None] + causal_offset)
                 b_s = tl.where(m_s, b_s, float("-inf"))
             m_local = tl.max(b_s, axis=1)
             m_new = tl.maximum(m_i, m_local)
-            # -- stage 2: skip P.V when every real row's tile max is far below its running max
+            # -- stage 2: skip P.V when every real row's block max is far below its running max
             do_pv = True
             if PV_SKIP:
                 diff = tl.where(m_m & (m_local > float("-inf")), m_local - m_i, float("-inf"))
@@ -182,8 +176,11 @@ def _sparge_attn_fwd_kernel(
                 b_p = tl.math.exp2(b_s - m_safe[:, None])
                 l_i = l_i * alpha + tl.sum(b_p, axis=1)
                 acc = acc * alpha[:, None]
-                b_v = tl.load(v_base + o_k[:, None] * stride_vn + o_d[None, :] * stride_vd,
-                              mask=m_col[:, None] & m_vd[None, :], other=0.0)  # [TILE_N, D_PAD]
+                v_ptrs = v_base + o_k[:, None] * stride_vn + o_d[None, :] * stride_vd
+                if stage == 0 and EVEN_V:
+                    b_v = tl.load(v_ptrs)  # [BLOCK_N, D_PAD]
+                else:
+                    b_v = tl.load(v_ptrs, mask=m_k[:, None] & m_vd[None, :], other=0.0)
                 if FP8_PV:
                     acc += tl.dot((b_p * 448.0).to(tl.float8e4nv), b_v)
                 elif UPCAST_PV:
@@ -192,10 +189,7 @@ def _sparge_attn_fwd_kernel(
                     acc += tl.dot(b_p.to(b_v.dtype), b_v)
                 m_i = m_new
             else:
-                if stage == 0:
-                    n_skipped += 2
-                else:
-                    n_skipped += 1 + has_second.to(tl.int32)
+                n_skipped += 1
 
     # -- epilogue: normalise; rows that saw no key stay zero
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -349,7 +343,7 @@ def block_sparse_attn(
     pv_on = pvthreshd is not None
     pv_thresh = pvthreshd.to(device=q.device, dtype=torch.float32).contiguous() if pv_on else dummy
     pv_count = torch.zeros(bsz, num_q_heads, nqb, device=q.device, dtype=torch.int32) if pv_on else dummy
-    cfg = config or default_kernel_config(head_dim, q.device)
+    cfg = config or default_kernel_config(head_dim, q.device, quant)
     upcast = interp and (cdtype == torch.bfloat16)
 
     _sparge_attn_fwd_kernel[(nqb, bsz * num_q_heads)](
@@ -361,6 +355,7 @@ def block_sparse_attn(
         HEAD_DIM=head_dim, QK_DIM=qk_dim, D_PAD=d_pad, BLOCK_M=BLOCK_Q, BLOCK_N=BLOCK_K,
         IS_CAUSAL=is_causal, PV_SKIP=pv_on, QUANT_QK=quant != "none", FP8_PV=quant == "int8-fp8",
         UPCAST_QK=upcast and quant == "none", UPCAST_PV=upcast,
+        EVEN_QK=qk_dim == d_pad, EVEN_V=head_dim == d_pad,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     allowed = reference.allowed_block_mask(nq, nk, is_causal, device=q.device).sum()

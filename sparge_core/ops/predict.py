@@ -95,7 +95,7 @@ def pool_and_similarity(
     bsz, heads, n, head_dim = x.shape
     nb = reference.num_blocks(n, block)
     d_pad = padded_head_dim(head_dim)
-    mean = x.float().mean(dim=2).contiguous() if smooth else x.new_empty(1, dtype=torch.float32)
+    mean = x.mean(dim=2, dtype=torch.float32).contiguous() if smooth else x.new_empty(1, dtype=torch.float32)
     pooled = torch.empty(bsz, heads, nb, head_dim, device=x.device, dtype=torch.float32)
     sim = torch.empty(bsz, heads, nb, device=x.device, dtype=torch.float32)
     quant = quant_multiplier is not None

@@ -274,12 +274,11 @@ def masked_attention(
 
     A query row with no allowed key gets zeros. With ``pvthreshd`` (per query head, ``(Hq,)``) the
     stage-2 skip is simulated as the kernel decides it: for each BLOCK_Q block of query rows, the kept
-    key blocks are visited in ascending order, two at a time (a tile of 128 keys: kept blocks of rank
-    2t and 2t+1); in base-2 logits ``s = q.k * scale * log2(e)``, a tile is skipped (its exp, row sum
-    and P.V) when, over the block's real query rows that see at least one key in it,
-    ``max(rowmax_tile(s) - running_max) <= -pvthreshd``; the running max covers the tiles before it
-    (a skipped tile cannot raise it). The first tile a row sees is never skipped (its running max is
-    -inf). Skipped blocks simply drop out of numerator and denominator.
+    key blocks are visited in ascending order; in base-2 logits ``s = q.k * scale * log2(e)``, a block
+    is skipped (its exp, row sum and P.V) when, over the block's real query rows that see at least one
+    key in it, ``max(rowmax_block(s) - running_max) <= -pvthreshd``; the running max covers the kept
+    blocks before it (a skipped block cannot raise it). The first block a row sees is never skipped
+    (its running max is -inf). Skipped blocks simply drop out of numerator and denominator.
 
     Returns the output in ``q.dtype`` and the block counts. Work is chunked over query blocks so that
     long sequences fit in memory.
@@ -337,31 +336,18 @@ def masked_attention(
 
 def _pv_skip_blocks(s: torch.Tensor, kept: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """Which kept blocks stage 2 skips. ``s``: masked base-2 logits ``(B, H, R, Nk)`` of R query rows
-    (R covers whole BLOCK_Q blocks except possibly the last); ``kept``: ``(B, H, R/BLOCK_Q, nkb)``.
-
-    The kept blocks of a query block are visited in ascending order two at a time (the kernel's
-    128-key tiles): kept blocks of rank 2t and 2t+1 form tile t. A tile is skipped when, over the real
-    query rows that see a key in it, ``max(rowmax_tile - rowmax_before) <= -lambda``.
-    """
+    (R covers whole BLOCK_Q blocks except possibly the last); ``kept``: ``(B, H, R/BLOCK_Q, nkb)``."""
     bsz, heads, rows, nk = s.shape
     nqb, nkb = kept.shape[-2], kept.shape[-1]
     pad_r, pad_k = nqb * BLOCK_Q - rows, nkb * BLOCK_K - nk
     sp = torch.nn.functional.pad(s, (0, pad_k, 0, pad_r), value=-math.inf)
     block_max = sp.view(bsz, heads, nqb, BLOCK_Q, nkb, BLOCK_K).amax(dim=-1)  # (B,H,qb,BQ,nkb)
-    # tile index of every kept block: its rank among the kept blocks of its row, halved
-    rank = torch.cumsum(kept.to(torch.long), dim=-1) - 1
-    tile = torch.where(kept, rank // 2, torch.zeros_like(rank))  # non-kept blocks have -inf maxima anyway
-    n_tiles = max(1, (nkb + 1) // 2)
-    tile_idx = tile[:, :, :, None, :].expand_as(block_max)
-    tile_max = torch.full(block_max.shape[:-1] + (n_tiles,), -math.inf, dtype=s.dtype, device=s.device)
-    tile_max = tile_max.scatter_reduce(-1, tile_idx, block_max, reduce="amax", include_self=True)
-    running = torch.cummax(tile_max, dim=-1).values
+    running = torch.cummax(block_max, dim=-1).values
     before = torch.cat([torch.full_like(running[..., :1], -math.inf), running[..., :-1]], dim=-1)
-    diff = tile_max - before  # +inf where the row saw nothing before; nan if nothing now either
-    diff = torch.where(torch.isfinite(tile_max), diff, torch.full_like(diff, -math.inf))
-    worst = diff.amax(dim=3)  # (B, H, qb, n_tiles): the row that most wants this tile
-    skip_tile = worst <= -lam
-    return kept & torch.gather(skip_tile, -1, tile)
+    diff = block_max - before  # +inf where the row saw nothing before; nan if nothing now either
+    diff = torch.where(torch.isfinite(block_max), diff, torch.full_like(diff, -math.inf))
+    worst = diff.amax(dim=3)  # (B, H, qb, nkb): the row that most wants this block
+    return kept & (worst <= -lam)
 
 
 def dense_attention(q, k, v, *, is_causal: bool, scale: float, dtype=torch.float64) -> torch.Tensor:
