@@ -43,10 +43,10 @@ is set, else ``results/rivals/crosscheck_minference``.
 Examples::
 
     # CPU smoke test (ours only)
-    python scripts/crosscheck_minference.py --synthetic --seq-len 1024 --heads 4 --kv-heads 2 --layers 2
-    # GPU, captured smollm2 8K (capture it first if the folder does not exist)
-    python scripts/crosscheck_minference.py --capture /tmp/cap8k --make-capture smollm2 --seq-len 8192 \\
-        --samples 2 --layers 0 4 8 12 16 20 24 29
+    python scripts/crosscheck_minference.py --synthetic --seq-len 1024 --heads 4 --kv-heads 2 --layers 0 1
+    # GPU, smollm2 at 8K (the capture is made first if runs/cap-smollm2-8k has no meta.json)
+    python scripts/crosscheck_minference.py --capture runs/cap-smollm2-8k --make-capture smollm2 \\
+        --seq-len 8192 --samples 2
 """
 
 from __future__ import annotations

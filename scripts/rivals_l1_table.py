@@ -27,7 +27,7 @@ set, else ``results/rivals/rivals_l1``.
 Examples::
 
     python scripts/rivals_l1_table.py --synthetic --seq-len 1024 --heads 4 --kv-heads 2 --layers 0 1
-    python scripts/rivals_l1_table.py --capture /tmp/cap8k --samples 2
+    python scripts/rivals_l1_table.py --capture runs/cap-smollm2-8k --samples 2
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ Patterns (``pattern=``; per head when a MInference config is loaded):
 - ``"block_sparse"`` (the pattern the SpargeAttn paper ran as "MInference"): mean-pooled Q and K
   blocks, pooled scores ``q_blk . k_blk * scale``, causal blocks only, the ``topk = 100`` best key
   blocks per query block.
+  On this grid the selection is the same as sparge's top-k mode when every block counts as
+  self-similar (K smoothing shifts each pooled score row by a constant, which keeps the ranking),
+  so against ``sparge-topk`` this rival differs only in how the number of blocks is given.
 - ``"a_shape"`` (``stream_llm`` in configs; StreamingLLM shape): key columns ``[0, n_init)`` plus the
   local window ``0 <= p(i) - j < n_local``. Defaults (128, 3968) as MInference's ``a_shape`` type.
 
