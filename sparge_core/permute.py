@@ -33,10 +33,12 @@ with unit steps only if the colouring parity allows it: its main length is even,
 lengths are odd (and the main length is > 1 unless the box is a single line). Half lengths are
 therefore rounded to even where that keeps every child admissible, and among the candidate
 splits (best aspect ratio first) the first whose children are all admissible is used; the whole
-grid starts on an even axis when it has one. On every size the tests check (all 1-40 x 1-40 2-D
-grids, all 3-D boxes up to 9 x 9 x 9 and the large sizes of real latent grids) every step is
-between grid neighbours (Manhattan distance 1). Should some untested size fall through to a split
-with an inadmissible child, the curve is still a bijection (checked on every build), and a warning
+grid starts on an even axis when it has one. Every step is between grid neighbours (Manhattan
+distance 1) on all sizes checked: exhaustively all 2-D grids up to 40 x 40 and all 3-D boxes up to
+9 x 9 x 9, 300 random boxes up to 40 x 40 x 40, and real latent grids such as 13 x 30 x 45 and
+21 x 60 x 90 (the unit tests re-check all grids up to 12 x 12 and 5 x 5 x 5 plus a list of odd and
+large sizes). We have no proof for every size: should some unchecked size fall through to a split
+with an inadmissible child, the curve is still a bijection (checked on every build) and a warning
 names the grid; only locality would suffer there.
 
 Permutations are computed once per (order, grid, seed) on the CPU and cached per device.

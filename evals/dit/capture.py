@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     model, _ = load_checkpoint(args.ckpt, device=args.device)
-    ints = lambda text: [int(x) for x in text.split(",")] if text else None  # noqa: E731
+    ints = lambda text: [int(x) for x in text.split(",")] if text else None
     meta = capture_dit(model, default_prompts(model.cfg.is_video, args.prompts), args.out,
                        sampler=SamplerConfig(args.sampler_steps, args.cfg_scale), seed=args.seed,
                        steps=ints(args.keep_steps), layers=ints(args.layers), order=args.order, batch=args.batch,
