@@ -46,8 +46,10 @@ def versions() -> dict:
     import transformers
 
     rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "--",
+                            "sparge_core", "evals", "calibrate", "scripts"], capture_output=True, text=True)
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "sparge_git": rev.stdout.strip() or None}
+            "sparge_git": rev.stdout.strip() or None, "sparge_code_modified": bool(dirty.stdout.strip())}
 
 
 def device_name(device: torch.device) -> str:
