@@ -165,14 +165,30 @@ def clip_temporal(clip, videos11: torch.Tensor, *, device="cpu") -> float:
     return float((img[:, 1:] * img[:, :-1]).sum(-1).mean())
 
 
-def image_reward(weights_path: str | None = None) -> dict[str, Any]:
-    """ImageReward availability. Without local weights: ``{"available": False, ...}``."""
+def image_reward(weights_path: str | None = None, device="cpu") -> dict[str, Any]:
+    """ImageReward availability: ``{"available": False, "reason": ...}`` unless ``weights_path`` is a
+    local file AND the ``image-reward`` package loads it offline (it also needs the
+    bert-base-uncased tokenizer and its BLIP config from the Hub cache). When it loads, the dict
+    holds a ``scorer(caption, images01) -> float`` (mean reward) under "scorer"."""
     if not weights_path:
         return {"available": False, "reason": "no ImageReward weights offline; pass a local ImageReward.pt path"}
     if not Path(weights_path).is_file():
         return {"available": False, "reason": f"{weights_path} does not exist"}
-    return {"available": False, "reason": "ImageReward also needs the bert-base-uncased tokenizer and its package's "
-                                          "med_config from the Hub; scoring is not wired offline", "weights": weights_path}
+    try:
+        import ImageReward as RM
+        from PIL import Image
+
+        model = RM.load(weights_path, device=str(device))
+    except Exception as err:  # noqa: BLE001  (missing package, tokenizer or config: report, never guess)
+        return {"available": False, "reason": f"ImageReward could not be loaded offline: {type(err).__name__}: {err}",
+                "weights": weights_path}
+
+    def scorer(caption: str, images01: torch.Tensor) -> float:
+        pil = [Image.fromarray((img.permute(1, 2, 0).clamp(0, 1) * 255).byte().cpu().numpy()) for img in images01]
+        scores = model.score(caption, pil)
+        return float(sum(scores) / len(scores)) if isinstance(scores, list) else float(scores)
+
+    return {"available": True, "weights": weights_path, "sha256": _sha256(weights_path), "scorer": scorer}
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,6 +330,7 @@ def _suite(kind: str, model_ckpt: str, methods: list, configs: dict[str, str] | 
     else:
         real = data.render_images(real_specs, size=model.cfg.size, generator=g)
     clip = load_clip(clip_ckpt, device=device)[0] if clip_ckpt else None
+    reward = image_reward(image_reward_weights, device)
     results: dict[str, Any] = {}
     dense_samples = None
     probe = None
@@ -345,6 +362,9 @@ def _suite(kind: str, model_ckpt: str, methods: list, configs: dict[str, str] | 
             if e.config and target_density is None:
                 target_density = 1.0 - row["qk_sparsity"]
             row["metrics"] = _metrics(out, real, specs, captions, clip, video, device, fid_resolution)
+            if reward["available"]:
+                row["metrics"]["image_reward"] = sum(reward["scorer"](c, data.to_unit(x[None]))
+                                                     for c, x in zip(captions, out)) / len(captions)
             if e.method == "dense" and e.config is None and dense_samples is None:
                 dense_samples = out
                 row["metrics"]["vs_dense"] = "reference"
@@ -370,7 +390,7 @@ def _suite(kind: str, model_ckpt: str, methods: list, configs: dict[str, str] | 
                      "token_order": order, "backend": backend, "batch": batch, "target_density": target_density,
                      "fid_label": FID_LABEL + (" over video frames" if video else ""), "fid_n": len(captions),
                      "fid_resolution": fid_resolution, "dtype": str(model_dtype).replace("torch.", "")},
-        "image_reward": image_reward(image_reward_weights),
+        "image_reward": {k: v for k, v in reward.items() if k != "scorer"},
         "methods": results,
     }
     write_json_atomic(out_json, doc)
