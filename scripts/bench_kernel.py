@@ -39,7 +39,7 @@ from sparge_core.ops import predict as P  # noqa: E402
 from sparge_core.ops import reference as R  # noqa: E402
 from sparge_core.synthetic import structured_qkv  # noqa: E402
 
-COLUMNS = ["gpu", "n", "d", "heads", "causal", "density", "method", "ms", "tops"]
+COLUMNS = ["gpu", "n", "d", "heads", "causal", "density", "method", "ms", "tops", "mask"]
 ROTATE = 3
 
 
@@ -56,6 +56,19 @@ def random_mask(heads: int, n: int, density: float, causal: bool, gen) -> torch.
     return mask & R.allowed_block_mask(n, n, causal, device="cuda")
 
 
+def band_mask(heads: int, n: int, density: float, causal: bool) -> torch.Tensor:
+    """Each query block keeps a contiguous band of key blocks around its diagonal (the shape real
+    predicted masks often have), about ``density`` of the allowed pairs."""
+    nqb, nkb = R.num_blocks(n, R.BLOCK_Q), R.num_blocks(n, R.BLOCK_K)
+    width = max(1, round(density * nkb * (0.5 if causal else 1.0)))
+    centre = (torch.arange(nqb, device="cuda") * R.BLOCK_Q // R.BLOCK_K)[:, None]
+    cols = torch.arange(nkb, device="cuda")[None, :]
+    lo = (centre - (width if causal else width // 2)).clamp(min=0)
+    mask = (cols >= lo) & (cols < lo + width + (2 if causal else 0))
+    mask = mask | R.causal_diagonal_block_mask(n, n, R.BLOCK_Q, R.BLOCK_K, device="cuda")
+    return (mask & R.allowed_block_mask(n, n, causal, device="cuda")).expand(1, heads, -1, -1)
+
+
 def measured_density(mask: torch.Tensor, n: int, causal: bool) -> float:
     allowed = R.allowed_block_mask(n, n, causal, device=mask.device)
     return (mask & allowed).sum().item() / (allowed.sum().item() * mask.shape[0] * mask.shape[1])
@@ -67,6 +80,10 @@ class Flex:
     def __init__(self):
         from torch.nn.attention.flex_attention import flex_attention
 
+        # every block map brings a new mask_mod closure, hence a recompile; past dynamo's default limit
+        # flex would silently fall back to eager (materialising the whole score matrix)
+        torch._dynamo.config.recompile_limit = 10_000
+        torch._dynamo.config.accumulated_recompile_limit = 100_000
         self.fn = torch.compile(flex_attention, dynamic=False)
 
     @staticmethod
@@ -95,7 +112,8 @@ class Flex:
                                         mask_mod=mask_mod, seq_lengths=(n, n), compute_q_blocks=False)
 
     def __call__(self, q, k, v, block_mask):
-        return self.fn(q, k, v, block_mask=block_mask)
+        # flex's own tiles must divide the 128x64 blocks
+        return self.fn(q, k, v, block_mask=block_mask, kernel_options={"BLOCK_M": R.BLOCK_Q, "BLOCK_N": R.BLOCK_K})
 
 
 def sdpa_backend(name: str):
@@ -113,11 +131,21 @@ def run(args) -> None:
     flex = Flex() if "flex" in args.methods else None
     print(f"# {gpu} {versions()} heads={heads} dtype=bf16", flush=True)
 
-    def record(n, d, causal, density, method, ms):
+    def timed(fn):
+        try:
+            return bench_ms(fn)
+        except Exception as err:  # keep going: one failing method must not lose the rest of the run
+            print(f"  failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}", flush=True)
+            return None
+
+    def record(n, d, causal, density, method, ms, kind="dense"):
+        if ms is None:
+            return
         tops = dense_flops(n, d, heads, causal) / (ms * 1e-3) / 1e12
         log.add(gpu=gpu, n=n, d=d, heads=heads, causal=causal, density=f"{density:.4f}", method=method,
-                ms=f"{ms:.4f}", tops=f"{tops:.1f}")
-        print(f"{n:>6} {d:>4} {str(causal):>5} {density:>6.3f} {method:<20} {ms:>9.3f} ms {tops:>7.1f} TOPS", flush=True)
+                ms=f"{ms:.4f}", tops=f"{tops:.1f}", mask=kind)
+        print(f"{n:>6} {d:>4} {str(causal):>5} {density:>6.3f} {method:<20} {ms:>9.3f} ms {tops:>7.1f} TOPS {kind}",
+              flush=True)
 
     for n in args.n:
         for d in args.d:
@@ -134,36 +162,37 @@ def run(args) -> None:
                 for name in ("cudnn", "flash"):
                     if f"sdpa-{name}" in args.methods:
                         with sdpa_backend(name):
-                            ms = bench_ms(lambda: F.scaled_dot_product_attention(*nxt(), is_causal=causal))
+                            ms = timed(lambda: F.scaled_dot_product_attention(*nxt(), is_causal=causal))
                         record(n, d, causal, 1.0, f"sdpa-{name}", ms)
 
                 # structured inputs: predictor, predicted masks, whole pipeline
                 sq, sk, sv = structured_qkv(1, heads, heads, n, d, dtype=torch.bfloat16, device="cuda", seed=n + d)
                 pred = predict_block_mask(sq, sk, is_causal=causal)
-                masks = [random_mask(heads, n, dens, causal, gen) for dens in args.densities]
-                masks = [(measured_density(m, n, causal), m) for m in masks]
-                masks.append((measured_density(pred, n, causal), pred))
+                masks = [("random", random_mask(heads, n, dens, causal, gen)) for dens in args.densities]
+                masks.append(("band", band_mask(heads, n, 0.5, causal)))
+                masks.append(("predicted", pred))
+                masks = [(kind, measured_density(m, n, causal), m) for kind, m in masks]
                 if "predict" in args.methods:
-                    ms = bench_ms(lambda: predict_block_mask(sq, sk, is_causal=causal))
-                    record(n, d, causal, masks[-1][0], "predict", ms)
+                    ms = timed(lambda: predict_block_mask(sq, sk, is_causal=causal))
+                    record(n, d, causal, masks[-1][1], "predict", ms, "predicted")
                 if "sparge-pipeline" in args.methods:
                     _, st = sparge_attn(sq, sk, sv, is_causal=causal, topk=0.5, quant="int8", return_stats=True)
-                    ms = bench_ms(lambda: sparge_attn(sq, sk, sv, is_causal=causal, topk=0.5, quant="int8"))
-                    record(n, d, causal, st.density, "sparge-pipeline", ms)
+                    ms = timed(lambda: sparge_attn(sq, sk, sv, is_causal=causal, topk=0.5, quant="int8"))
+                    record(n, d, causal, st.density, "sparge-pipeline", ms, "predicted-topk0.5")
                     _, st = sparge_attn(sq, sk, sv, is_causal=causal, topk=0.5, quant="none", return_stats=True)
-                    ms = bench_ms(lambda: sparge_attn(sq, sk, sv, is_causal=causal, topk=0.5, quant="none"))
-                    record(n, d, causal, st.density, "sparge-pipeline-bf16", ms)
+                    ms = timed(lambda: sparge_attn(sq, sk, sv, is_causal=causal, topk=0.5, quant="none"))
+                    record(n, d, causal, st.density, "sparge-pipeline-bf16", ms, "predicted-topk0.5")
                 del sq, sk, sv
 
-                for density, mask in masks:
+                for kind, density, mask in masks:
                     if "sparge" in args.methods:
-                        ms = bench_ms(lambda: block_sparse_attn(*nxt(), mask, is_causal=causal, pvthreshd=None,
-                                                                quant="none"))
-                        record(n, d, causal, density, "sparge", ms)
+                        ms = timed(lambda: block_sparse_attn(*nxt(), mask, is_causal=causal, pvthreshd=None,
+                                                             quant="none"))
+                        record(n, d, causal, density, "sparge", ms, kind)
                     if "sparge-quant" in args.methods:
-                        ms = bench_ms(lambda: block_sparse_attn(*nxt(), mask, is_causal=causal, pvthreshd=None,
-                                                                quant="int8"))
-                        record(n, d, causal, density, "sparge-quant", ms)
+                        ms = timed(lambda: block_sparse_attn(*nxt(), mask, is_causal=causal, pvthreshd=None,
+                                                             quant="int8"))
+                        record(n, d, causal, density, "sparge-quant", ms, kind)
                     if "sparge-quant-kernel" in args.methods:
                         pre = []
                         for q, k, v in sets:
@@ -179,12 +208,12 @@ def run(args) -> None:
                             return A.block_sparse_attn(q, k, v, mask, is_causal=causal, scale=d ** -0.5,
                                                        pvthreshd=None, quant=args.quant_variant, quantized=qq)
 
-                        record(n, d, causal, density, "sparge-quant-kernel", bench_ms(quant_kernel))
+                        record(n, d, causal, density, "sparge-quant-kernel", timed(quant_kernel), kind)
                         del pre
                     if flex is not None:
                         bm = Flex.block_mask(mask, n, causal)
-                        ms = bench_ms(lambda: flex(*nxt(), bm))
-                        record(n, d, causal, density, "flex", ms)
+                        ms = timed(lambda: flex(*nxt(), bm))
+                        record(n, d, causal, density, "flex", ms, kind)
                 del sets, masks
                 torch.cuda.empty_cache()
                 print(f"# shape done in {time.time() - t_shape:.1f}s", flush=True)
@@ -208,7 +237,8 @@ def plot(csv_path: Path, png_path: Path) -> None:
     combos = sorted({(int(r["d"]), r["causal"]) for r in rows})
     fig, axes = plt.subplots(1, len(combos), figsize=(5 * len(combos), 4), squeeze=False)
     for ax, (d, causal) in zip(axes[0], combos):
-        sel = [r for r in rows if int(r["n"]) == n_max and int(r["d"]) == d and r["causal"] == causal]
+        sel = [r for r in rows if int(r["n"]) == n_max and int(r["d"]) == d and r["causal"] == causal
+               and r.get("mask", "random") in ("random", "dense")]
         for method in sorted({r["method"] for r in sel}):
             pts = sorted((1 - float(r["density"]), float(r["tops"])) for r in sel if r["method"] == method)
             if method.startswith("sdpa"):
