@@ -12,7 +12,6 @@ from the registry, e.g. ``sparge``, ``sparge:cdfthreshd=0.9``, ``sparge-topk:top
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
