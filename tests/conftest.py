@@ -13,6 +13,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import helper
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The tests' tensors are small: one thread avoids thread spin-up/oversubscription, which made the CPU
+# search ~8x slower on a loaded 2-core machine. Subprocesses inherit it through the environment.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 

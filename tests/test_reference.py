@@ -116,6 +116,7 @@ def test_select_blocks_causal_never_keeps_future_and_keeps_diagonal():
     allowed = R.causal_block_mask(512, 512, 128, 64)
     assert not (m & ~allowed).any()
     assert (m | ~R.causal_diagonal_block_mask(512, 512, 128, 64)).all()
+    assert m[..., 0].all()  # the sink block
     del g
 
 

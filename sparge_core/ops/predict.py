@@ -165,7 +165,7 @@ def _select_kernel(
     keep = (values >= cut) | ~q_similar | ~k_similar
     if IS_CAUSAL:
         diagonal = (o_j >= tl.maximum(q_first, 0) // BLOCK_K) & (o_j * BLOCK_K <= q_last)
-        keep = (keep | diagonal) & allowed
+        keep = (keep | diagonal | (o_j == 0)) & allowed  # block 0: the attention sink
     tl.store(MASK + row * n_kblocks + o_j, keep.to(tl.int8), mask=m_j)
 
 

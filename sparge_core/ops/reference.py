@@ -166,11 +166,13 @@ def select_blocks(
        <= cdfthreshd (at least one). topk mode: keep max(1, floor(topk * nkb)) blocks by score, where
        nkb counts every K block. cdfthreshd >= 1 or topk >= 1 keeps every block.
     4. Rows of non-self-similar Q blocks and columns of non-self-similar K blocks are always kept.
-    5. Causal: the diagonal key blocks (those holding the query block's own positions) are always
-       kept, and fully-future blocks never are.
+    5. Causal: key block 0 (the attention sink) and the diagonal key blocks (those holding the query
+       block's own positions) are always kept, and fully-future blocks never are.
 
-    Rule 5's first half goes beyond the paper: without it a query block whose pooled row favours an
-    older key block can drop its own block, and its first rows then see no key at all (zeros).
+    Rule 5's first half goes beyond the paper's predictor: without the diagonal a query block whose
+    pooled row favours an older key block can drop its own block, and its first rows then see no key
+    at all (zeros); without the sink, causal LLMs lose the first tokens that every head leans on (the
+    official tuned inference forces block 0 too, with ``attention_sink=True``).
     """
     if (cdfthreshd is None) == (topk is None):
         raise ValueError("select_blocks needs exactly one of cdfthreshd and topk")
@@ -215,6 +217,7 @@ def select_blocks(
     mask |= ~k_similar[..., None, :]
     if allowed is not None:
         mask |= causal_diagonal_block_mask(nq, nk, block_q, block_k, device=scores.device)
+        mask[..., 0] = True  # the attention sink
         mask &= allowed
     return mask
 
