@@ -37,7 +37,7 @@ import contextlib
 import logging
 import os
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,9 +151,10 @@ def apply(model, config: str | os.PathLike | dict | ModelConfig | AttentionMetho
     Args:
         model: a transformers causal LM of a supported family (``SUPPORTED_MODEL_TYPES``).
         config: a method name from the registry (``method_names()``; ``method_params`` are its
-            global hyperparameters), a configured ``AttentionMethod``, a ``ModelConfig``, a dict in
-            the config-file format or the path of a config JSON (per-layer hyperparameters; layers
-            marked dense and layers without an entry run dense SDPA).
+            global hyperparameters), a configured ``AttentionMethod``, a mapping ``{layer index:
+            AttentionMethod or None}`` (None and missing layers run dense SDPA), a ``ModelConfig``, a
+            dict in the config-file format or the path of a config JSON (per-layer hyperparameters;
+            layers marked dense and layers without an entry run dense SDPA).
         backend, quant: passed to the kernels (see ``sparge_core.block_sparse_attn``).
         collect_stats: count skipped blocks per layer (``handle.sparsity_report()``).
 
@@ -240,6 +241,14 @@ def _model_shape(model) -> dict[str, int]:
 
 def _resolve_methods(model, config, method_params: dict, *, num_layers: int):
     """``({layer: method or None}, description)`` for the accepted kinds of ``config``."""
+    if isinstance(config, Mapping) and config and all(isinstance(k, int) for k in config):
+        _no_params(method_params, "a per-layer mapping of methods")
+        bad = [k for k, m in config.items() if not (0 <= k < num_layers) or not (m is None or isinstance(m, AttentionMethod))]
+        if bad:
+            raise ValueError(f"per-layer methods: layers {bad} are out of range 0..{num_layers - 1} or not an "
+                             f"AttentionMethod/None")
+        methods = {i: config.get(i) for i in range(num_layers)}
+        return methods, "per-layer methods"
     if isinstance(config, AttentionMethod):
         _no_params(method_params, "a configured AttentionMethod")
         return {i: config for i in range(num_layers)}, repr(config)

@@ -293,41 +293,44 @@ def masked_attention(
     allowed_blocks = allowed_block_mask(nq, nk, is_causal, device=q.device)
     kept = mask & allowed_blocks
 
-    kd = k.to(dtype)
-    vd = v.to(dtype)
+    # keys padded to whole blocks (zeros, masked below), so scores can be viewed block by block
+    nk_pad = nkb * BLOCK_K
+    kd = torch.nn.functional.pad(k.to(dtype), (0, 0, 0, nk_pad - nk))
+    vd = torch.nn.functional.pad(v.to(dtype), (0, 0, 0, nk_pad - nk))
+    key_pos = torch.arange(nk_pad, device=q.device)
     out = torch.empty(bsz, num_q_heads, nq, head_dim, dtype=dtype, device=q.device)
     pv_skipped = torch.zeros(bsz, num_q_heads, dtype=torch.long, device=q.device)
     if pvthreshd is not None:
         lam = _per_head(pvthreshd.to(dtype), 4)  # (1, Hq, 1, 1)
 
-    rows_per_chunk = max(1, max_chunk_elements // max(1, bsz * num_q_heads * nk * BLOCK_Q)) * BLOCK_Q
+    rows_per_chunk = max(1, max_chunk_elements // max(1, bsz * num_q_heads * nk_pad * BLOCK_Q)) * BLOCK_Q
     for r0 in range(0, nq, rows_per_chunk):
         r1 = min(nq, r0 + rows_per_chunk)
         qb0, qb1 = r0 // BLOCK_Q, num_blocks(r1, BLOCK_Q)
-        qc = q[:, :, r0:r1].to(dtype).reshape(bsz, num_kv_heads, group, r1 - r0, head_dim)
-        s = (qc @ kd[:, :, None].transpose(-1, -2)).reshape(bsz, num_q_heads, r1 - r0, nk)
+        rows = (qb1 - qb0) * BLOCK_Q  # whole query blocks; rows beyond nq are padding
+        qc = torch.nn.functional.pad(q[:, :, r0:r1].to(dtype), (0, 0, 0, rows - (r1 - r0)))
+        qc = qc.reshape(bsz, num_kv_heads, group, rows, head_dim)
+        s = (qc @ kd[:, :, None].transpose(-1, -2)).reshape(bsz, num_q_heads, rows, nk_pad)
         s = s * (scale * LOG2E)
-
-        # Token-level view of the block map for these rows.
-        tok = kept[:, :, qb0:qb1].repeat_interleave(BLOCK_Q, dim=2).repeat_interleave(BLOCK_K, dim=3)
-        tok = tok[:, :, : r1 - r0, :nk]
+        blocks = s.view(bsz, num_q_heads, qb1 - qb0, BLOCK_Q, nkb, BLOCK_K)  # a view: fills below act on s
+        blocks.masked_fill_(~kept[:, :, qb0:qb1, None, :, None], -math.inf)
+        row_pos = torch.arange(r0, r0 + rows, device=q.device)[:, None]
+        token_ok = (key_pos[None, :] < nk) & (row_pos < nq)  # real keys, real query rows
         if is_causal:
-            rows = torch.arange(r0, r1, device=q.device)[:, None] + (nk - nq)
-            tok = tok & (torch.arange(nk, device=q.device)[None, :] <= rows)
-        s = s.masked_fill(~tok, -math.inf)
+            token_ok = token_ok & (key_pos[None, :] <= row_pos + (nk - nq))
+        s.masked_fill_(~token_ok, -math.inf)
 
         if pvthreshd is not None:
-            skip = _pv_skip_blocks(s, kept[:, :, qb0:qb1], lam)  # (B, Hq, qb, nkb)
+            skip = _pv_skip_blocks(blocks.amax(dim=-1), kept[:, :, qb0:qb1], lam)  # (B, Hq, qb, nkb)
             pv_skipped += skip.sum(dim=(2, 3))
-            skip_tok = skip.repeat_interleave(BLOCK_Q, dim=2).repeat_interleave(BLOCK_K, dim=3)
-            s = s.masked_fill(skip_tok[:, :, : r1 - r0, :nk], -math.inf)
+            blocks.masked_fill_(skip[:, :, :, None, :, None], -math.inf)
 
         row_max = s.amax(dim=-1, keepdim=True)
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
         p = torch.exp2(s - row_max)
         denom = p.sum(dim=-1, keepdim=True)
-        pv = (p.reshape(bsz, num_kv_heads, group, r1 - r0, nk) @ vd[:, :, None]).reshape(bsz, num_q_heads, r1 - r0, -1)
-        out[:, :, r0:r1] = pv / torch.where(denom > 0, denom, torch.ones_like(denom))
+        pv = (p.reshape(bsz, num_kv_heads, group, rows, nk_pad) @ vd[:, :, None]).reshape(bsz, num_q_heads, rows, -1)
+        out[:, :, r0:r1] = (pv / torch.where(denom > 0, denom, torch.ones_like(denom)))[:, :, : r1 - r0]
 
     counts = BlockCounts(
         allowed=allowed_blocks.sum().expand(bsz, num_q_heads).to(torch.long).clone(),
@@ -337,14 +340,10 @@ def masked_attention(
     return out.to(q.dtype), counts
 
 
-def _pv_skip_blocks(s: torch.Tensor, kept: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """Which kept blocks stage 2 skips. ``s``: masked base-2 logits ``(B, H, R, Nk)`` of R query rows
-    (R covers whole BLOCK_Q blocks except possibly the last); ``kept``: ``(B, H, R/BLOCK_Q, nkb)``."""
-    bsz, heads, rows, nk = s.shape
-    nqb, nkb = kept.shape[-2], kept.shape[-1]
-    pad_r, pad_k = nqb * BLOCK_Q - rows, nkb * BLOCK_K - nk
-    sp = torch.nn.functional.pad(s, (0, pad_k, 0, pad_r), value=-math.inf)
-    block_max = sp.view(bsz, heads, nqb, BLOCK_Q, nkb, BLOCK_K).amax(dim=-1)  # (B,H,qb,BQ,nkb)
+def _pv_skip_blocks(block_max: torch.Tensor, kept: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """Which kept blocks stage 2 skips. ``block_max``: per query row, the max masked base-2 logit in
+    each key block, ``(B, H, qb, BLOCK_Q, nkb)`` (-inf where the row sees no key of the block, and for
+    padding rows); ``kept``: ``(B, H, qb, nkb)``."""
     running = torch.cummax(block_max, dim=-1).values
     before = torch.cat([torch.full_like(running[..., :1], -math.inf), running[..., :-1]], dim=-1)
     diff = block_max - before  # +inf where the row saw nothing before; nan if nothing now either
