@@ -29,9 +29,13 @@ density (by default the density the first calibrated config reached) with
 order.
 
 ``permutation_ablation``: for each token order (random, row-major, column-major, time-major,
-Hilbert) and each layer, the largest-sparsity (simthreshd1, cdfthreshd) on a small grid whose mean
-relative L1 on captured attention stays under the bound, and the mean block self-similarity of Q
-(Sim-q) and smoothed K (Sim-k), as in the paper's Table 4 (stage 1 only: pvthreshd off).
+Hilbert) and each layer, the sparsest hyperparameters whose relative L1 on captured attention stays
+under the bound, and the mean block self-similarity of Q (Sim-q) and smoothed K (Sim-k), as in the
+paper's Table 4 (stage 1 only: pvthreshd off). Search ``"calibrate"`` (the default when the
+``calibrate`` package is importable) is the project's calibration, ``calibrate.search.search_layer``:
+per head, worst L1 over the samples, bisection on cdfthreshd for each simthreshd1 of its list; note
+that it runs heads whose best sparsity is <= 0.1 dense (sparsity 0). Search ``"grid"`` is a simple
+per-layer grid (one setting for all heads, mean L1 over the samples) kept as a fallback.
 """
 
 from __future__ import annotations
@@ -490,16 +494,41 @@ def search_layer(q, k, v, *, l1_bound: float, sim_grid=DEFAULT_SIM_GRID, cdf_gri
     return best
 
 
+def _calibrate_search():
+    try:
+        from calibrate import search
+    except ImportError:
+        return None
+    return search
+
+
+def calibrate_layer(samples: list[tuple], *, l1_bound: float, backend: str = "auto", device="cpu") -> dict:
+    """Per-head stage-1 calibration of one layer with ``calibrate.search`` (non-causal)."""
+    search = _calibrate_search()
+    evaluator = search.LayerEvaluator(samples, is_causal=False, backend=backend, device=device)
+    settings = search.SearchSettings(l1=l1_bound, pv_l1=l1_bound, is_causal=False, tune_pv=False, backend=backend)
+    result = search.search_layer(evaluator, evaluator.num_heads, settings)
+    return {"sparsity": result.sparsity, "l1": result.l1, "evaluations": result.evaluations,
+            "simthreshd1": [h.simthreshd1 for h in result.heads], "cdfthreshd": [h.budget for h in result.heads]}
+
+
 def permutation_ablation(video_ckpt: str, out_json: str | Path | None = None, *, orders=PAPER_ORDERS,
                          l1_bound: float = 0.05, n_prompts: int = 4, steps: int = 20, cfg_scale: float = 3.0,
                          kept_steps: list[int] | None = None, sim_grid=DEFAULT_SIM_GRID, cdf_grid=DEFAULT_CDF_GRID,
-                         device: str = "cpu", backend: str = "auto", dtype=torch.float16, seed: int = 0) -> dict:
+                         device: str = "cpu", backend: str = "auto", dtype=torch.float16, seed: int = 0,
+                         search: str = "auto") -> dict:
     """Paper Table 4 on the video model: per order, sparsity and L1 at the same bound, Sim-q, Sim-k.
 
     Q/K/V of ``n_prompts`` captions at ``kept_steps`` (default: 4 steps spread over the schedule)
     are captured once in the model's order; each order permutes them, and each layer gets its own
-    grid search; the reported sparsity / L1 are means over layers.
+    search (``search``: "calibrate", "grid" or "auto"); the reported sparsity / L1 are means over
+    layers (a layer's L1: the mean over samples for "grid", the worst head's worst sample for
+    "calibrate").
     """
+    if search == "auto":
+        search = "calibrate" if _calibrate_search() is not None else "grid"
+    if search not in ("calibrate", "grid"):
+        raise ValueError(f"search must be 'auto', 'calibrate' or 'grid', got {search!r}")
     model, _ = load_checkpoint(video_ckpt, device=device)
     sampler = SamplerConfig(steps=steps, cfg_scale=cfg_scale)
     kept = kept_steps if kept_steps is not None else sorted({0, steps // 3, (2 * steps) // 3, steps - 1})
@@ -512,7 +541,12 @@ def permutation_ablation(video_ckpt: str, out_json: str | Path | None = None, *,
         per_layer = []
         for layer in sorted(store):
             q, k, v = (permute_tokens(_stack(store[layer], i).to(dtype), order, layout.text_before) for i in range(3))
-            found = search_layer(q, k, v, l1_bound=l1_bound, sim_grid=sim_grid, cdf_grid=cdf_grid, backend=backend)
+            if search == "calibrate":
+                found = calibrate_layer([(q[i:i + 1], k[i:i + 1], v[i:i + 1]) for i in range(q.shape[0])],
+                                        l1_bound=l1_bound, backend=backend, device=device)
+            else:
+                found = search_layer(q, k, v, l1_bound=l1_bound, sim_grid=sim_grid, cdf_grid=cdf_grid,
+                                     backend=backend)
             found["sim_q"], found["sim_k"] = _self_similarity(q, k)
             found["layer"] = layer
             per_layer.append(found)
@@ -526,7 +560,8 @@ def permutation_ablation(video_ckpt: str, out_json: str | Path | None = None, *,
                         "samples_per_layer": len(captions) * len(kept), "sim_grid": list(sim_grid),
                         "cdf_grid": list(cdf_grid), "pvthreshd": None, "backend": backend,
                         "grid": list(layout.grid), "text_tokens": layout.text_before,
-                        "search": "per layer, one setting for all heads, max sparsity with mean rel-L1 <= bound"},
+                        "search": search if search == "calibrate" else
+                        "grid: per layer, one setting for all heads, max sparsity with mean rel-L1 <= bound"},
            "orders": rows}
     if out_json is not None:
         write_json_atomic(out_json, doc)
@@ -563,6 +598,7 @@ def main(argv=None) -> int:
     a.add_argument("--out", required=True)
     a.add_argument("--bound", type=float, default=0.05)
     a.add_argument("--prompts", type=int, default=4)
+    a.add_argument("--search", default="auto", choices=("auto", "calibrate", "grid"))
     for s in (*sub.choices.values(),):
         s.add_argument("--steps", type=int, default=20)
         s.add_argument("--cfg-scale", type=float, default=3.0)
@@ -574,7 +610,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.cmd == "ablation":
         permutation_ablation(args.ckpt, args.out, l1_bound=args.bound, n_prompts=args.prompts, steps=args.steps,
-                             cfg_scale=args.cfg_scale, device=args.device, backend=args.backend, seed=args.seed)
+                             cfg_scale=args.cfg_scale, device=args.device, backend=args.backend, seed=args.seed,
+                             search=args.search)
         return 0
     configs = dict(item.split("=", 1) for item in args.config)
     run = run_t2i if args.cmd == "t2i" else run_t2v

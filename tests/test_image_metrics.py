@@ -159,9 +159,22 @@ def test_run_t2i_writes_results(tmp_path, tiny_checkpoints):
 def test_permutation_ablation_on_tiny_video_model(tmp_path, tiny_checkpoints):
     doc = I.permutation_ablation(tiny_checkpoints["t2v"], tmp_path / "abl.json", n_prompts=1, steps=2,
                                  kept_steps=[1], sim_grid=(-1.0,), cdf_grid=(0.5, 0.9), backend="reference",
-                                 l1_bound=1.0)
+                                 l1_bound=1.0, search="grid")
     assert set(doc["orders"]) == set(I.PAPER_ORDERS)
     for row in doc["orders"].values():
         assert 0.0 <= row["sparsity"] <= 1.0 and row["l1"] <= 1.0
         assert 0.0 <= row["sim_q"] <= 1.0 and len(row["per_layer"]) == 2
     assert json.loads((tmp_path / "abl.json").read_text())["settings"]["l1_bound"] == 1.0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("calibrate.search") is None, reason="needs calibrate.search")
+def test_calibrate_layer_uses_the_project_search():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(2, 32, generator=g) * 0.5
+    x = centers.repeat_interleave(128, 0) + 0.3 * torch.randn(256, 32, generator=g)
+    q = x.view(1, 1, 256, 32).expand(1, 2, -1, -1).contiguous()
+    samples = [(q, q.clone(), torch.randn(1, 2, 256, 32, generator=g))]
+    tight = I.calibrate_layer(samples, l1_bound=1e-6, backend="reference")
+    loose = I.calibrate_layer(samples, l1_bound=0.3, backend="reference")
+    assert tight["sparsity"] == 0.0
+    assert loose["sparsity"] > 0.2 and loose["l1"] <= 0.3 and len(loose["cdfthreshd"]) == 2
