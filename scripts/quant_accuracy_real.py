@@ -1,0 +1,67 @@
+"""Accuracy of the quantized kernel on Q/K/V captured from a real model (issue 4's last target).
+
+For every captured layer and sample: relative L1 vs a float32 dense reference of the kernel at
+density 1.0 without quantization, with ``quant="int8"`` (INT8 QK^T, 16-bit P.V) and with
+``quant="int8-fp8"`` (FP8 P.V too, GPU only). Writes a CSV and prints the worst and mean per variant.
+
+    python scripts/quant_accuracy_real.py --capture runs/smollm2.capture --out results/kernel/accuracy-real-<gpu>.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from calibrate.capture import load_captured, read_meta  # noqa: E402
+from gpu_info import CsvLog, gpu_name  # noqa: E402
+from sparge_core import block_sparse_attn  # noqa: E402
+from sparge_core.ops import reference as R  # noqa: E402
+
+
+def rel_l1(a, b) -> float:
+    return ((a.float() - b.float()).abs().sum() / b.float().abs().sum()).item()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--capture", required=True)
+    ap.add_argument("--samples", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    meta = read_meta(args.capture)
+    variants = ["none", "int8"] + (["int8-fp8"] if args.device.startswith("cuda") else [])
+    log = CsvLog(args.out, ["gpu", "model", "seq_len", "layer", "sample", "dtype", "quant", "rel_l1"])
+    worst = {v: 0.0 for v in variants}
+    total = {v: 0.0 for v in variants}
+    count = 0
+    for layer in meta.layers:
+        for i, (q, k, v) in enumerate(load_captured(args.capture, layer)[: args.samples]):
+            q, k, v = (t.to(args.device) for t in (q, k, v))
+            group = q.shape[1] // k.shape[1]
+            ref = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(group, 1),
+                                                 v.float().repeat_interleave(group, 1), is_causal=True)
+            full = torch.ones(1, 1, R.num_blocks(q.shape[2], R.BLOCK_Q), R.num_blocks(k.shape[2], R.BLOCK_K),
+                              dtype=torch.bool, device=q.device)
+            for variant in variants:
+                out = block_sparse_attn(q, k, v, full, is_causal=True, pvthreshd=None, quant=variant)
+                e = rel_l1(out, ref)
+                worst[variant] = max(worst[variant], e)
+                total[variant] += e
+                log.add(gpu=gpu_name(), model=meta.model, seq_len=meta.seq_len, layer=layer, sample=i,
+                        dtype=str(q.dtype).split(".")[-1], quant=variant, rel_l1=f"{e:.5f}")
+            count += 1
+    for variant in variants:
+        print(f"{variant:<9} mean rel L1 {total[variant] / count:.4f}  worst {worst[variant]:.4f}  ({count} layer-samples)")
+
+
+if __name__ == "__main__":
+    main()
