@@ -489,8 +489,15 @@ def score_tasks(model, tokenizer, items: Sequence[TaskItem], max_new_tokens: int
     """Greedy-decode every item with the model's current attention and score it.
 
     ``max_new_tokens``: one budget for all tasks, a ``{task: budget}`` override, or None for the
-    per-task defaults in ``TASK_SETTINGS``.
+    per-task defaults in ``TASK_SETTINGS``. Items from ``load_longbench`` are handed to
+    ``score_longbench`` (with their per-task budgets), so one call scores either kind.
     """
+    if items and all(isinstance(item, LongBenchItem) for item in items):
+        if max_new_tokens is not None:
+            raise ValueError("LongBench items carry their per-task generation budgets; leave max_new_tokens None")
+        return score_longbench(model, tokenizer, items, batch_size)
+    if any(not isinstance(item, TaskItem) for item in items):
+        raise ValueError("score_tasks takes the items of build_tasks (or only those of load_longbench)")
     budgets = []
     for item in items:
         if isinstance(max_new_tokens, int):

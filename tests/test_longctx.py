@@ -233,3 +233,6 @@ def test_score_longbench_runs_the_tiny_model(tiny):
     assert all(0.0 <= s <= 100.0 for s in result["scores"].values())
     with pytest.raises(ValueError, match="no input_ids"):
         L.score_longbench(model, tok, L.load_longbench(FIXTURE, tasks=["lcc"]))
+    # score_tasks hands LongBench items to score_longbench
+    via_tasks = L.score_tasks(model, tok, short)
+    assert via_tasks["scores"] == result["scores"] and via_tasks["label"] == L.LONGBENCH_LABEL

@@ -180,6 +180,24 @@ def test_score_niah_end_to_end_tiny(tiny, items):
     assert all(r["score"] in (0.0, 1.0) for r in one)
 
 
+def test_scoring_under_sparge_keep_everything_equals_dense(tiny, items):
+    """The greedy loop under the sparge attention (prompt sparse, decode steps dense) with a config
+    that keeps every block gives the dense outputs."""
+    from sparge_core.integrations.transformers import apply, remove
+
+    model, tok = tiny
+    chosen = [i for i in items if i.length == 512][:2]
+    dense = niah.score_niah(model, tok, chosen, max_new_tokens=4)
+    handle = apply(model, "sparge", cdfthreshd=1.0, collect_stats=True)
+    try:
+        sparse = niah.score_niah(model, tok, chosen, max_new_tokens=4)
+    finally:
+        remove(model)
+    assert [r["prediction"] for r in sparse] == [r["prediction"] for r in dense]
+    layer = handle.sparsity_report()["layers"][0]
+    assert layer["sparse_calls"] == 2 and layer["dense_calls"] == 6  # 2 prompts; 3 decode steps each
+
+
 def test_export_jsonl(tiny, items, tmp_path):
     _, tok = tiny
     path = niah.export_jsonl(items[:3], tok, tmp_path / "niah.jsonl")
