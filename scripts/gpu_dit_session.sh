@@ -16,15 +16,18 @@ train)
   step t2v 230 python3 scripts/train_dit.py --preset video --device cuda --minutes 3.4 --out $D/t2v.pt
   step clip 110 python3 scripts/train_clip.py --device cuda --minutes 1.5 --out $D/clip.pt
   cp $D/t2i.pt $D/t2v.pt $D/clip.pt "$OUT/" ; tar czf "$OUT/train-logs.tgz" $D/*.log $D/*.json $D/*.png 2>/dev/null ;;
-eval)
-  R=$D/results; mkdir -p $R
-  step cap-t2i 120 python3 -m evals.dit.capture --ckpt $D/t2i.pt --out $D/cap-t2i --prompts 5 --keep-steps 0,5,10,15,19 --order hilbert
-  step cal-t2i 120 python3 -m calibrate --model t2i --samples 20 --holdout 5 --seq-len 1032 --capture-dir $D/cap-t2i --non-causal --l1 0.05 --pv-l1 0.06 --out $R/t2i-config.json --quiet
-  step t2i 200 python3 -m evals.image t2i --ckpt $D/t2i.pt --clip $D/clip.pt --config sparge=$R/t2i-config.json --methods dense,minference,flexprefill --out $R/t2i.json
-  step cap-t2v 120 python3 -m evals.dit.capture --ckpt $D/t2v.pt --out $D/cap-t2v --prompts 4 --keep-steps 0,5,10,15,19 --order hilbert
-  step cal-t2v 150 python3 -m calibrate --model t2v --samples 16 --holdout 4 --seq-len 4104 --capture-dir $D/cap-t2v --non-causal --l1 0.05 --pv-l1 0.06 --out $R/t2v-config.json --quiet
-  step t2v 240 python3 -m evals.image t2v --ckpt $D/t2v.pt --clip $D/clip.pt --config sparge=$R/t2v-config.json --methods dense,minference,flexprefill --out $R/t2v.json
-  step ablation 200 python3 -m evals.image ablation --ckpt $D/t2v.pt --out $R/permutation_ablation.json --bound 0.05
-  tar czf "$OUT/dit-results.tgz" $R $D/*.log ;;
-*) echo "usage: $0 train|eval" >&2; exit 2 ;;
+eval-t2i|eval-t2v)
+  # checkpoints: the committed ones (evals/dit/checkpoints/), trained by `train`
+  C=evals/dit/checkpoints; R=$D/results; mkdir -p $R
+  m=${1#eval-}
+  if [ "$m" = t2i ]; then n=1032; P=5; S=20; H=5; else n=4104; P=4; S=16; H=4; fi
+  step cap-$m 150 python3 -m evals.dit.capture --ckpt $C/$m.pt --out $D/cap-$m --prompts $P --keep-steps 0,5,10,15,19 --order hilbert
+  step cal-$m 150 python3 -m calibrate --model $m --samples $S --holdout $H --seq-len $n --capture-dir $D/cap-$m --non-causal --l1 0.05 --pv-l1 0.06 --out $R/$m-config.json --quiet
+  step $m 260 python3 -m evals.image $m --ckpt $C/$m.pt --clip $C/clip.pt --config sparge=$R/$m-config.json --methods dense,minference,flexprefill --out $R/$m.json
+  tar czf "$OUT/dit-$m.tgz" $R $D/*.log ;;
+ablation)
+  C=evals/dit/checkpoints; R=$D/results; mkdir -p $R
+  step ablation 540 python3 -m evals.image ablation --ckpt $C/t2v.pt --out $R/permutation_ablation.json --bound 0.05
+  tar czf "$OUT/dit-ablation.tgz" $R $D/*.log ;;
+*) echo "usage: $0 train|eval-t2i|eval-t2v|ablation" >&2; exit 2 ;;
 esac
