@@ -112,11 +112,7 @@ class _Selection:
     simthreshd1: torch.Tensor
     cdfthreshd: torch.Tensor | None
     topk: torch.Tensor | None
-
-    @property
-    def keeps_everything(self) -> bool:
-        values = self.topk if self.topk is not None else self.cdfthreshd
-        return bool((values >= 1).all())
+    keeps_everything: bool  # decided on the CPU values: no device sync
 
 
 def _selection(num_heads: int, device, simthreshd1, cdfthreshd, topk) -> _Selection:
@@ -124,15 +120,15 @@ def _selection(num_heads: int, device, simthreshd1, cdfthreshd, topk) -> _Select
         if cdfthreshd is not None and not (isinstance(cdfthreshd, float) and cdfthreshd == DEFAULT_CDFTHRESHD):
             raise ValueError("pass either cdfthreshd (top-CDF mode) or topk (top-k mode), not both; "
                              "set cdfthreshd=None when giving topk")
-        top = validation.per_head("topk", topk, num_heads, low=0.0, high=1.0, device=device)
-        cdf = None
+        budget = validation.per_head_cpu("topk", topk, num_heads, low=0.0, high=1.0)
     else:
         if cdfthreshd is None:
             raise ValueError("one of cdfthreshd (top-CDF mode) or topk (top-k mode) is needed; both are None")
-        cdf = validation.per_head("cdfthreshd", cdfthreshd, num_heads, low=0.0, high=1.0, device=device)
-        top = None
+        budget = validation.per_head_cpu("cdfthreshd", cdfthreshd, num_heads, low=0.0, high=1.0)
     theta = validation.per_head("simthreshd1", simthreshd1, num_heads, low=-1.0, high=1.0, device=device)
-    return _Selection(theta, cdf, top)
+    on_dev = validation.on_device(budget, device)
+    return _Selection(theta, None if topk is not None else on_dev, on_dev if topk is not None else None,
+                      bool((budget >= 1).all()))
 
 
 def _pv_threshold(pvthreshd, num_heads: int, device) -> torch.Tensor | None:

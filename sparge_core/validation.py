@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -65,8 +66,28 @@ def check_flag(name: str, value) -> bool:
 def per_head(
     name: str, value, num_heads: int, *, low: float, high: float, device, low_open: bool = False
 ) -> torch.Tensor:
-    """A hyperparameter as a float32 ``(num_heads,)`` tensor: a number, or a 1-D list/tuple/tensor of
-    length ``num_heads``. Values must be finite and in ``[low, high]`` (``(low, high]`` if low_open)."""
+    """A hyperparameter as a float32 ``(num_heads,)`` tensor on ``device``: a number, or a 1-D
+    list/tuple/tensor of length ``num_heads``. Values must be finite and in ``[low, high]``
+    (``(low, high]`` if low_open). Device copies are cached by value, so calling this every forward
+    pass costs no host-to-device copy (a copy from pageable memory would wait for the GPU)."""
+    values = per_head_cpu(name, value, num_heads, low=low, high=high, low_open=low_open)
+    return on_device(values, device)
+
+
+def on_device(values: torch.Tensor, device) -> torch.Tensor:
+    """A float32 copy of CPU ``values`` on ``device``, cached by value."""
+    return _cached_copy(tuple(values.tolist()), str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_copy(values: tuple, device: str) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def per_head_cpu(
+    name: str, value, num_heads: int, *, low: float, high: float, low_open: bool = False
+) -> torch.Tensor:
+    """``per_head``'s validation, returning a float64 CPU tensor."""
     if isinstance(value, bool) or value is None:
         raise TypeError(f"{name} must be a number or a per-head list/tensor of length {num_heads}, got {value!r}")
     if isinstance(value, (int, float)):
@@ -90,7 +111,7 @@ def per_head(
     if too_low.any() or (values > high).any():
         bracket = "(" if low_open else "["
         raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {values.tolist()}")
-    return values.to(device=device, dtype=torch.float32)
+    return values
 
 
 def check_block_mask(mask, expected_shape: tuple[int, int, int, int], device) -> torch.Tensor:

@@ -358,9 +358,9 @@ def block_sparse_attn(
         EVEN_QK=qk_dim == d_pad, EVEN_V=head_dim == d_pad,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    allowed = reference.allowed_block_mask(nq, nk, is_causal, device=q.device).sum()
+    allowed = reference.allowed_block_count(nq, nk, is_causal)
     counts = BlockCounts(
-        allowed=allowed.expand(bsz, num_q_heads).to(torch.long).clone(),
+        allowed=torch.full((bsz, num_q_heads), allowed, dtype=torch.long, device=q.device),
         computed=lut.count.sum(dim=-1, dtype=torch.long),
         pv_skipped=pv_count.sum(dim=-1, dtype=torch.long) if pv_on else torch.zeros_like(lut.count[..., 0], dtype=torch.long),
     )

@@ -254,6 +254,18 @@ class BlockCounts:
     pv_skipped: torch.Tensor  # computed block pairs whose P.V was skipped by stage 2
 
 
+def allowed_block_count(nq: int, nk: int, is_causal: bool) -> int:
+    """Number of block pairs ``allowed_block_mask`` keeps, computed on the host (no device work)."""
+    nqb, nkb = num_blocks(nq, BLOCK_Q), num_blocks(nk, BLOCK_K)
+    if not is_causal:
+        return nqb * nkb
+    total = 0
+    for i in range(nqb):
+        last = min((i + 1) * BLOCK_Q, nq) - 1 + (nk - nq)  # last key position the block's last row sees
+        total += 0 if last < 0 else min(nkb, last // BLOCK_K + 1)
+    return total
+
+
 def allowed_block_mask(nq: int, nk: int, is_causal: bool, device=None) -> torch.Tensor:
     """``(nqb, nkb)`` bool: the block pairs that attention may touch at all."""
     if is_causal:
