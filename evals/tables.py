@@ -204,7 +204,7 @@ def image_tables(root: Path) -> str | None:
 
 def write_tables(root: str | Path = "results") -> Path:
     """Build ``<root>/TABLES.md`` from every result file under ``root``."""
-    from sparge_core.params import write_json_atomic  # noqa: F401  (atomic text write below)
+    from sparge_core.params import write_text_atomic
 
     root = Path(root)
     results = load_results(root)
@@ -234,7 +234,5 @@ def write_tables(root: str | Path = "results") -> Path:
     if img:
         sections += ["## Image and video (self-trained DiTs; substitute metrics)", "", img, ""]
     path = root / "TABLES.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(sections).rstrip() + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, "\n".join(sections).rstrip() + "\n")
     return path

@@ -28,30 +28,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from ppl_smollm2 import device_name, parse_method, versions  # noqa: E402
 
 from evals.data import load_corpus, token_windows  # noqa: E402
+from evals.speed import prefill_ms  # noqa: E402
 from evals.models import load_model  # noqa: E402
 from sparge_core.integrations.transformers import apply, handle_of, remove  # noqa: E402
 from sparge_core.params import write_json_atomic  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def time_prefill(model, ids: torch.Tensor, warmup: int, repeats: int) -> list[float]:
-    device = ids.device
-    for _ in range(warmup):
-        model(ids, use_cache=False, logits_to_keep=1)
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        model(ids, use_cache=False, logits_to_keep=1)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 @torch.no_grad()
@@ -89,7 +69,7 @@ def main() -> None:
             if name != "sdpa":
                 apply(model, name, backend=args.backend, **params)
             try:
-                times = time_prefill(model, ids, args.warmup, args.repeats)
+                times = [t / 1e3 for t in prefill_ms(model, ids, warmup=args.warmup, repeats=args.repeats)]
             finally:
                 if handle_of(model) is not None:
                     remove(model)

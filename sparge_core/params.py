@@ -154,15 +154,15 @@ class ModelConfig:
                                   f"calibrate this model (sparge-calibrate) or pick its config")
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to ``path`` through a temporary file in the same folder and an atomic rename."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 text through a temporary file in the same folder, fsync, and an atomic rename: a
+    reader sees the old file or the new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -170,6 +170,11 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON (indented, newline-terminated) atomically (``write_text_atomic``)."""
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
