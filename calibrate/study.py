@@ -124,12 +124,13 @@ class CalibrationStore:
                                                                      list(map(float, sparsity))])
 
     def record_evaluations(self, layer: int, evaluations: list[Evaluation], bound: float) -> None:
-        """Store evaluations as finished trials (one transaction per batch)."""
+        """Store evaluations as finished trials (one transaction per batch); ``bound`` is the L1 bound
+        of their stage (the constraint is the worst head's excess over it)."""
         if not evaluations:
             return
         trials = []
         for ev in evaluations:
-            excess = max(ev.l1) - (bound if ev.stage == "stage1" else bound)
+            excess = max(ev.l1) - bound
             trials.append(optuna.trial.create_trial(
                 params={"simthreshd1": float(ev.simthreshd1[0]), "stage": ev.stage, "step": ev.step},
                 distributions=_DISTRIBUTIONS,
