@@ -69,3 +69,25 @@ def test_bad_input_exits_2(tmp_path, capsys, extra, fragment):
             "--out", str(tmp_path), "--quiet", *extra]
     assert evals_main(args) == 2
     assert fragment in capsys.readouterr().err
+
+
+def test_t2i_suite_through_the_cli(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    for script, extra in (("train_dit.py", ["--preset", "image-tiny"]), ("train_clip.py", [])):
+        out = tmp_path / ("dit.pt" if script == "train_dit.py" else "clip.pt")
+        run = subprocess.run([sys.executable, str(repo / "scripts" / script), *extra, "--device", "cpu", "--steps", "2",
+                              "--out", str(out)], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+    args = ["t2i", "--model", str(tmp_path / "dit.pt"), "--clip", str(tmp_path / "clip.pt"), "--methods", "dense",
+            "sparge-topk", "--prompts", "2", "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "res"),
+            "--quiet"]
+    assert evals_main(args) == 0
+    doc = json.loads((tmp_path / "res" / "t2i" / "dit" / "results.json").read_text())
+    assert set(doc["methods"]) == {"dense", "sparge-topk"}
+    topk = doc["methods"]["sparge-topk"]
+    assert "error" not in topk and 0 < topk["sparsity"] < 1
+    assert "fid_efficientnet_lite0" in topk["metrics"] and "ssim_vs_dense" in topk["metrics"]
