@@ -229,6 +229,11 @@ def run_worker(plan: Plan, layers: list[int], run: str, quiet: bool) -> list[int
             claim = store.try_claim(layer, me)
             if claim is None:
                 continue
+            if store.result(layer) is not None:
+                # another worker finished it between our check and our claim (results are saved before
+                # a claim is released, so this second look closes that gap)
+                store.release(claim, False)
+                continue
             progressed = True
             ok = False
             try:
