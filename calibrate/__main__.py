@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=8192, help="tokens per window")
     p.add_argument("--l1", type=float, default=0.08, help="stage-1 bound on the relative L1 error of each layer's attention")
     p.add_argument("--pv-l1", type=float, default=0.09, help="stage-2 (PV skip) bound; must be >= --l1")
+    p.add_argument("--margin", type=float, default=1.0,
+                   help="safety factor in (0, 1]: the search holds the calibration windows' worst L1 to margin x "
+                   "--l1 (and --pv-l1), leaving headroom for text it has not seen; the config keeps the bounds "
+                   "themselves and records the margin")
     p.add_argument("--mode", choices=["cdf", "topk"], default="cdf", help="block selection: top-CDF (cdfthreshd) or top-k")
     p.add_argument("--granularity", choices=["head", "layer"], default="head", help="one value per head, or per layer")
     p.add_argument("--layers", default=None, help="only these layers, e.g. '0-3,7' (others stay dense)")
@@ -76,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pv", action="store_true", help="skip stage 2 (keep pvthreshd=50, i.e. off)")
     p.add_argument("--non-causal", action="store_true", help="the captured attention is bidirectional (e.g. a "
                    "diffusion transformer captured with evals.dit.capture); LLMs are causal")
+    p.add_argument("--estimator", choices=["keys", "pooled"], default="keys",
+                   help="block-score estimator of the predictor: 'keys' (the pooled query against every key, "
+                   "summed per key block; a lone dominant key is not averaged away) or 'pooled' (the paper's "
+                   "pooled query . pooled key); written into the config")
     p.add_argument("--bisect-steps", type=int, default=8, help="bisection steps on cdfthreshd/topk per simthreshd1")
     p.add_argument("--thetas", type=float, nargs="+", default=None, help="simthreshd1 grid (default: -1 0.2 0.4 0.55 0.7 0.85)")
     p.add_argument("--capture-dir", default=None, help="where captured Q/K/V go (default: <out>.capture/)")
@@ -100,6 +108,8 @@ def validate_args(args: argparse.Namespace) -> Plan:
         raise InputError(f"--l1 must be > 0, got {args.l1}")
     if args.pv_l1 < args.l1:
         raise InputError(f"--pv-l1 ({args.pv_l1}) must be >= --l1 ({args.l1})")
+    if not (0 < args.margin <= 1):
+        raise InputError(f"--margin must be in (0, 1], got {args.margin} (0.8 searches to 80% of the bounds)")
     if args.samples < 1:
         raise InputError(f"--samples must be >= 1, got {args.samples}")
     if args.seq_len < 128:
@@ -192,16 +202,17 @@ def fingerprint(meta, plan: Plan, layers: list[int]) -> dict:
             "num_kv_heads": meta.num_kv_heads, "head_dim": meta.head_dim, "seq_len": meta.seq_len,
             "samples": a.samples, "data_sha256": meta.data_sha256, "l1": a.l1, "pv_l1": a.pv_l1, "mode": a.mode,
             "granularity": a.granularity, "layers": layers, "thetas": list(settings_of(plan).thetas),
-            "bisect_steps": a.bisect_steps, "tune_pv": not a.no_pv, "causal": not a.non_causal}
+            "bisect_steps": a.bisect_steps, "tune_pv": not a.no_pv, "causal": not a.non_causal,
+            "estimator": a.estimator, "margin": a.margin}
 
 
 def settings_of(plan: Plan):
     from .search import DEFAULT_THETAS, SearchSettings
 
     a = plan.args
-    return SearchSettings(l1=a.l1, pv_l1=a.pv_l1, mode=a.mode, granularity=a.granularity,
+    return SearchSettings(l1=a.l1 * a.margin, pv_l1=a.pv_l1 * a.margin, mode=a.mode, granularity=a.granularity,
                           thetas=tuple(a.thetas) if a.thetas else DEFAULT_THETAS, bisect_steps=a.bisect_steps,
-                          tune_pv=not a.no_pv, is_causal=not a.non_causal)
+                          tune_pv=not a.no_pv, is_causal=not a.non_causal, estimator=a.estimator)
 
 
 def run_worker(plan: Plan, layers: list[int], run: str, quiet: bool) -> list[int]:
@@ -239,7 +250,8 @@ def run_worker(plan: Plan, layers: list[int], run: str, quiet: bool) -> list[int
             try:
                 with store.heartbeat(claim):
                     samples = load_captured(plan.capture_dir, layer)[: plan.args.samples]
-                    evaluator = LayerEvaluator(samples, is_causal=settings.is_causal, device=plan.device)
+                    evaluator = LayerEvaluator(samples, is_causal=settings.is_causal, device=plan.device,
+                                               estimator=settings.estimator)
                     bar = tqdm(total=expected, desc=f"layer {layer:>3}", leave=False, disable=quiet)
                     batch: list = []
 
@@ -318,19 +330,23 @@ def build_config(plan: Plan, meta, layers: list[int], run: str, timing: dict):
         key = "topk" if res.mode == "topk" else "cdfthreshd"
         entries.append(LayerConfig(
             layer=layer, simthreshd1=tuple(h.simthreshd1 for h in res.heads), pvthreshd=tuple(h.pvthreshd for h in res.heads),
-            sparsity=round(res.sparsity, 6), l1=round(res.l1, 6), **{key: tuple(h.budget for h in res.heads)}))
+            sparsity=round(res.sparsity, 6), l1=round(res.l1, 6), estimator=a.estimator,
+            **{key: tuple(h.budget for h in res.heads)}))
     device_name = torch.cuda.get_device_name() if plan.device.startswith("cuda") else "cpu"
     calibration = {"samples": a.samples, "seq_len": a.seq_len, "seed": a.seed, "data": a.data,
                    "data_sha256": meta.data_sha256, "device": device_name, "seconds": round(timing["search_s"], 2),
                    "model_load_seconds": timing.get("model_load_s"), "capture_seconds": timing.get("capture_s"),
-                   "evaluations": total_evals, "mode": a.mode, "granularity": a.granularity,
+                   "evaluations": total_evals, "margin": a.margin, "estimator": a.estimator, "mode": a.mode, "granularity": a.granularity,
                    "versions": {"torch": torch.__version__, "triton": triton.__version__}}
     info = ModelInfo(meta.model, meta.num_layers, meta.num_heads, meta.num_kv_heads, meta.head_dim)
     return ModelConfig(model=info, layers=tuple(entries), l1=a.l1, pv_l1=a.pv_l1, calibration=calibration)
 
 
-def validate_holdout(plan: Plan, meta, config) -> dict[int, float]:
-    """Per layer, the relative L1 of the written config on the held-out windows."""
+def validate_holdout(plan: Plan, meta, config) -> dict[int, dict[str, float]]:
+    """Per layer, the written config's relative L1 on the held-out windows (worst window): ``layer``
+    (all heads' outputs together) and ``worst_head``."""
+    import torch
+
     from sparge_core.methods.sparge import Sparge
 
     from .capture import load_captured
@@ -343,19 +359,18 @@ def validate_holdout(plan: Plan, meta, config) -> dict[int, float]:
         samples = load_captured(plan.capture_dir, lc.layer)[plan.args.samples:]
         if not samples:
             return {}
-        ev = LayerEvaluator(samples, is_causal=not plan.args.non_causal, device=plan.device)
+        ev = LayerEvaluator(samples, is_causal=not plan.args.non_causal, device=plan.device, estimator=lc.estimator)
         m = Sparge.from_layer_config(lc)
         sel = m._selection()
-        budget = sel.get("topk") if sel.get("topk") is not None else sel["cdfthreshd"]
-        import torch
-
-        l1, _ = ev(torch.tensor(sel["simthreshd1"]), torch.tensor(budget), torch.tensor(m.pvthreshd),
-                   "topk" if sel.get("topk") is not None else "cdf")
-        out[lc.layer] = float(l1.max())
+        topk = sel.get("topk") is not None
+        layer_l1, head_l1 = ev.window_errors(torch.tensor(sel["simthreshd1"]),
+                                             torch.tensor(sel["topk"] if topk else sel["cdfthreshd"]),
+                                             torch.tensor(m.pvthreshd), "topk" if topk else "cdf")
+        out[lc.layer] = {"layer": max(layer_l1), "worst_head": max(max(h) for h in head_l1)}
     return out
 
 
-def plot_layers(config, path: Path, holdout: dict[int, float]) -> None:
+def plot_layers(config, path: Path, holdout: dict[int, dict[str, float]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -372,7 +387,9 @@ def plot_layers(config, path: Path, holdout: dict[int, float]) -> None:
     ax2 = ax.twinx()
     ax2.plot(layers, l1s, "o-", color="tab:red", label="L1 (calibration)")
     if holdout:
-        ax2.plot(list(holdout), list(holdout.values()), "x", color="black", label="L1 (held out)")
+        ax2.plot(list(holdout), [h["layer"] for h in holdout.values()], "x", color="black", label="L1 (held out, layer)")
+        ax2.plot(list(holdout), [h["worst_head"] for h in holdout.values()], "+", color="gray",
+                 label="L1 (held out, worst head)")
     ax2.axhline(config.l1, color="tab:red", linestyle="--", linewidth=0.8)
     ax2.axhline(config.pv_l1, color="tab:red", linestyle=":", linewidth=0.8)
     ax2.set_ylabel("relative L1")
@@ -383,13 +400,15 @@ def plot_layers(config, path: Path, holdout: dict[int, float]) -> None:
     plt.close(fig)
 
 
-def summary(config, holdout: dict[int, float]) -> str:
-    lines = [f"{'layer':>5} {'sparsity':>8} {'L1':>7} {'heldout':>8} {'dense heads':>11}"]
+def summary(config, holdout: dict[int, dict[str, float]]) -> str:
+    """One screen: per layer sparsity, calibration L1 (worst head, worst window) and, with held-out
+    windows, their L1 for the whole layer and for its worst head."""
+    lines = [f"{'layer':>5} {'sparsity':>8} {'L1':>7} {'heldout':>8} {'(head)':>7} {'dense heads':>11}"]
     for lc in config.layers:
         dense = sum(1 for v in (lc.topk or lc.cdfthreshd) if v >= 1.0)
         h = holdout.get(lc.layer)
-        lines.append(f"{lc.layer:>5} {lc.sparsity or 0:>8.3f} {lc.l1 or 0:>7.4f} {'' if h is None else f'{h:.4f}':>8} "
-                     f"{dense:>5}/{lc.num_heads}")
+        held = f"{'':>8} {'':>7}" if h is None else f"{h['layer']:>8.4f} {h['worst_head']:>7.4f}"
+        lines.append(f"{lc.layer:>5} {lc.sparsity or 0:>8.3f} {lc.l1 or 0:>7.4f} {held} {dense:>5}/{lc.num_heads}")
     mean = sum(lc.sparsity or 0 for lc in config.layers) / len(config.layers)
     cal = config.calibration
     lines.append(f"mean sparsity {mean:.3f} over {len(config.layers)} layers; search {cal['seconds']} s, "
@@ -436,7 +455,9 @@ def _main(args: argparse.Namespace) -> int:
     config = build_config(plan, meta, layers, run, timing)
     holdout = validate_holdout(plan, meta, config) if args.holdout else {}
     if holdout:
-        config.calibration["holdout_l1"] = {str(k): round(v, 6) for k, v in holdout.items()}
+        config.calibration["holdout_windows"] = args.holdout
+        config.calibration["holdout_l1"] = {str(k): round(v["layer"], 6) for k, v in holdout.items()}
+        config.calibration["holdout_l1_worst_head"] = {str(k): round(v["worst_head"], 6) for k, v in holdout.items()}
     config.save(plan.out)
     from sparge_core.params import ModelConfig
 

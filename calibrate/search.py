@@ -30,6 +30,7 @@ import torch
 
 from sparge_core import sparge_attn
 from sparge_core.ops import reference
+from sparge_core.ops.reference import ESTIMATORS
 
 DEFAULT_THETAS: tuple[float, ...] = (-1.0, 0.2, 0.4, 0.55, 0.7, 0.85)
 CDF_U_MAX = 4.0  # cdfthreshd = 1 - 10^-u: u = 4 is 0.9999
@@ -51,6 +52,7 @@ class SearchSettings:
     tune_pv: bool = True
     backend: str = "auto"
     is_causal: bool = True
+    estimator: str = "keys"  # the predictor's block-score estimator ("pooled": the paper's)
 
     def __post_init__(self):
         if not (self.l1 > 0 and math.isfinite(self.l1)):
@@ -63,6 +65,8 @@ class SearchSettings:
             raise ValueError(f"granularity must be 'head' or 'layer', got {self.granularity!r}")
         if not self.thetas or any(not -1.0 <= t <= 1.0 for t in self.thetas):
             raise ValueError(f"thetas must be values in [-1, 1], got {self.thetas}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,8 @@ class LayerEvaluator:
     """
 
     def __init__(self, samples: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], *, is_causal: bool,
-                 backend: str = "auto", device: torch.device | str | None = None, quant: str = "none"):
+                 backend: str = "auto", device: torch.device | str | None = None, quant: str = "none",
+                 estimator: str = "keys"):
         if not samples:
             raise ValueError("a layer needs at least one captured sample")
         dev = torch.device(device) if device is not None else samples[0][0].device
@@ -125,6 +130,7 @@ class LayerEvaluator:
         self.is_causal = is_causal
         self.backend = backend
         self.quant = quant
+        self.estimator = estimator
         self.num_heads = self.samples[0][0].shape[1]
         self.calls = 0
         self.dense = [self._dense(q, k, v) for q, k, v in self.samples]
@@ -135,19 +141,36 @@ class LayerEvaluator:
         return torch.nn.functional.scaled_dot_product_attention(
             q.float(), k.float().repeat_interleave(group, 1), v.float().repeat_interleave(group, 1), attn_mask=mask)
 
+    def _run(self, theta, budget, pv, mode):
+        """Per sample: ``(abs-error sums (Hq,), reference abs sums (Hq,), per-head sparsity (Hq,))``."""
+        sel = dict(cdfthreshd=budget, topk=None) if mode == "cdf" else dict(cdfthreshd=None, topk=budget)
+        for (q, k, v), ref in zip(self.samples, self.dense):
+            out, stats = sparge_attn(q, k, v, is_causal=self.is_causal, simthreshd1=theta, pvthreshd=pv,
+                                     backend=self.backend, quant=self.quant, return_stats=True,
+                                     estimator=self.estimator, **sel)
+            yield ((out.float() - ref).abs().sum(dim=(0, 2, 3)), ref.abs().sum(dim=(0, 2, 3)),
+                   stats.per_head_sparsity())
+
     def __call__(self, theta: torch.Tensor, budget: torch.Tensor, pv: torch.Tensor | None, mode: str):
         """Returns ``(worst_l1, mean_sparsity)`` as float64 ``(Hq,)`` tensors on the CPU."""
         self.calls += 1
         worst = torch.zeros(self.num_heads, dtype=torch.float64)
         spars = torch.zeros(self.num_heads, dtype=torch.float64)
-        sel = dict(cdfthreshd=budget, topk=None) if mode == "cdf" else dict(cdfthreshd=None, topk=budget)
-        for (q, k, v), ref in zip(self.samples, self.dense):
-            out, stats = sparge_attn(q, k, v, is_causal=self.is_causal, simthreshd1=theta, pvthreshd=pv,
-                                     backend=self.backend, quant=self.quant, return_stats=True, **sel)
-            err = (out.float() - ref).abs().sum(dim=(0, 2, 3)) / ref.abs().sum(dim=(0, 2, 3)).clamp(min=1e-30)
-            worst = torch.maximum(worst, err.double().cpu())
-            spars += stats.per_head_sparsity().cpu()
+        for diff, ref, sp in self._run(theta, budget, pv, mode):
+            worst = torch.maximum(worst, (diff / ref.clamp(min=1e-30)).double().cpu())
+            spars += sp.cpu()
         return worst, spars / len(self.samples)
+
+    def window_errors(self, theta: torch.Tensor, budget: torch.Tensor, pv: torch.Tensor | None,
+                      mode: str) -> tuple[list[float], list[list[float]]]:
+        """Per sample: the layer's relative L1 (all heads' outputs together, the paper's measure of a
+        layer) and each head's relative L1."""
+        self.calls += 1
+        layer, heads = [], []
+        for diff, ref, _sp in self._run(theta, budget, pv, mode):
+            layer.append(float(diff.sum() / ref.sum().clamp(min=1e-30)))
+            heads.append((diff / ref.clamp(min=1e-30)).double().cpu().tolist())
+        return layer, heads
 
 
 def _budget_from_u(u: torch.Tensor, mode: str) -> torch.Tensor:

@@ -194,16 +194,32 @@ def environment() -> dict[str, Any]:
             env["versions"][pkg] = __import__(pkg).__version__
         except Exception:  # not installed: not part of this run
             pass
-    try:
-        repo = Path(__file__).resolve().parents[1]
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                                           check=False).stdout.strip() or None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True,
-                               text=True, check=False).stdout.strip()
-        env["git_dirty"] = bool(dirty)
-    except OSError:
-        env["git_commit"] = None
+    repo = Path(__file__).resolve().parents[1]
+    env["git_commit"], env["git_dirty"] = git_state(repo)
     return env
+
+
+def git_state(repo: Path) -> tuple[str | None, bool | None]:
+    """``(commit, dirty)`` of the checkout at ``repo``.
+
+    A copy of the working tree without git history (e.g. on a lent GPU host) has no commit to ask;
+    there the commit is read from ``repo/.tree-commit`` if the wrapper that shipped the tree wrote
+    one (``git rev-parse HEAD > .tree-commit``), and ``dirty`` is unknown (None).
+    """
+    try:
+        head = subprocess.run(["git", "rev-parse", "--verify", "--quiet", "HEAD"], cwd=repo, capture_output=True,
+                              text=True, check=False)
+        if head.returncode == 0 and head.stdout.strip():
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                                   capture_output=True, text=True, check=False).stdout.strip()
+            return head.stdout.strip(), bool(dirty)
+    except OSError:
+        pass
+    marker = repo / ".tree-commit"
+    if marker.is_file():
+        text = marker.read_text().strip()
+        return (text or None), None
+    return None, None
 
 
 def file_sha256(path: str | Path | None) -> str | None:

@@ -157,6 +157,7 @@ def predict_block_mask(
     cdfthreshd=DEFAULT_CDFTHRESHD,
     topk=None,
     backend: str = "auto",
+    estimator: str = "pooled",
 ) -> torch.Tensor:
     """Stage-1 SpargeAttn block predictor.
 
@@ -167,6 +168,10 @@ def predict_block_mask(
             probability is <= cdfthreshd (at least one); >= 1 keeps everything.
         topk: top-k mode (instead of cdfthreshd): keep max(1, floor(topk * nk_blocks)) blocks.
         Each hyperparameter is a float or a per-query-head list/1-D tensor of length Hq.
+        estimator: how a block pair's score is estimated: ``"pooled"`` (the paper: pooled query .
+            pooled key) or ``"keys"`` (the pooled query against every key of the block, summed per
+            block: a dominant single key inside a block is not averaged away; costs 1/BLOCK_Q of
+            ``Q K^T``). See ``reference.key_resolved_scores``.
 
     Returns:
         bool ``(B, Hq, ceil(Nq / BLOCK_Q), ceil(Nk / BLOCK_K))``; True = compute this block pair.
@@ -174,12 +179,13 @@ def predict_block_mask(
     validation.check_qk(q, k)
     validation.check_flag("is_causal", is_causal)
     sm_scale = validation.resolve_scale(scale, q.shape[-1])
+    validation.check_choice("estimator", estimator, reference.ESTIMATORS)
     sel = _selection(q.shape[1], q.device, simthreshd1, cdfthreshd, topk)
     impl = resolve_backend(backend, q.device)
     if sel.keeps_everything:
         return _full_mask(q, k) & reference.allowed_block_mask(q.shape[2], k.shape[2], is_causal, device=q.device)
     return impl.predict(q, k, is_causal=is_causal, scale=sm_scale, simthreshd1=sel.simthreshd1,
-                        cdfthreshd=sel.cdfthreshd, topk=sel.topk)
+                        cdfthreshd=sel.cdfthreshd, topk=sel.topk, estimator=estimator)
 
 
 def block_sparse_attn(
@@ -237,6 +243,7 @@ def sparge_attn(
     quant: str = "auto",
     backend: str = "auto",
     return_stats: bool = False,
+    estimator: str = "pooled",
 ):
     """SpargeAttn: predict the block map, then run block-sparse attention with the stage-2 skip.
 
@@ -249,6 +256,7 @@ def sparge_attn(
     validation.check_flag("is_causal", is_causal)
     validation.check_flag("return_stats", return_stats)
     sm_scale = validation.resolve_scale(scale, q.shape[-1])
+    validation.check_choice("estimator", estimator, reference.ESTIMATORS)
     sel = _selection(q.shape[1], q.device, simthreshd1, cdfthreshd, topk)
     pv = _pv_threshold(pvthreshd, q.shape[1], q.device)
     impl = resolve_backend(backend, q.device)
@@ -267,12 +275,13 @@ def sparge_attn(
         mask = triton_predict.select_blocks(
             q_blocks, k_blocks, nq=q.shape[2], nk=k.shape[2], is_causal=is_causal, scale=sm_scale,
             simthreshd1=sel.simthreshd1, cdfthreshd=sel.cdfthreshd, topk=sel.topk,
+            scores=triton_predict.estimator_scores(estimator, q_blocks, k, sm_scale),
         )
         if variant != "none":
             quantized = (q_i8, q_s, k_i8, k_s)
     else:
         mask = impl.predict(q, k, is_causal=is_causal, scale=sm_scale, simthreshd1=sel.simthreshd1,
-                            cdfthreshd=sel.cdfthreshd, topk=sel.topk)
+                            cdfthreshd=sel.cdfthreshd, topk=sel.topk, estimator=estimator)
     if quantized is not None:
         out, counts = impl.attend(q, k, v, mask, is_causal=is_causal, scale=sm_scale, pvthreshd=pv,
                                   quant=variant, quantized=quantized)

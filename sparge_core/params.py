@@ -34,11 +34,12 @@ class SpargeParams:
     cdfthreshd: float | tuple[float, ...] | None = 0.98
     topk: float | tuple[float, ...] | None = None
     pvthreshd: float | tuple[float, ...] | None = 50.0
+    estimator: str = "pooled"
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``sparge_attn``."""
         return dict(simthreshd1=self.simthreshd1, cdfthreshd=None if self.topk is not None else self.cdfthreshd,
-                    topk=self.topk, pvthreshd=self.pvthreshd)
+                    topk=self.topk, pvthreshd=self.pvthreshd, estimator=self.estimator)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class LayerConfig:
     topk: tuple[float, ...] | None = None
     sparsity: float | None = None
     l1: float | None = None
+    estimator: str = "pooled"  # block-score estimator of the predictor (sparge_core.ops.reference.ESTIMATORS)
 
     @property
     def num_heads(self) -> int:
@@ -66,7 +68,8 @@ class LayerConfig:
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``sparge_attn``."""
         return dict(simthreshd1=list(self.simthreshd1), cdfthreshd=None if self.topk is not None else list(self.cdfthreshd),
-                    topk=None if self.topk is None else list(self.topk), pvthreshd=list(self.pvthreshd))
+                    topk=None if self.topk is None else list(self.topk), pvthreshd=list(self.pvthreshd),
+                    estimator=self.estimator)
 
     def to_dict(self) -> dict[str, Any]:
         d = {"layer": self.layer, "simthreshd1": list(self.simthreshd1)}
@@ -75,6 +78,8 @@ class LayerConfig:
         else:
             d["cdfthreshd"] = list(self.cdfthreshd)
         d["pvthreshd"] = list(self.pvthreshd)
+        if self.estimator != "pooled":
+            d["estimator"] = self.estimator
         if self.sparsity is not None:
             d["sparsity"] = self.sparsity
         if self.l1 is not None:
@@ -182,7 +187,7 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
 # --------------------------------------------------------------------------------------------
 _TOP_KEYS = {"format", "version", "model", "kernel", "l1", "pv_l1", "calibration", "layers"}
 _MODEL_KEYS = {"name", "num_layers", "num_heads", "num_kv_heads", "head_dim"}
-_LAYER_KEYS = {"layer", "simthreshd1", "cdfthreshd", "topk", "pvthreshd", "sparsity", "l1"}
+_LAYER_KEYS = {"layer", "simthreshd1", "cdfthreshd", "topk", "pvthreshd", "sparsity", "l1", "estimator"}
 
 
 def _require_dict(value, where: str) -> dict:
@@ -220,6 +225,14 @@ def _head_list(value, where: str, num_heads: int, low: float, high: float) -> tu
     if len(value) != num_heads:
         raise ConfigError(f"{where} has {len(value)} values but the model has {num_heads} query heads")
     return tuple(_number(x, f"{where}[{i}]", low, high) for i, x in enumerate(value))
+
+
+def _estimator(value, where: str) -> str:
+    from .ops.reference import ESTIMATORS
+
+    if value not in ESTIMATORS:
+        raise ConfigError(f"{where} must be one of {list(ESTIMATORS)}, got {value!r}")
+    return value
 
 
 def _parse_model_config(data: Any) -> ModelConfig:
@@ -271,6 +284,7 @@ def _parse_model_config(data: Any) -> ModelConfig:
             topk=_head_list(ld["topk"], f"{where}.topk", h, 0.0, 1.0) if "topk" in ld else None,
             sparsity=_number(ld["sparsity"], f"{where}.sparsity", 0.0, 1.0) if "sparsity" in ld else None,
             l1=_number(ld["l1"], f"{where}.l1", 0.0) if "l1" in ld else None,
+            estimator=_estimator(ld.get("estimator", "pooled"), f"{where}.estimator"),
         ))
     return ModelConfig(model=info, layers=tuple(sorted(layers, key=lambda lc: lc.layer)), l1=l1, pv_l1=pv_l1,
                        calibration=calibration)

@@ -50,6 +50,17 @@ def test_cli_writes_a_valid_config_plot_and_summary(reference_run, tmp_path, cap
     assert any((lc.sparsity or 0) > 0 for lc in cfg.layers), "the loose bound should admit some sparsity"
 
 
+def test_margin_tightens_the_search_and_is_recorded(reference_run, tmp_path):
+    out = tmp_path / "m.json"
+    assert main([*FAST, "--margin", "0.5", "--out", str(out)]) == 0
+    cfg = ModelConfig.load(out)
+    assert cfg.l1 == 0.3 and cfg.calibration["margin"] == 0.5 and cfg.calibration["estimator"] == "keys"
+    for tight, loose in zip(cfg.layers, reference_run.layers):
+        assert tight.estimator == "keys"
+        assert tight.l1 <= 0.5 * 0.35 + 1e-9
+        assert (tight.sparsity or 0) <= (loose.sparsity or 0) + 1e-9
+
+
 def test_resume_reuses_finished_layers(reference_run, tmp_path):
     out = tmp_path / "tiny.json"
     assert main([*FAST, "--out", str(out)]) == 0
@@ -116,6 +127,8 @@ def test_kill_9_mid_run_then_resume_matches_a_clean_run(reference_run, tmp_path)
         (["--samples", "0"], "--samples must be >= 1"),
         (["--layers", "0-9"], "out of range"),
         (["--layers", "x"], "--layers must look like"),
+        (["--margin", "0"], "--margin must be in (0, 1]"),
+        (["--margin", "1.5"], "--margin must be in (0, 1]"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(tmp_path, capsys, extra, fragment):

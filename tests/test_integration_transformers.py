@@ -180,6 +180,22 @@ def test_config_for_another_model_is_rejected(llama):
         apply(llama, _two_layer_config(llama, dense_layer=0), cdfthreshd=0.5)
 
 
+def test_layer_estimator_round_trips_and_reaches_the_method(llama):
+    cfg = _two_layer_config(llama, dense_layer=0)
+    cfg["layers"][1]["estimator"] = "keys"
+    loaded = ModelConfig.from_dict(cfg)
+    assert loaded.layer(1).estimator == "keys" and loaded.layer(0).estimator == "pooled"
+    assert ModelConfig.from_dict(loaded.to_dict()) == loaded
+    handle = apply(llama, cfg)
+    try:
+        assert handle.method_for(1).estimator == "keys"
+    finally:
+        remove(llama)
+    cfg["layers"][1]["estimator"] = "max-pool"
+    with pytest.raises(ConfigError, match=r"layers\[1\]\.estimator"):
+        ModelConfig.from_dict(cfg)
+
+
 def test_unknown_method_and_bad_config_type(llama):
     with pytest.raises(ValueError, match="neither a known method"):
         apply(llama, "sparse-magic")

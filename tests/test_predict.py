@@ -40,12 +40,13 @@ def test_fused_quantization_matches_reference(device):
     assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
 
 
-def _stable_reference_rows(q, k, causal, scale, theta, tau=None, topk=None, delta=1e-4):
+def _stable_reference_rows(q, k, causal, scale, theta, tau=None, topk=None, delta=1e-4, estimator="pooled"):
     """The float64 reference mask, and which block rows keep the same mask when the thresholds move
     by +-delta (rows whose selection sits on a float32 rounding tie are excluded from equality)."""
     def run(dt, dc):
         kw = dict(cdfthreshd=torch.full_like(theta, tau + dc)) if tau is not None else dict(topk=topk)
-        return R.predict_block_mask(q, k, is_causal=causal, scale=scale, simthreshd1=theta + dt, **kw)
+        return R.predict_block_mask(q, k, is_causal=causal, scale=scale, simthreshd1=theta + dt, estimator=estimator,
+                                    **kw)
     base = run(0.0, 0.0)
     stable = torch.ones(base.shape[:-1], dtype=torch.bool, device=base.device)
     for dt, dc in [(delta, 0), (-delta, 0), (0, delta), (0, -delta)]:
@@ -80,3 +81,61 @@ def test_api_reference_backend_matches_float64(device):
     got = predict_block_mask(q, k, is_causal=True, simthreshd1=0.3, cdfthreshd=0.8, backend="reference")
     ref, stable = _stable_reference_rows(q, k, True, 64 ** -0.5, torch.full((4,), 0.3, device=device), tau=0.8)
     assert torch.equal(got[stable], ref[stable])
+
+
+# ----------------------------------------------------------------------------------------------
+# the "keys" estimator: the pooled query against every key, log-sum-exp per key block
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("hq,hkv,n,d", [(4, 2, 700, 64), (3, 1, 129, 128), (2, 2, 65, 64)])
+def test_key_resolved_scores_equal_a_direct_sum_per_block(hq, hkv, n, d):
+    g = torch.Generator().manual_seed(n + d)
+    pooled_q = torch.randn(2, hq, 3, d, generator=g, dtype=torch.float64)
+    k = torch.randn(2, hkv, n, d, generator=g, dtype=torch.float64)
+    scale = d ** -0.5
+    got = R.key_resolved_scores(pooled_q, k, scale=scale, max_elements=1000)  # forces several row chunks
+    keys = k.repeat_interleave(hq // hkv, dim=1)
+    for kb in range(R.num_blocks(n, 64)):
+        block = keys[:, :, kb * 64:(kb + 1) * 64]  # a partial last block has only its real keys
+        mass = torch.exp(pooled_q @ block.transpose(-1, -2) * scale).sum(-1)
+        torch.testing.assert_close(got[..., kb], torch.log(mass) / scale)
+
+
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal", CASES[:3])
+def test_triton_mask_with_keys_estimator_equals_reference(device, b, hq, hkv, nq, nk, d, causal):
+    q, k, _ = structured_qkv(b, hq, hkv, nq, d, nk=nk, dtype=torch.float16, device=device, seed=nq + d + 1)
+    theta = torch.linspace(-0.2, 0.5, hq, device=device)
+    for tau in (0.5, 0.9):
+        got = predict_block_mask(q, k, is_causal=causal, simthreshd1=theta, cdfthreshd=tau, backend="triton",
+                                 estimator="keys")
+        ref, stable = _stable_reference_rows(q, k, causal, d ** -0.5, theta, tau=tau, estimator="keys")
+        assert stable.float().mean() > 0.8
+        assert torch.equal(got[stable], ref[stable])
+
+
+def test_keys_estimator_keeps_a_block_whose_single_key_dominates(device):
+    """One key that every query attends to strongly, inside an otherwise unremarkable block: mean
+    pooling dilutes it 64x and the pooled predictor drops the block; the keys estimator keeps it."""
+    g = torch.Generator().manual_seed(3)
+    n, d, sink_block = 1024, 64, 9
+    q = torch.randn(1, 1, n, d, generator=g)
+    k = torch.randn(1, 1, n, d, generator=g) * 0.5
+    direction = torch.randn(d, generator=g)
+    direction /= direction.norm()
+    q += 2.0 * direction  # every query leans towards one direction ...
+    k[0, 0, sink_block * 64:(sink_block + 1) * 64] -= direction  # the block's other keys lean away,
+    k[0, 0, sink_block * 64 + 17] = 30.0 * direction  # ... but one key has it strongly
+    q, k = q.to(device, torch.float16), k.to(device, torch.float16)
+    kw = dict(is_causal=False, simthreshd1=-1.0, cdfthreshd=0.9, backend="reference")
+    pooled = predict_block_mask(q, k, estimator="pooled", **kw)
+    keys = predict_block_mask(q, k, estimator="keys", **kw)
+    true_mass = torch.softmax(q.float() @ k.float().transpose(-1, -2) * d ** -0.5, dim=-1)
+    share = true_mass[0, 0].reshape(n, n // 64, 64).sum(-1).mean(0)[sink_block]
+    assert share > 0.3  # the block really matters
+    assert not pooled[0, 0, :, sink_block].any()
+    assert keys[0, 0, :, sink_block].all()
+
+
+def test_unknown_estimator_is_an_error_naming_it():
+    q, k, _ = rand_qkv(1, 2, 2, 64, 64, 64, device="cpu", seed=0)
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        predict_block_mask(q, k, estimator="max")

@@ -18,19 +18,23 @@ class Sparge(AttentionMethod):
 
     budget_param = "cdfthreshd"
 
-    def __init__(self, simthreshd1=DEFAULT_SIMTHRESHD1, cdfthreshd=DEFAULT_CDFTHRESHD, pvthreshd=DEFAULT_PVTHRESHD):
+    def __init__(self, simthreshd1=DEFAULT_SIMTHRESHD1, cdfthreshd=DEFAULT_CDFTHRESHD, pvthreshd=DEFAULT_PVTHRESHD,
+                 estimator: str = "pooled"):
         self.simthreshd1 = simthreshd1
         self.cdfthreshd = cdfthreshd
         self.pvthreshd = pvthreshd
+        self.estimator = estimator
 
     @classmethod
     def from_layer_config(cls, lc: LayerConfig) -> AttentionMethod:
         if lc.topk is not None:
-            return SpargeTopk(simthreshd1=list(lc.simthreshd1), topk=list(lc.topk), pvthreshd=list(lc.pvthreshd))
-        return cls(simthreshd1=list(lc.simthreshd1), cdfthreshd=list(lc.cdfthreshd), pvthreshd=list(lc.pvthreshd))
+            return SpargeTopk(simthreshd1=list(lc.simthreshd1), topk=list(lc.topk), pvthreshd=list(lc.pvthreshd),
+                              estimator=lc.estimator)
+        return cls(simthreshd1=list(lc.simthreshd1), cdfthreshd=list(lc.cdfthreshd), pvthreshd=list(lc.pvthreshd),
+                   estimator=lc.estimator)
 
     def _selection(self) -> dict[str, Any]:
-        return dict(simthreshd1=self.simthreshd1, cdfthreshd=self.cdfthreshd)
+        return dict(simthreshd1=self.simthreshd1, cdfthreshd=self.cdfthreshd, estimator=self.estimator)
 
     def params(self) -> dict[str, Any]:
         return {**self._selection(), "pvthreshd": self.pvthreshd}
@@ -50,10 +54,11 @@ class SpargeTopk(Sparge):
 
     budget_param = "topk"
 
-    def __init__(self, simthreshd1=-0.1, topk=0.5, pvthreshd=DEFAULT_PVTHRESHD):
+    def __init__(self, simthreshd1=-0.1, topk=0.5, pvthreshd=DEFAULT_PVTHRESHD, estimator: str = "pooled"):
         self.simthreshd1 = simthreshd1
         self.topk = topk
         self.pvthreshd = pvthreshd
+        self.estimator = estimator
 
     def _selection(self) -> dict[str, Any]:
-        return dict(simthreshd1=self.simthreshd1, topk=self.topk, cdfthreshd=None)
+        return dict(simthreshd1=self.simthreshd1, topk=self.topk, cdfthreshd=None, estimator=self.estimator)

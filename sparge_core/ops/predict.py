@@ -180,6 +180,7 @@ def select_blocks(
     simthreshd1: torch.Tensor,
     cdfthreshd: torch.Tensor | None = None,
     topk: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton version of ``reference.select_blocks`` (same arguments, same block map up to ties)."""
     if (cdfthreshd is None) == (topk is None):
@@ -188,8 +189,10 @@ def select_blocks(
     bsz, num_q_heads, nqb, head_dim = pooled_q.shape
     num_kv_heads, nkb = pooled_k.shape[1], pooled_k.shape[2]
     group = num_q_heads // num_kv_heads
-    # pooled scores of all query heads of a KV head in one batched matmul
-    scores = pooled_q.reshape(bsz, num_kv_heads, group * nqb, head_dim) @ pooled_k.transpose(-1, -2)
+    if scores is None:  # pooled scores of all query heads of a KV head in one batched matmul
+        scores = pooled_q.reshape(bsz, num_kv_heads, group * nqb, head_dim) @ pooled_k.transpose(-1, -2)
+    else:  # (B, Hq, nqb, nkb): the same memory order as the grouped matmul's result
+        scores = scores.to(torch.float32).contiguous()
     mask = torch.empty(bsz, num_q_heads, nqb, nkb, device=pooled_q.device, dtype=torch.bool)
     budget = (topk if topk is not None else cdfthreshd).to(device=pooled_q.device, dtype=torch.float32)
     _select_kernel[(nqb, bsz * num_q_heads)](
@@ -211,6 +214,7 @@ def predict_block_mask(
     simthreshd1: torch.Tensor,
     cdfthreshd: torch.Tensor | None = None,
     topk: torch.Tensor | None = None,
+    estimator: str = "pooled",
 ) -> torch.Tensor:
     """Stage-1 block map with the Triton pass (inputs already validated, params per query head)."""
     q_blocks, _, _ = pool_and_similarity(q, BLOCK_Q, smooth=False)
@@ -218,4 +222,14 @@ def predict_block_mask(
     return select_blocks(
         q_blocks, k_blocks, nq=q.shape[-2], nk=k.shape[-2], is_causal=is_causal, scale=scale,
         simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
+        scores=estimator_scores(estimator, q_blocks, k, scale),
     )
+
+
+def estimator_scores(estimator: str, q_blocks: PooledBlocks, k: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """Block scores for ``select_blocks``: None for ``"pooled"`` (it forms them itself), the
+    key-resolved scores for ``"keys"`` (matmul in the inputs' half dtype on CUDA, float32 otherwise)."""
+    if estimator == "pooled":
+        return None
+    half = k.dtype in (torch.float16, torch.bfloat16) and k.is_cuda
+    return reference.key_resolved_scores(q_blocks.pooled, k, scale=scale, dtype=k.dtype if half else torch.float32)

@@ -140,6 +140,47 @@ def pool_and_similarity(x: torch.Tensor, block: int, *, smooth: bool, dtype=torc
     return PooledBlocks(block_mean_pool(x, block), block_self_similarity(x, block))
 
 
+#: How a block's score is estimated from the pooled query: "pooled" (the paper: pooled query .
+#: pooled key) or "keys" (pooled query against every key of the block, log-sum-exp per block).
+ESTIMATORS = ("pooled", "keys")
+
+
+def key_resolved_scores(
+    pooled_q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    scale: float,
+    block_k: int = BLOCK_K,
+    dtype=torch.float64,
+    max_elements: int = 1 << 26,
+) -> torch.Tensor:
+    """Block scores of the ``"keys"`` estimator: ``(B, Hq, nqb, nkb)`` float32 (float64 if ``dtype`` is).
+
+    ``score[qb, kb] = log(sum_{j in kb} exp(scale * pooled_q[qb] . k_j)) / scale``, so the row softmax of
+    ``score * scale`` (what ``select_blocks`` takes) is each key block's exact share of the pooled
+    query's attention over the individual keys. Unlike the pooled key (the paper), a single
+    dominant key inside a block (a secondary attention sink, a copied token) is not averaged away.
+    Cost: ``Hq * nqb * Nk * D`` multiply-adds, 1/BLOCK_Q of ``Q K^T``; rows are processed in chunks of at
+    most ``max_elements`` scores. ``dtype`` is the matmul dtype (half types accumulate in float32).
+    """
+    b, hq, nqb, d = pooled_q.shape
+    hk, n = k.shape[1], k.shape[2]
+    group = hq // hk
+    nkb = num_blocks(n, block_k)
+    keys = _pad_tokens(k, block_k).to(dtype)  # (B, Hkv, nkb * block_k, D)
+    rows = pooled_q.to(dtype).reshape(b, hk, group * nqb, d)
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    out = torch.empty(b, hk, group * nqb, nkb, dtype=out_dtype, device=k.device)
+    pad = nkb * block_k - n
+    step = max(1, max_elements // max(1, b * hk * nkb * block_k))
+    for r0 in range(0, group * nqb, step):
+        s = (rows[:, :, r0:r0 + step] @ keys.transpose(-1, -2)).to(out_dtype) * scale
+        if pad:
+            s[..., n:] = -math.inf
+        out[:, :, r0:r0 + step] = torch.logsumexp(s.view(b, hk, -1, nkb, block_k), dim=-1) / scale
+    return out.view(b, hq, nqb, nkb)
+
+
 def select_blocks(
     q_blocks: PooledBlocks,
     k_blocks: PooledBlocks,
@@ -153,11 +194,14 @@ def select_blocks(
     topk: torch.Tensor | None = None,
     block_q: int = BLOCK_Q,
     block_k: int = BLOCK_K,
+    scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The block map from pooled Q/K blocks (DESIGN.md section 3, "Predictor semantics").
 
     ``simthreshd1`` and ``cdfthreshd`` / ``topk`` are per-query-head 1-D tensors ``(Hq,)``; exactly one
-    of ``cdfthreshd`` / ``topk`` is given. Returns bool ``(B, Hq, nqb, nkb)``.
+    of ``cdfthreshd`` / ``topk`` is given. Returns bool ``(B, Hq, nqb, nkb)``. ``scores`` (``(B, Hq, nqb,
+    nkb)``, before the softmax scale) replaces the pooled ``pooled_q @ pooled_k^T`` in step 2, e.g. with
+    ``key_resolved_scores``.
 
     1. A block is self-similar iff its mean pairwise cosine is strictly greater than simthreshd1.
     2. Scores ``pooled_q @ pooled_k^T * scale``; columns of non-self-similar K blocks and causal
@@ -184,7 +228,9 @@ def select_blocks(
     q_similar = q_blocks.sim > theta  # (B, Hq, nqb)
     k_similar = sim_k > theta  # (B, Hq, nkb)
 
-    scores = (pooled_q @ pooled_k.transpose(-1, -2)) * scale  # (B, Hq, nqb, nkb)
+    if scores is None:
+        scores = pooled_q @ pooled_k.transpose(-1, -2)
+    scores = scores.to(pooled_q.dtype) * scale  # (B, Hq, nqb, nkb)
     scores = scores.masked_fill(~k_similar[:, :, None, :], -math.inf)
     allowed = None
     if is_causal:
@@ -231,14 +277,16 @@ def predict_block_mask(
     simthreshd1: torch.Tensor,
     cdfthreshd: torch.Tensor | None = None,
     topk: torch.Tensor | None = None,
+    estimator: str = "pooled",
     dtype=torch.float64,
 ) -> torch.Tensor:
     """The whole stage-1 predictor in plain PyTorch (inputs already validated, params per head)."""
     q_blocks = pool_and_similarity(q, BLOCK_Q, smooth=False, dtype=dtype)
     k_blocks = pool_and_similarity(k, BLOCK_K, smooth=True, dtype=dtype)
+    scores = key_resolved_scores(q_blocks.pooled, k, scale=scale, dtype=dtype) if estimator == "keys" else None
     return select_blocks(
         q_blocks, k_blocks, nq=q.shape[-2], nk=k.shape[-2], is_causal=is_causal, scale=scale,
-        simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
+        simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk, scores=scores,
     )
 
 
