@@ -151,14 +151,14 @@ def test_full_coverage_gives_dense_output():
     assert rel_l1(out, R.dense_attention(q, k, v, is_causal=True, scale=32**-0.5)) < 1e-5
 
 
-def test_sparse_mask_runs_on_triton():
-    q, k, v = structured_qkv(1, 2, 1, 640, 32, dtype=torch.float32, seed=8)
+def test_sparse_mask_runs_on_triton(device):
+    q, k, v = structured_qkv(1, 2, 1, 640, 32, dtype=torch.float16, device=device, seed=8)
     m = FlexPrefill(gamma=0.5, min_budget=None)
     mask = m.block_mask(q, k, is_causal=True)
     assert bm.mask_density(mask, 640, 640, True) < 0.9
     out = block_sparse_attn(q, k, v, mask, is_causal=True, backend="triton")
-    ref = block_sparse_attn(q, k, v, mask, is_causal=True, backend="reference")
-    assert torch.isfinite(out).all() and rel_l1(out, ref) < 1e-3
+    ref = block_sparse_attn(q, k, v, mask, is_causal=True, backend="reference")  # float32 math
+    assert torch.isfinite(out).all() and rel_l1(out, ref) < 2e-3  # fp16 P.V in the kernel
 
 
 @pytest.mark.parametrize("tau", [0.0, 0.12, 1.0])

@@ -246,14 +246,14 @@ def test_full_budgets_give_dense(params, causal):
     assert rel_l1(out, dense) < 1e-5
 
 
-def test_small_budget_is_sparse_and_runs_on_triton():
-    q, k, v = structured_qkv(1, 2, 1, 640, 32, dtype=torch.float32, seed=4)
+def test_small_budget_is_sparse_and_runs_on_triton(device):
+    q, k, v = structured_qkv(1, 2, 1, 640, 32, dtype=torch.float16, device=device, seed=4)
     m = get_method("minference", pattern="vertical_slash", budget_ratio=0.0)
     mask = m.block_mask(q, k, is_causal=True)
     assert bm.mask_density(mask, 640, 640, True) < 0.8
     out = block_sparse_attn(q, k, v, mask, is_causal=True, backend="triton")
-    ref = block_sparse_attn(q, k, v, mask, is_causal=True, backend="reference")
-    assert torch.isfinite(out).all() and rel_l1(out, ref) < 1e-3
+    ref = block_sparse_attn(q, k, v, mask, is_causal=True, backend="reference")  # float32 math
+    assert torch.isfinite(out).all() and rel_l1(out, ref) < 2e-3  # fp16 P.V in the kernel
 
 
 @pytest.mark.parametrize("pattern", ["vertical_slash", "block_sparse", "a_shape"])
