@@ -202,10 +202,14 @@ def environment() -> dict[str, Any]:
 def git_state(repo: Path) -> tuple[str | None, bool | None]:
     """``(commit, dirty)`` of the checkout at ``repo``.
 
-    A copy of the working tree without git history (e.g. on a lent GPU host) has no commit to ask;
-    there the commit is read from ``repo/.tree-commit`` if the wrapper that shipped the tree wrote
-    one (``git rev-parse HEAD > .tree-commit``), and ``dirty`` is unknown (None).
+    A wrapper that ships a copy of the tree to another host (e.g. a lent GPU, whose copy may carry
+    a stale or no git history) states the commit it shipped in ``repo/.tree-commit``
+    (``git rev-parse HEAD > .tree-commit``, untracked); that file wins, with ``dirty`` False (the
+    wrapper ships a committed tree). Otherwise git is asked.
     """
+    marker = repo / ".tree-commit"
+    if marker.is_file() and marker.read_text().strip():
+        return marker.read_text().strip(), False
     try:
         head = subprocess.run(["git", "rev-parse", "--verify", "--quiet", "HEAD"], cwd=repo, capture_output=True,
                               text=True, check=False)
@@ -215,10 +219,6 @@ def git_state(repo: Path) -> tuple[str | None, bool | None]:
             return head.stdout.strip(), bool(dirty)
     except OSError:
         pass
-    marker = repo / ".tree-commit"
-    if marker.is_file():
-        text = marker.read_text().strip()
-        return (text or None), None
     return None, None
 
 

@@ -19,6 +19,11 @@ columns, causal diagonal and future blocks) is one Triton program per row of the
 (``_select_kernel``). It keeps the blocks whose value is at least the value at the cut, so it can keep
 more blocks than the reference only where values tie exactly at the cut.
 
+Beyond the paper: ``estimator="keys"`` replaces the pooled score map by
+``reference.key_resolved_scores`` (the pooled query against every key, log-sum-exp per key block; a
+torch matmul over row chunks, in the inputs' half dtype on CUDA), so one dominant key inside a block
+is not averaged away. The selection kernel is the same; it takes either score map.
+
 Limits: head dim up to 256 (tiles padded to a power of two); pooled values are float32, so the mask
 can differ from the float64 reference only where pooled probabilities or similarities tie within
 float32 rounding.

@@ -15,6 +15,8 @@ Pieces:
   rows, diagonal included, averaged over the true rows).
 - ``select_blocks``: the compressed attention map and the top-CDF / top-k selection, fix rows and
   columns for non-self-similar blocks, causal blocks.
+- ``key_resolved_scores``: the ``"keys"`` estimator (beyond the paper): block scores of the pooled
+  query against every key of a block (log-sum-exp), instead of against the block's mean key.
 - ``masked_attention``: softmax attention restricted to a block map (and the causal triangle), with
   the stage-2 PV skip simulated exactly as the kernel decides it (see that function).
 - ``quantize_per_block``: symmetric per-block INT8 (scale = max|x| / 127, round half away from zero).
