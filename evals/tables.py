@@ -143,6 +143,8 @@ def kernel_table(root: Path) -> str | None:
 
 
 def calibration_table(root: Path) -> str | None:
+    """One row per calibrated config: setting, cost, sparsity, and the worst held-out layer L1 (whole
+    layer; worst head in brackets) relative to pv_l1 when the config carries held-out results."""
     files = sorted((root / "calibration").glob("*.json")) if (root / "calibration").exists() else []
     lines = []
     for f in files:
@@ -151,13 +153,23 @@ def calibration_table(root: Path) -> str | None:
             continue
         cal = doc.get("calibration", {})
         sp = [lc.get("sparsity") or 0 for lc in doc["layers"]]
+        held = cal.get("holdout_l1") or {}
+        heads = cal.get("holdout_l1_worst_head") or {}
+        held_txt = "–"
+        if held and heads:
+            held_txt = (f"{max(held.values()) / doc['pv_l1']:.2f}x ({max(heads.values()) / doc['pv_l1']:.2f}x), "
+                        f"{cal.get('holdout_windows', 1)} win")
+        elif held:  # configs written before the per-layer measure: holdout_l1 was the worst head
+            held_txt = f"– ({max(held.values()) / doc['pv_l1']:.2f}x), {cal.get('holdout_windows', 1)} win"
+        setting = f"{cal.get('estimator', 'pooled')}, margin {cal.get('margin', 1.0)}"
         lines.append(f"| {doc['model']['name']} | {cal.get('samples')} x {cal.get('seq_len')} | {doc['l1']}/{doc['pv_l1']} | "
-                     f"{sum(sp) / len(sp):.3f} | {cal.get('seconds')} | {cal.get('evaluations')} | {cal.get('device')} | "
-                     f"`{f.relative_to(root.parent)}` |")
+                     f"{setting} | {sum(sp) / len(sp):.3f} | {held_txt} | {cal.get('seconds')} | {cal.get('evaluations')} | "
+                     f"{cal.get('device')} | `{f.relative_to(root.parent)}` |")
     if not lines:
         return None
-    return "\n".join(["| model | samples x tokens | l1/pv_l1 | mean sparsity | search s | evaluations | device | file |",
-                      "| --- | --- | --- | --- | --- | --- | --- | --- |", *lines])
+    return "\n".join(["| model | samples x tokens | l1/pv_l1 | estimator, margin | mean sparsity | held-out worst layer L1 / pv_l1 (worst head) "
+                      "| search s | evaluations | device | file |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", *lines])
 
 
 _IMAGE_COLUMNS = [("sparsity", "sparsity"), ("attention_tops", "attn TOPS"),
