@@ -4,9 +4,9 @@ On a capture (``calibrate``'s ``<config>.capture`` or any ``calibrate.capture`` 
 windows than the search uses: per layer, search on the first ``--calib`` windows with each variant,
 then measure every held-out window's relative L1 (worst head) with the chosen hyperparameters.
 
-Variants (``--variants``): ``base`` (the calibrate default), ``stage1`` (no PV skip tuning),
-``margin<f>`` (search to f x the bounds, e.g. ``margin0.8``), ``robust`` (the calibrate default
-robust search, if present in ``calibrate.search``).
+Variants (``--variants``): ``base`` (bounds as given, margin 1), ``stage1`` (no PV skip tuning),
+``margin<f>`` (search to f x the bounds, e.g. ``margin0.8``), ``pvgap<f>`` (stage 2 may add only f x
+l1 on top of l1). ``--estimator`` picks the predictor's block estimator (default keys).
 
     python scripts/holdout_study.py --capture runs/study.capture --calib 5 --out results/calibration/holdout-study.json
 """
@@ -31,8 +31,8 @@ from calibrate.search import LayerEvaluator, SearchSettings, search_layer  # noq
 from sparge_core.params import write_json_atomic  # noqa: E402
 
 
-def settings_for(variant: str, l1: float, pv_l1: float) -> SearchSettings:
-    base = SearchSettings(l1=l1, pv_l1=pv_l1)
+def settings_for(variant: str, l1: float, pv_l1: float, estimator: str = "keys") -> SearchSettings:
+    base = SearchSettings(l1=l1, pv_l1=pv_l1, estimator=estimator)
     if variant == "base":
         return base
     if variant == "stage1":
@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--l1", type=float, default=0.08)
     ap.add_argument("--pv-l1", type=float, default=0.09)
     ap.add_argument("--variants", nargs="+", default=["base", "stage1"])
+    ap.add_argument("--estimator", choices=["keys", "pooled"], default="keys")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -63,10 +64,10 @@ def main() -> None:
     for layer in layers:
         samples = load_captured(args.capture, layer)
         cal, held = samples[: args.calib], samples[args.calib:]
-        ev = LayerEvaluator(cal, is_causal=True, device=args.device)
-        held_ev = [LayerEvaluator([s], is_causal=True, device=args.device) for s in held]
+        ev = LayerEvaluator(cal, is_causal=True, device=args.device, estimator=args.estimator)
+        held_ev = [LayerEvaluator([s], is_causal=True, device=args.device, estimator=args.estimator) for s in held]
         for variant in args.variants:
-            st = settings_for(variant, args.l1, args.pv_l1)
+            st = settings_for(variant, args.l1, args.pv_l1, args.estimator)
             t0 = time.perf_counter()
             res = search_layer(ev, ev.num_heads, st)
             secs = time.perf_counter() - t0
@@ -85,7 +86,7 @@ def main() -> None:
             rows.append(row)
             print(f"layer {layer:>2} {variant:<10} sparsity {res.sparsity:.3f} calib {res.l1:.4f} held worst "
                   f"{max(per_window):.4f} windows {' '.join(f'{x:.3f}' for x in per_window)} ({secs:.0f}s)", flush=True)
-    doc = {"capture": str(args.capture), "seq_len": meta.seq_len, "calib": args.calib, "held": meta.samples - args.calib,
+    doc = {"capture": str(args.capture), "estimator": args.estimator, "seq_len": meta.seq_len, "calib": args.calib, "held": meta.samples - args.calib,
            "l1": args.l1, "pv_l1": args.pv_l1, "rows": rows, "command": "python " + " ".join(sys.argv),
            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
     write_json_atomic(args.out, doc)
