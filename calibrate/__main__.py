@@ -346,12 +346,8 @@ def build_config(plan: Plan, meta, layers: list[int], run: str, timing: dict):
 def validate_holdout(plan: Plan, meta, config) -> dict[int, dict[str, float]]:
     """Per layer, the written config's relative L1 on the held-out windows (worst window): ``layer``
     (all heads' outputs together) and ``worst_head``."""
-    import torch
-
-    from sparge_core.methods.sparge import Sparge
-
     from .capture import load_captured
-    from .search import LayerEvaluator
+    from .search import config_window_errors
 
     out = {}
     for lc in config.layers:
@@ -360,13 +356,7 @@ def validate_holdout(plan: Plan, meta, config) -> dict[int, dict[str, float]]:
         samples = load_captured(plan.capture_dir, lc.layer)[plan.args.samples:]
         if not samples:
             return {}
-        ev = LayerEvaluator(samples, is_causal=not plan.args.non_causal, device=plan.device, estimator=lc.estimator)
-        m = Sparge.from_layer_config(lc)
-        sel = m._selection()
-        topk = sel.get("topk") is not None
-        layer_l1, head_l1 = ev.window_errors(torch.tensor(sel["simthreshd1"]),
-                                             torch.tensor(sel["topk"] if topk else sel["cdfthreshd"]),
-                                             torch.tensor(m.pvthreshd), "topk" if topk else "cdf")
+        layer_l1, head_l1 = config_window_errors(samples, lc, is_causal=not plan.args.non_causal, device=plan.device)
         out[lc.layer] = {"layer": max(layer_l1), "worst_head": max(max(h) for h in head_l1)}
     return out
 

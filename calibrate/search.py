@@ -31,6 +31,8 @@ import torch
 from sparge_core import sparge_attn
 from sparge_core.ops import reference
 from sparge_core.ops.reference import ESTIMATORS
+from sparge_core.params import LayerConfig
+from sparge_core.validation import check_choice
 
 DEFAULT_THETAS: tuple[float, ...] = (-1.0, 0.2, 0.4, 0.55, 0.7, 0.85)
 CDF_U_MAX = 4.0  # cdfthreshd = 1 - 10^-u: u = 4 is 0.9999
@@ -65,8 +67,7 @@ class SearchSettings:
             raise ValueError(f"granularity must be 'head' or 'layer', got {self.granularity!r}")
         if not self.thetas or any(not -1.0 <= t <= 1.0 for t in self.thetas):
             raise ValueError(f"thetas must be values in [-1, 1], got {self.thetas}")
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        check_choice("estimator", self.estimator, ESTIMATORS)
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,17 @@ class LayerEvaluator:
             layer.append(float(diff.sum() / ref.sum().clamp(min=1e-30)))
             heads.append((diff / ref.clamp(min=1e-30)).double().cpu().tolist())
         return layer, heads
+
+
+def config_window_errors(samples: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], lc: LayerConfig, *,
+                         is_causal: bool, device: torch.device | str | None = None
+                         ) -> tuple[list[float], list[list[float]]]:
+    """``LayerEvaluator.window_errors`` of a calibrated layer (its own hyperparameters and estimator)
+    on ``samples``: per sample, the whole layer's relative L1 and each head's."""
+    ev = LayerEvaluator(samples, is_causal=is_causal, device=device, estimator=lc.estimator)
+    topk = lc.topk is not None
+    return ev.window_errors(torch.tensor(lc.simthreshd1), torch.tensor(lc.topk if topk else lc.cdfthreshd),
+                            torch.tensor(lc.pvthreshd), "topk" if topk else "cdf")
 
 
 def _budget_from_u(u: torch.Tensor, mode: str) -> torch.Tensor:

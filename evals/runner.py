@@ -208,8 +208,9 @@ def git_state(repo: Path) -> tuple[str | None, bool | None]:
     wrapper ships a committed tree). Otherwise git is asked.
     """
     marker = repo / ".tree-commit"
-    if marker.is_file() and marker.read_text().strip():
-        return marker.read_text().strip(), False
+    shipped = marker.read_text().strip() if marker.is_file() else ""
+    if shipped:
+        return shipped, False
     try:
         head = subprocess.run(["git", "rev-parse", "--verify", "--quiet", "HEAD"], cwd=repo, capture_output=True,
                               text=True, check=False)

@@ -22,10 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from calibrate.capture import capture_to_disk, load_captured  # noqa: E402
-from calibrate.search import LayerEvaluator  # noqa: E402
+from calibrate.search import config_window_errors  # noqa: E402
 from evals.data import token_windows  # noqa: E402
 from evals.models import load_model  # noqa: E402
-from sparge_core.methods.sparge import Sparge  # noqa: E402
 from sparge_core.params import ModelConfig, write_json_atomic  # noqa: E402
 
 
@@ -51,14 +50,8 @@ def main() -> None:
         for lc in config.layers:
             if lc.is_dense:
                 continue
-            ev = LayerEvaluator(load_captured(Path(tmp) / "cap", lc.layer), is_causal=True, device=args.device,
-                                estimator=lc.estimator)
-            m = Sparge.from_layer_config(lc)
-            sel = m._selection()
-            topk = sel.get("topk") is not None
-            layer_l1, head_l1 = ev.window_errors(torch.tensor(sel["simthreshd1"]),
-                                                 torch.tensor(sel["topk"] if topk else sel["cdfthreshd"]),
-                                                 torch.tensor(m.pvthreshd), "topk" if topk else "cdf")
+            layer_l1, head_l1 = config_window_errors(load_captured(Path(tmp) / "cap", lc.layer), lc, is_causal=True,
+                                                     device=args.device)
             rows.append({"layer": lc.layer, "layer_l1": max(layer_l1), "worst_head_l1": max(max(h) for h in head_l1),
                          "per_window_layer_l1": layer_l1, "calibration_l1": lc.l1, "sparsity": lc.sparsity})
             print(f"layer {lc.layer:>3}: layer L1 {max(layer_l1):.4f} worst head {rows[-1]['worst_head_l1']:.4f}",

@@ -84,8 +84,7 @@ def resolve_quant(quant: str, device: torch.device) -> str:
       0.025 relative L1 on Gaussian inputs (FP8 P alone), so it is never chosen automatically.
     "none": no quantization. "auto": ``AUTO_QUANT_ON_CUDA`` on CUDA, "none" elsewhere.
     """
-    if quant not in QUANT_MODES:
-        raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
+    validation.check_choice("quant", quant, QUANT_MODES)
     if quant == "auto":
         quant = AUTO_QUANT_ON_CUDA if device.type == "cuda" else "none"
     if quant == "int8-fp8" and not (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)):

@@ -232,9 +232,8 @@ def predict_block_mask(
 
 
 def estimator_scores(estimator: str, q_blocks: PooledBlocks, k: torch.Tensor, scale: float) -> torch.Tensor | None:
-    """Block scores for ``select_blocks``: None for ``"pooled"`` (it forms them itself), the
-    key-resolved scores for ``"keys"`` (matmul in the inputs' half dtype on CUDA, float32 otherwise)."""
-    if estimator == "pooled":
-        return None
+    """``reference.estimator_scores`` with the matmul in the inputs' half dtype on CUDA, float32
+    otherwise."""
     half = k.dtype in (torch.float16, torch.bfloat16) and k.is_cuda
-    return reference.key_resolved_scores(q_blocks.pooled, k, scale=scale, dtype=k.dtype if half else torch.float32)
+    return reference.estimator_scores(estimator, q_blocks.pooled, k, scale=scale,
+                                      dtype=k.dtype if half else torch.float32)

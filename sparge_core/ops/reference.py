@@ -183,6 +183,13 @@ def key_resolved_scores(
     return out.view(b, hq, nqb, nkb)
 
 
+def estimator_scores(estimator: str, pooled_q: torch.Tensor, k: torch.Tensor, *, scale: float,
+                     dtype=torch.float64) -> torch.Tensor | None:
+    """The ``scores`` argument of ``select_blocks`` for an estimator: None for ``"pooled"``
+    (``select_blocks`` forms the pooled map itself), ``key_resolved_scores`` for ``"keys"``."""
+    return key_resolved_scores(pooled_q, k, scale=scale, dtype=dtype) if estimator == "keys" else None
+
+
 def select_blocks(
     q_blocks: PooledBlocks,
     k_blocks: PooledBlocks,
@@ -285,10 +292,10 @@ def predict_block_mask(
     """The whole stage-1 predictor in plain PyTorch (inputs already validated, params per head)."""
     q_blocks = pool_and_similarity(q, BLOCK_Q, smooth=False, dtype=dtype)
     k_blocks = pool_and_similarity(k, BLOCK_K, smooth=True, dtype=dtype)
-    scores = key_resolved_scores(q_blocks.pooled, k, scale=scale, dtype=dtype) if estimator == "keys" else None
     return select_blocks(
         q_blocks, k_blocks, nq=q.shape[-2], nk=k.shape[-2], is_causal=is_causal, scale=scale,
-        simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk, scores=scores,
+        simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
+        scores=estimator_scores(estimator, q_blocks.pooled, k, scale=scale, dtype=dtype),
     )
 
 
