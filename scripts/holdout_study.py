@@ -65,7 +65,7 @@ def main() -> None:
         samples = load_captured(args.capture, layer)
         cal, held = samples[: args.calib], samples[args.calib:]
         ev = LayerEvaluator(cal, is_causal=True, device=args.device, estimator=args.estimator)
-        held_ev = [LayerEvaluator([s], is_causal=True, device=args.device, estimator=args.estimator) for s in held]
+        held_ev = LayerEvaluator(held, is_causal=True, device=args.device, estimator=args.estimator)
         for variant in args.variants:
             st = settings_for(variant, args.l1, args.pv_l1, args.estimator)
             t0 = time.perf_counter()
@@ -74,11 +74,9 @@ def main() -> None:
             theta = torch.tensor([h.simthreshd1 for h in res.heads])
             budget = torch.tensor([h.budget for h in res.heads])
             pv = torch.tensor([h.pvthreshd for h in res.heads])
-            per_window, per_head = [], []
-            for hev in held_ev:
-                l1, _sp = hev(theta.float(), budget.float(), pv.float(), st.mode)
-                per_window.append(float(l1.max()))
-                per_head.append([round(float(x), 5) for x in l1])
+            _layer_l1, head_l1 = held_ev.window_errors(theta.float(), budget.float(), pv.float(), st.mode)
+            per_window = [max(heads) for heads in head_l1]
+            per_head = [[round(x, 5) for x in heads] for heads in head_l1]
             row = {"layer": layer, "variant": variant, "sparsity": res.sparsity, "calib_l1": res.l1,
                    "holdout_worst": max(per_window), "holdout_per_window": per_window, "holdout_per_head": per_head,
                    "simthreshd1": theta.tolist(), "budget": budget.tolist(), "pvthreshd": pv.tolist(),
