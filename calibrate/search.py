@@ -30,7 +30,7 @@ import torch
 
 from sparge_core import sparge_attn
 from sparge_core.ops import reference
-from sparge_core.ops.reference import ESTIMATORS
+from sparge_core.ops.blocks import ESTIMATORS
 from sparge_core.params import LayerConfig
 from sparge_core.validation import check_choice
 

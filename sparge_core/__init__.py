@@ -8,7 +8,7 @@ Only torch and triton are imported here.
 """
 
 from .api import BACKENDS, block_sparse_attn, predict_block_mask, resolve_backend, sparge_attn
-from .ops.reference import BLOCK_K, BLOCK_Q
+from .ops.blocks import BLOCK_K, BLOCK_Q
 from .stats import SparsityStats
 
 __all__ = [

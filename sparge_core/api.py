@@ -16,7 +16,8 @@ from . import validation
 from .ops import attention as triton_attention
 from .ops import predict as triton_predict
 from .ops import reference
-from .ops.reference import BLOCK_K, BLOCK_Q, BlockCounts
+from .ops.blocks import BLOCK_K, BLOCK_Q, BlockCounts
+from .registry import Registry
 from .stats import SparsityStats
 
 logger = logging.getLogger(__name__)
@@ -59,10 +60,9 @@ def _reference_attend(q, k, v, mask, *, is_causal, scale, pvthreshd, quant):
     return out.to(v.dtype), counts
 
 
-BACKENDS: dict[str, Backend] = {
-    "reference": Backend("reference", _reference_predict, _reference_attend),
-    "triton": Backend("triton", triton_predict.predict_block_mask, triton_attention.block_sparse_attn),
-}
+BACKENDS: Registry[Backend] = Registry("backend")
+BACKENDS.add("reference", Backend("reference", _reference_predict, _reference_attend))
+BACKENDS.add("triton", Backend("triton", triton_predict.predict_block_mask, triton_attention.block_sparse_attn))
 
 
 def resolve_backend(backend: str, device: torch.device) -> Backend:
@@ -70,10 +70,10 @@ def resolve_backend(backend: str, device: torch.device) -> Backend:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend == "auto":
-        return BACKENDS["triton" if device.type == "cuda" else "reference"]
+        return BACKENDS.get("triton" if device.type == "cuda" else "reference")
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {['auto', *BACKENDS]}")
-    return BACKENDS[backend]
+        raise ValueError(f"unknown backend {backend!r}; choose one of {['auto', *BACKENDS.names()]}")
+    return BACKENDS.get(backend)
 
 
 def resolve_quant(quant: str, device: torch.device) -> str:

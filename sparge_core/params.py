@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .ops.reference import BLOCK_K, BLOCK_Q
+from .ops.blocks import BLOCK_K, BLOCK_Q
 
 CONFIG_FORMAT = "sparge-config"
 CONFIG_VERSION = 1
@@ -228,7 +228,7 @@ def _head_list(value, where: str, num_heads: int, low: float, high: float) -> tu
 
 
 def _estimator(value, where: str) -> str:
-    from .ops.reference import ESTIMATORS
+    from .ops.blocks import ESTIMATORS
 
     if value not in ESTIMATORS:
         raise ConfigError(f"{where} must be one of {list(ESTIMATORS)}, got {value!r}")

@@ -56,6 +56,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .registry import Registry
+
 logger = logging.getLogger(__name__)
 
 Grid = tuple[int, ...]
@@ -260,25 +262,23 @@ def _random_perm(grid: Grid, seed: int) -> torch.Tensor:
     return torch.randperm(math.prod(_grid3(grid)), generator=g)
 
 
-_ORDERS: dict[str, Callable[[Grid, int], torch.Tensor]] = {
-    "hilbert": _hilbert_perm,
-    "row-major": _axis_perm(0, 1, 2),
-    "column-major": _axis_perm(0, 2, 1),
-    "time-major": _axis_perm(1, 2, 0),
-    "random": _random_perm,
-}
+ORDERS: Registry[Callable[[Grid, int], torch.Tensor]] = Registry("token order")
+ORDERS.add("hilbert", _hilbert_perm)
+ORDERS.add("row-major", _axis_perm(0, 1, 2))
+ORDERS.add("column-major", _axis_perm(0, 2, 1))
+ORDERS.add("time-major", _axis_perm(1, 2, 0))
+ORDERS.add("random", _random_perm)
 
 _CACHE: dict[tuple, TokenOrder] = {}
 
 
 def order_names() -> list[str]:
-    return sorted(_ORDERS)
+    return ORDERS.names()
 
 
 def get_order(name: str, grid: Grid, *, device: torch.device | str | None = None, seed: int = 0) -> TokenOrder:
     """The ``name`` order of a ``(H, W)`` or ``(T, H, W)`` grid, cached per grid, seed and device."""
-    if name not in _ORDERS:
-        raise ValueError(f"unknown token order {name!r}; known orders: {order_names()}")
+    build = ORDERS.get(name)  # unknown names raise, listing the known orders
     grid = tuple(grid)
     _grid3(grid)
     dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -289,7 +289,7 @@ def get_order(name: str, grid: Grid, *, device: torch.device | str | None = None
     cpu_key = (*key[:3], "cpu")
     base = _CACHE.get(cpu_key)
     if base is None:
-        perm = _ORDERS[name](grid, seed)
+        perm = build(grid, seed)
         _check_bijection(perm, math.prod(_grid3(grid)), name, grid)
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(perm.numel())

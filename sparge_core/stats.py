@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ops.reference import BlockCounts
+from .ops.blocks import BlockCounts
 
 
 @dataclass(frozen=True)

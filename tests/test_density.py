@@ -120,7 +120,7 @@ def test_knobs_for_every_registered_method():
 @pytest.mark.parametrize(
     "call,exc,match",
     [
-        (lambda q, k: match_density("nope", q, k, 0.5, True), ValueError, "known methods: .*'flexprefill'"),
+        (lambda q, k: match_density("nope", q, k, 0.5, True), ValueError, "unknown attention method.*known: .*'flexprefill'"),
         (lambda q, k: match_density("flexprefill", q, k, 1.5, True), ValueError, "target_density must be in"),
         (
             lambda q, k: match_density("flexprefill", q, k, "0.5", True),

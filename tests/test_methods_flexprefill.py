@@ -192,7 +192,7 @@ def test_non_causal_and_chunked_prefill_are_well_formed():
 
 def test_registered_and_unknown_names_list_known():
     assert "flexprefill" in method_names()
-    with pytest.raises(ValueError, match="known methods: .*'flexprefill'"):
+    with pytest.raises(ValueError, match="unknown attention method.*known: .*'flexprefill'"):
         get_method("flex-prefill")
 
 

@@ -280,7 +280,7 @@ def test_chunked_prefill_keeps_diagonal_and_causality():
 # ----------------------------------------------------------------------------------------------
 def test_registered_and_unknown_names_list_known():
     assert "minference" in method_names()
-    with pytest.raises(ValueError, match="known methods: .*'minference'"):
+    with pytest.raises(ValueError, match="unknown attention method.*known: .*'minference'"):
         get_method("minfrence")
 
 

@@ -6,47 +6,41 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..registry import Registry, UnknownName
 from .base import AttentionMethod
 
-_REGISTRY: dict[str, Callable[..., AttentionMethod]] = {}
+
+def _load_builtin() -> None:
+    # every built-in method needs only torch: an ImportError here is a real defect and propagates
+    from . import dense, flexprefill, minference, sparge  # noqa: F401  (registration side effect)
+
+
+METHODS: Registry[Callable[..., AttentionMethod]] = Registry("attention method", loader=_load_builtin)
 
 
 def register_method(name: str):
     """Class decorator: make a method available to ``get_method`` and the CLIs under ``name``."""
 
     def wrap(cls):
-        if name in _REGISTRY:
-            raise ValueError(f"attention method {name!r} is registered twice")
         cls.name = name
-        _REGISTRY[name] = cls
-        return cls
+        return METHODS.add(name, cls)
 
     return wrap
 
 
 def method_names() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
+    return METHODS.names()
+
+
+def method_class(name: str) -> Callable[..., AttentionMethod]:
+    """The class registered under ``name`` (``UnknownName`` lists the known ones)."""
+    return METHODS.get(name)
 
 
 def get_method(name: str, **params) -> AttentionMethod:
     """A configured method by name; unknown names list the known ones."""
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown attention method {name!r}; known methods: {sorted(_REGISTRY)}")
-    return _REGISTRY[name](**params)
+    return method_class(name)(**params)
 
 
-def _load_builtin() -> None:
-    from . import dense, sparge  # noqa: F401  (registration side effect)
-    try:
-        from . import minference  # noqa: F401
-    except ImportError:
-        pass
-    try:
-        from . import flexprefill  # noqa: F401
-    except ImportError:
-        pass
-
-
-__all__ = ["AttentionMethod", "get_method", "method_names", "register_method"]
+__all__ = ["METHODS", "AttentionMethod", "UnknownName", "get_method", "method_class", "method_names",
+           "register_method"]

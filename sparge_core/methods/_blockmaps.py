@@ -27,7 +27,7 @@ import math
 import torch
 
 from ..ops import reference
-from ..ops.reference import BLOCK_K, BLOCK_Q, num_blocks
+from ..ops.blocks import BLOCK_K, BLOCK_Q, num_blocks
 
 
 def expand_kv(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from .. import validation
-from . import _REGISTRY, _load_builtin, get_method
+from . import get_method, method_class
 from . import _blockmaps as bm
 from .base import AttentionMethod
 
@@ -57,10 +57,7 @@ class Knob:
 
 def budget_knob(method_name: str) -> Knob | None:
     """The knob density matching turns for ``method_name`` (None: the method has no budget)."""
-    _load_builtin()
-    if method_name not in _REGISTRY:
-        get_method(method_name)  # raises the registry's error listing the known names
-    cls = _REGISTRY[method_name]
+    cls = method_class(method_name)
     param = getattr(cls, "budget_param", None)
     if param is None:
         return None

@@ -70,7 +70,7 @@ import torch
 
 from .. import validation
 from ..ops import reference
-from ..ops.reference import BLOCK_K, BLOCK_Q
+from ..ops.blocks import BLOCK_K, BLOCK_Q
 from . import _blockmaps as bm
 from . import register_method
 from .base import AttentionMethod

@@ -54,9 +54,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
 from ._triton_util import check_runnable, interpreter_enabled, padded_head_dim
-from .reference import BLOCK_K, BLOCK_Q, BlockCounts
+from .blocks import BLOCK_K, BLOCK_Q, LOG2E, BlockCounts, allowed_block_count, num_blocks
 
 FP8_E4M3_MAX = 448.0
 
@@ -278,7 +277,7 @@ def quantize_v_fp8(v: torch.Tensor, block_n: int = BLOCK_K) -> tuple[torch.Tenso
     strides so that tokens are contiguous per channel, scales ``(B, Hkv, D_PAD)`` float32)."""
     bsz, heads, n, head_dim = v.shape
     d_pad = padded_head_dim(head_dim)
-    n_pad = reference.num_blocks(n, block_n) * block_n
+    n_pad = num_blocks(n, block_n) * block_n
     vf = v.float()
     scale = vf.abs().amax(dim=2) / FP8_E4M3_MAX + 1e-12  # (B, Hkv, D)
     vt = torch.zeros(bsz, heads, d_pad, n_pad, device=v.device, dtype=torch.float8_e4m3fn)
@@ -310,7 +309,7 @@ def block_sparse_attn(
     check_runnable(q)
     bsz, num_q_heads, nq, head_dim = q.shape
     num_kv_heads, nk = k.shape[1], k.shape[2]
-    nqb, nkb = reference.num_blocks(nq, BLOCK_Q), reference.num_blocks(nk, BLOCK_K)
+    nqb, nkb = num_blocks(nq, BLOCK_Q), num_blocks(nk, BLOCK_K)
     interp = interpreter_enabled() and q.device.type == "cpu"
     cdtype = compute_dtype_for(q.dtype, q.device)
     out = torch.empty(bsz, num_q_heads, nq, head_dim, device=q.device, dtype=q.dtype)
@@ -321,7 +320,7 @@ def block_sparse_attn(
     if quant == "int8-fp8" and interp:
         raise ValueError("quant='int8-fp8' needs a GPU with FP8 (sm89+); the Triton interpreter has no FP8 dot")
 
-    qk_scale = scale * reference.LOG2E
+    qk_scale = scale * LOG2E
     dummy = torch.empty(1, device=q.device, dtype=torch.float32)
     q_scale = k_scale = v_scale = dummy
     qk_dim = head_dim
@@ -358,7 +357,7 @@ def block_sparse_attn(
         EVEN_QK=qk_dim == d_pad, EVEN_V=head_dim == d_pad,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    allowed = reference.allowed_block_count(nq, nk, is_causal)
+    allowed = allowed_block_count(nq, nk, is_causal)
     counts = BlockCounts(
         allowed=torch.full((bsz, num_q_heads), allowed, dtype=torch.long, device=q.device),
         computed=lut.count.sum(dim=-1, dtype=torch.long),

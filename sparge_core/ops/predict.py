@@ -35,9 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
 from ._triton_util import check_runnable, padded_head_dim
-from .reference import BLOCK_K, BLOCK_Q, PooledBlocks
+from .blocks import BLOCK_K, BLOCK_Q, PooledBlocks, num_blocks
 
 
 @triton.jit
@@ -98,7 +97,7 @@ def pool_and_similarity(
     """
     check_runnable(x)
     bsz, heads, n, head_dim = x.shape
-    nb = reference.num_blocks(n, block)
+    nb = num_blocks(n, block)
     d_pad = padded_head_dim(head_dim)
     mean = x.mean(dim=2, dtype=torch.float32).contiguous() if smooth else x.new_empty(1, dtype=torch.float32)
     pooled = torch.empty(bsz, heads, nb, head_dim, device=x.device, dtype=torch.float32)
@@ -234,6 +233,8 @@ def predict_block_mask(
 def estimator_scores(estimator: str, q_blocks: PooledBlocks, k: torch.Tensor, scale: float) -> torch.Tensor | None:
     """``reference.estimator_scores`` with the matmul in the inputs' half dtype on CUDA, float32
     otherwise."""
+    from . import reference  # the keys estimator is still the reference's torch computation
+
     half = k.dtype in (torch.float16, torch.bfloat16) and k.is_cuda
     return reference.estimator_scores(estimator, q_blocks.pooled, k, scale=scale,
                                       dtype=k.dtype if half else torch.float32)

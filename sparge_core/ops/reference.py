@@ -27,20 +27,20 @@ Causal attention with ``Nq != Nk`` is bottom-right aligned: query ``i`` sees key
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-BLOCK_Q = 128
-BLOCK_K = 64
-LOG2E = 1.4426950408889634
-# Added to a block's INT8 scale so an all-zero block does not divide by zero (as SageAttention).
-QUANT_SCALE_EPS = 1e-7
-
-
-def num_blocks(n: int, block: int) -> int:
-    """Number of blocks of ``block`` tokens that cover ``n`` tokens."""
-    return (n + block - 1) // block
+from .blocks import (  # noqa: F401  (re-exported: the reference is read with these names)
+    BLOCK_K,
+    BLOCK_Q,
+    ESTIMATORS,
+    LOG2E,
+    QUANT_SCALE_EPS,
+    BlockCounts,
+    PooledBlocks,
+    allowed_block_count,
+    num_blocks,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,25 +126,12 @@ def _per_head(value: torch.Tensor, ndim: int) -> torch.Tensor:
     return value.reshape((1, -1) + (1,) * (ndim - 2))
 
 
-@dataclass(frozen=True)
-class PooledBlocks:
-    """What the predictor's pass over Q or K produces: mean token and self-similarity per block."""
-
-    pooled: torch.Tensor  # (B, H, nb, D)
-    sim: torch.Tensor  # (B, H, nb)
-
-
 def pool_and_similarity(x: torch.Tensor, block: int, *, smooth: bool, dtype=torch.float64) -> PooledBlocks:
     """Reference of the predictor's fused pass: optional K smoothing, pooling, self-similarity."""
     x = x.to(dtype)
     if smooth:
         x = smooth_k(x)
     return PooledBlocks(block_mean_pool(x, block), block_self_similarity(x, block))
-
-
-#: How a block's score is estimated from the pooled query: "pooled" (the paper: pooled query .
-#: pooled key) or "keys" (pooled query against every key of the block, log-sum-exp per block).
-ESTIMATORS = ("pooled", "keys")
 
 
 def key_resolved_scores(
@@ -302,27 +289,6 @@ def predict_block_mask(
 # --------------------------------------------------------------------------------------------
 # Masked attention and the stage-2 PV skip
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class BlockCounts:
-    """Per (batch, query head) block counts of one attention call, as ``(B, Hq)`` int64 tensors."""
-
-    allowed: torch.Tensor  # block pairs the causal mask allows (all pairs when not causal)
-    computed: torch.Tensor  # kept block pairs that were computed (kept and allowed)
-    pv_skipped: torch.Tensor  # computed block pairs whose P.V was skipped by stage 2
-
-
-def allowed_block_count(nq: int, nk: int, is_causal: bool) -> int:
-    """Number of block pairs ``allowed_block_mask`` keeps, computed on the host (no device work)."""
-    nqb, nkb = num_blocks(nq, BLOCK_Q), num_blocks(nk, BLOCK_K)
-    if not is_causal:
-        return nqb * nkb
-    total = 0
-    for i in range(nqb):
-        last = min((i + 1) * BLOCK_Q, nq) - 1 + (nk - nq)  # last key position the block's last row sees
-        total += 0 if last < 0 else min(nkb, last // BLOCK_K + 1)
-    return total
-
-
 def allowed_block_mask(nq: int, nk: int, is_causal: bool, device=None) -> torch.Tensor:
     """``(nqb, nkb)`` bool: the block pairs that attention may touch at all."""
     if is_causal:

@@ -1,0 +1,60 @@
+"""Block geometry and the small value types every executor shares.
+
+The reference (``reference.py``) and the Triton files (``predict.py``, ``attention.py``) both import
+from here, so the fast paths never depend on the reference for constants.
+
+- ``BLOCK_Q`` x ``BLOCK_K`` (128 x 64) is the geometry of every block map: ``(B, Hq, ceil(Nq/128),
+  ceil(Nk/64))`` bool, True = compute that block pair.
+- Causal attention with ``Nq != Nk`` is bottom-right aligned: query ``i`` sees keys ``j <= i + Nk - Nq``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BLOCK_Q = 128
+BLOCK_K = 64
+LOG2E = 1.4426950408889634
+#: Added to a block's INT8 scale so an all-zero block does not divide by zero.
+QUANT_SCALE_EPS = 1e-7
+#: How a block's score is estimated from the pooled query: "pooled" (the paper: pooled query .
+#: pooled key) or "keys" (pooled query against every key of the block, log-sum-exp per block).
+ESTIMATORS = ("pooled", "keys")
+
+
+def num_blocks(n: int, block: int) -> int:
+    """Number of blocks of ``block`` tokens that cover ``n`` tokens."""
+    return (n + block - 1) // block
+
+
+def allowed_block_count(nq: int, nk: int, is_causal: bool) -> int:
+    """Number of (BLOCK_Q x BLOCK_K) block pairs that attention may touch at all, computed on the host
+    (no device work): every pair, or under bottom-right causal masking those with at least one allowed
+    (query, key) pair."""
+    nqb, nkb = num_blocks(nq, BLOCK_Q), num_blocks(nk, BLOCK_K)
+    if not is_causal:
+        return nqb * nkb
+    total = 0
+    for i in range(nqb):
+        last = min((i + 1) * BLOCK_Q, nq) - 1 + (nk - nq)  # last key position the block's last row sees
+        total += 0 if last < 0 else min(nkb, last // BLOCK_K + 1)
+    return total
+
+
+@dataclass(frozen=True)
+class PooledBlocks:
+    """What the predictor's pass over Q or K produces: mean token and self-similarity per block."""
+
+    pooled: torch.Tensor  # (B, H, nb, D)
+    sim: torch.Tensor  # (B, H, nb)
+
+
+@dataclass(frozen=True)
+class BlockCounts:
+    """Per (batch, query head) block counts of one attention call, as ``(B, Hq)`` int64 tensors."""
+
+    allowed: torch.Tensor  # block pairs the causal mask allows (all pairs when not causal)
+    computed: torch.Tensor  # kept block pairs that were computed (kept and allowed)
+    pv_skipped: torch.Tensor  # computed block pairs whose P.V was skipped by stage 2
