@@ -47,7 +47,7 @@ def _reference_predict(q, k, **kw) -> torch.Tensor:
     return reference.predict_block_mask(q, k, dtype=torch.float32, **kw)
 
 
-def _reference_attend(q, k, v, mask, *, is_causal, scale, pvthreshd, quant):
+def _reference_attend(q, k, v, mask, *, is_causal, scale, pvthreshd, quant, window=None):
     if quant != "none":  # simulate INT8 QK^T: attention on the de-quantized Q and smoothed K
         qk_scale = scale * reference.LOG2E
         q_i8, q_s = reference.quantize_per_block(q, BLOCK_Q, multiplier=qk_scale)
@@ -55,7 +55,7 @@ def _reference_attend(q, k, v, mask, *, is_causal, scale, pvthreshd, quant):
         q = reference.dequantize_per_block(q_i8, q_s, BLOCK_Q) / qk_scale
         k = reference.dequantize_per_block(k_i8, k_s, BLOCK_K)
     out, counts = reference.masked_attention(
-        q, k, v, mask, is_causal=is_causal, scale=scale, pvthreshd=pvthreshd, dtype=torch.float32
+        q, k, v, mask, is_causal=is_causal, scale=scale, pvthreshd=pvthreshd, dtype=torch.float32, window=window
     )
     return out.to(v.dtype), counts
 
@@ -136,7 +136,7 @@ def _pv_threshold(pvthreshd, num_heads: int, device) -> torch.Tensor | None:
     return validation.per_head("pvthreshd", pvthreshd, num_heads, low=0.0, high=float("inf"), device=device)
 
 
-def _full_mask(q, k) -> torch.Tensor:
+def _full_mask(q, k) -> torch.Tensor:  # every block pair; the executors drop the disallowed ones
     return torch.ones(
         q.shape[0], q.shape[1], reference.num_blocks(q.shape[2], BLOCK_Q), reference.num_blocks(k.shape[2], BLOCK_K),
         dtype=torch.bool, device=q.device,
@@ -157,6 +157,7 @@ def predict_block_mask(
     topk=None,
     backend: str = "auto",
     estimator: str = "pooled",
+    window: int | None = None,
 ) -> torch.Tensor:
     """Stage-1 SpargeAttn block predictor.
 
@@ -171,20 +172,24 @@ def predict_block_mask(
             pooled key) or ``"keys"`` (the pooled query against every key of the block, summed per
             block: a dominant single key inside a block is not averaged away; costs 1/BLOCK_Q of
             ``Q K^T``). See ``reference.key_resolved_scores``.
+        window: a causal sliding window (query at position p sees keys p - window < j <= p): blocks
+            wholly outside it are never kept.
 
     Returns:
         bool ``(B, Hq, ceil(Nq / BLOCK_Q), ceil(Nk / BLOCK_K))``; True = compute this block pair.
     """
     validation.check_qk(q, k)
     validation.check_flag("is_causal", is_causal)
+    window = validation.check_window(window, is_causal)
     sm_scale = validation.resolve_scale(scale, q.shape[-1])
     validation.check_choice("estimator", estimator, reference.ESTIMATORS)
     sel = _selection(q.shape[1], q.device, simthreshd1, cdfthreshd, topk)
     impl = resolve_backend(backend, q.device)
     if sel.keeps_everything:
-        return _full_mask(q, k) & reference.allowed_block_mask(q.shape[2], k.shape[2], is_causal, device=q.device)
+        return _full_mask(q, k) & reference.allowed_block_mask(q.shape[2], k.shape[2], is_causal, device=q.device,
+                                                               window=window)
     return impl.predict(q, k, is_causal=is_causal, scale=sm_scale, simthreshd1=sel.simthreshd1,
-                        cdfthreshd=sel.cdfthreshd, topk=sel.topk, estimator=estimator)
+                        cdfthreshd=sel.cdfthreshd, topk=sel.topk, estimator=estimator, window=window)
 
 
 def block_sparse_attn(
@@ -199,6 +204,7 @@ def block_sparse_attn(
     quant: str = "auto",
     backend: str = "auto",
     return_stats: bool = False,
+    window: int | None = None,
 ):
     """Softmax attention restricted to the True blocks of ``mask`` (and the causal triangle).
 
@@ -211,12 +217,14 @@ def block_sparse_attn(
         quant: "auto" | "int8" | "none" (see ``resolve_quant``).
         backend: "auto" | "triton" | "reference".
         return_stats: also return a ``SparsityStats``.
+        window: a causal sliding window (query at position p sees keys p - window < j <= p), or None.
 
     A query row with no allowed key gets zeros.
     """
     validation.check_qkv(q, k, v)
     validation.check_flag("is_causal", is_causal)
     validation.check_flag("return_stats", return_stats)
+    window = validation.check_window(window, is_causal)
     sm_scale = validation.resolve_scale(scale, q.shape[-1])
     nqb, nkb = reference.num_blocks(q.shape[2], BLOCK_Q), reference.num_blocks(k.shape[2], BLOCK_K)
     mask = validation.check_block_mask(mask, (q.shape[0], q.shape[1], nqb, nkb), q.device)
@@ -224,7 +232,8 @@ def block_sparse_attn(
     impl = resolve_backend(backend, q.device)
     variant = resolve_quant(quant, q.device)
     _note_fp32(q.dtype, q.device)
-    out, counts = impl.attend(q, k, v, mask, is_causal=is_causal, scale=sm_scale, pvthreshd=pv, quant=variant)
+    out, counts = impl.attend(q, k, v, mask, is_causal=is_causal, scale=sm_scale, pvthreshd=pv, quant=variant,
+                              window=window)
     return (out, SparsityStats.from_counts(counts)) if return_stats else out
 
 
@@ -243,17 +252,20 @@ def sparge_attn(
     backend: str = "auto",
     return_stats: bool = False,
     estimator: str = "pooled",
+    window: int | None = None,
 ):
     """SpargeAttn: predict the block map, then run block-sparse attention with the stage-2 skip.
 
     A drop-in for ``F.scaled_dot_product_attention(q, k, v, is_causal=..., scale=...)`` on
     ``(B, H, N, D)`` tensors, with GQA (``Hq % Hkv == 0``) and any lengths. See
-    ``predict_block_mask`` and ``block_sparse_attn`` for the hyperparameters. With ``return_stats``
-    returns ``(out, SparsityStats)``.
+    ``predict_block_mask`` and ``block_sparse_attn`` for the hyperparameters (``window``: a causal
+    sliding window, intersected with the predicted map). With ``return_stats`` returns
+    ``(out, SparsityStats)``.
     """
     validation.check_qkv(q, k, v)
     validation.check_flag("is_causal", is_causal)
     validation.check_flag("return_stats", return_stats)
+    window = validation.check_window(window, is_causal)
     sm_scale = validation.resolve_scale(scale, q.shape[-1])
     validation.check_choice("estimator", estimator, reference.ESTIMATORS)
     sel = _selection(q.shape[1], q.device, simthreshd1, cdfthreshd, topk)
@@ -274,16 +286,17 @@ def sparge_attn(
         mask = triton_predict.select_blocks(
             q_blocks, k_blocks, nq=q.shape[2], nk=k.shape[2], is_causal=is_causal, scale=sm_scale,
             simthreshd1=sel.simthreshd1, cdfthreshd=sel.cdfthreshd, topk=sel.topk,
-            scores=triton_predict.estimator_scores(estimator, q_blocks, k, sm_scale),
+            scores=triton_predict.estimator_scores(estimator, q_blocks, k, sm_scale), window=window,
         )
         if variant != "none":
             quantized = (q_i8, q_s, k_i8, k_s)
     else:
         mask = impl.predict(q, k, is_causal=is_causal, scale=sm_scale, simthreshd1=sel.simthreshd1,
-                            cdfthreshd=sel.cdfthreshd, topk=sel.topk, estimator=estimator)
+                            cdfthreshd=sel.cdfthreshd, topk=sel.topk, estimator=estimator, window=window)
     if quantized is not None:
         out, counts = impl.attend(q, k, v, mask, is_causal=is_causal, scale=sm_scale, pvthreshd=pv,
-                                  quant=variant, quantized=quantized)
+                                  quant=variant, quantized=quantized, window=window)
     else:
-        out, counts = impl.attend(q, k, v, mask, is_causal=is_causal, scale=sm_scale, pvthreshd=pv, quant=variant)
+        out, counts = impl.attend(q, k, v, mask, is_causal=is_causal, scale=sm_scale, pvthreshd=pv, quant=variant,
+                                  window=window)
     return (out, SparsityStats.from_counts(counts)) if return_stats else out

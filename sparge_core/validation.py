@@ -63,6 +63,18 @@ def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
     return value
 
 
+def check_window(window, is_causal: bool) -> int | None:
+    """A sliding window: None, or an integer >= 1 with causal attention (query at position p sees keys
+    p - window < j <= p)."""
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be None or an integer >= 1 (tokens), got {window!r}")
+    if not is_causal:
+        raise ValueError("window (a sliding window) is supported with is_causal=True only")
+    return window
+
+
 def check_flag(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")

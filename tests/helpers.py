@@ -34,14 +34,15 @@ def rel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().sum().item() / den if den else (a - b).abs().sum().item()
 
 
-def assert_within_lowp_rule(out, q, k, v, mask, *, is_causal, scale, pvthreshd=None, factor=2.0, floor=1e-6):
+def assert_within_lowp_rule(out, q, k, v, mask, *, is_causal, scale, pvthreshd=None, factor=2.0, floor=1e-6,
+                            window=None):
     """out vs the float64 reference <= factor x (reference in q.dtype vs float64) + floor."""
     assert torch.isfinite(out).all(), "kernel output has NaN/inf"
     ref64, _ = R.masked_attention(q, k, v, mask, is_causal=is_causal, scale=scale, pvthreshd=pvthreshd,
-                                  dtype=torch.float64)
+                                  dtype=torch.float64, window=window)
     lowp_dtype = q.dtype if q.dtype != torch.float32 else torch.float32
     lowp, _ = R.masked_attention(q, k, v, mask, is_causal=is_causal, scale=scale, pvthreshd=pvthreshd,
-                                 dtype=lowp_dtype)
+                                 dtype=lowp_dtype, window=window)
     err, base = rel_l1(out, ref64), rel_l1(lowp, ref64)
     assert err <= factor * base + floor, f"kernel rel-L1 {err:.3e} > {factor} x low-precision {base:.3e} + {floor}"
     return err, base

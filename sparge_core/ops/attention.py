@@ -15,9 +15,14 @@ every block. Per kept block:
    running max). Decided per 128-row block of queries, as the official CUDA kernel's per-CTA mode;
 4. otherwise the usual rescale, ``exp2``, row sum and ``acc += P V``.
 
-The causal mask is applied to the block map on the host (fully-future blocks are dropped before the
-index list is built), so only diagonal blocks pay for the token mask: the loop runs in two stages, the
-unmasked blocks first (their count per row is precomputed), then the masked ones.
+The causal mask (and a sliding window) is applied to the block map before the index list is built
+(fully-future blocks and blocks wholly before the window are dropped), so only blocks on an edge pay
+for the token mask: the ascending loop runs in three stages, the blocks crossing the window's lower
+edge (with a window), the unmasked blocks (their counts per row are precomputed), then the diagonal
+and partial blocks.
+
+Sliding window (``window``, causal only): query i at key position p = i + Nk - Nq sees keys
+p - window < j <= p, as transformers' sliding-window layers (Mistral, Gemma3 local layers).
 
 GQA: query head h reads K/V head h // (Hq / Hkv) through strides; K/V are never repeated.
 
@@ -81,16 +86,16 @@ def default_kernel_config(head_dim: int, device: torch.device, quant: str = "non
 @triton.jit
 def _sparge_attn_fwd_kernel(
     Q, K, V, OUT, Q_SCALE, K_SCALE, V_SCALE,  #
-    LUT, COUNT, NFULL, PV_THRESH, PV_COUNT,  #
+    LUT, COUNT, NLOW, NFULL, PV_THRESH, PV_COUNT,  #
     stride_qb, stride_qh, stride_qn, stride_qd,  #
     stride_kb, stride_kh, stride_kn, stride_kd,  #
     stride_vb, stride_vh, stride_vn, stride_vd,  #
     stride_ob, stride_oh, stride_on, stride_od,  #
-    n_q_heads, group, n_q, n_k, causal_offset, n_qblocks, n_kblocks,  #
+    n_q_heads, group, n_q, n_k, causal_offset, n_qblocks, n_kblocks, window,  #
     qk_scale,  #
     HEAD_DIM: tl.constexpr, QK_DIM: tl.constexpr, D_PAD: tl.constexpr,  #
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
-    IS_CAUSAL: tl.constexpr, PV_SKIP: tl.constexpr,  #
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PV_SKIP: tl.constexpr,  #
     QUANT_QK: tl.constexpr, FP8_PV: tl.constexpr, UPCAST_QK: tl.constexpr, UPCAST_PV: tl.constexpr,  #
     EVEN_QK: tl.constexpr, EVEN_V: tl.constexpr,  #
 ):
@@ -120,6 +125,9 @@ def _sparge_attn_fwd_kernel(
     lut_row = LUT + row * n_kblocks
     n_kept = tl.load(COUNT + row)
     n_full = tl.load(NFULL + row)
+    n_low = 0
+    if HAS_WINDOW:
+        n_low = tl.load(NLOW + row)
     if QUANT_QK:
         q_scale = tl.load(Q_SCALE + row)
         k_scale_row = K_SCALE + (i_b.to(tl.int64) * (n_q_heads // group) + i_hk) * n_kblocks
@@ -131,14 +139,19 @@ def _sparge_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
 
-    # stage 0: blocks fully inside the causal triangle and inside K (no token mask);
-    # stage 1: the rest (diagonal blocks, the partial last block of K).
-    for stage in tl.static_range(2):
+    # The index list is ascending and falls into three runs: stage 0, blocks crossing the lower edge of
+    # a sliding window (token mask; only with a window); stage 1, blocks fully inside the causal
+    # triangle, the window and K (no token mask); stage 2, the rest (diagonal blocks, the partial last
+    # block of K; token mask).
+    for stage in tl.static_range(3):
         if stage == 0:
             lo = 0
-            hi = n_full
+            hi = n_low
+        elif stage == 1:
+            lo = n_low
+            hi = n_low + n_full
         else:
-            lo = n_full
+            lo = n_low + n_full
             hi = n_kept
         for it in range(lo, hi):
             kb = tl.load(lut_row + it)
@@ -146,7 +159,7 @@ def _sparge_attn_fwd_kernel(
             m_k = o_k < n_k
             # -- s = q k^T in base-2 units
             k_ptrs = k_base + o_k[None, :] * stride_kn + o_d[:, None] * stride_kd
-            if stage == 0 and EVEN_QK:
+            if stage == 1 and EVEN_QK:
                 b_k = tl.load(k_ptrs)  # [D_PAD, BLOCK_N]
             else:
                 b_k = tl.load(k_ptrs, mask=m_qkd[:, None] & m_k[None, :], other=0.0)
@@ -157,10 +170,12 @@ def _sparge_attn_fwd_kernel(
                 if UPCAST_QK:
                     b_k = b_k.to(tl.float32)
                 b_s = tl.dot(b_q, b_k) * qk_scale  # [BLOCK_M, BLOCK_N]
-            if stage == 1:
+            if stage != 1:
                 m_s = m_k[None, :]
                 if IS_CAUSAL:
                     m_s = m_s & (o_k[None, :] <= o_m[:, None] + causal_offset)
+                if HAS_WINDOW:
+                    m_s = m_s & (o_k[None, :] > o_m[:, None] + causal_offset - window)
                 b_s = tl.where(m_s, b_s, float("-inf"))
             m_local = tl.max(b_s, axis=1)
             m_new = tl.maximum(m_i, m_local)
@@ -176,7 +191,7 @@ def _sparge_attn_fwd_kernel(
                 l_i = l_i * alpha + tl.sum(b_p, axis=1)
                 acc = acc * alpha[:, None]
                 v_ptrs = v_base + o_k[:, None] * stride_vn + o_d[None, :] * stride_vd
-                if stage == 0 and EVEN_V:
+                if stage == 1 and EVEN_V:
                     b_v = tl.load(v_ptrs)  # [BLOCK_N, D_PAD]
                 else:
                     b_v = tl.load(v_ptrs, mask=m_k[:, None] & m_vd[None, :], other=0.0)
@@ -207,20 +222,23 @@ def _sparge_attn_fwd_kernel(
 @dataclass(frozen=True)
 class BlockLUT:
     """The block map as the kernel reads it: per (b, h, query block) the ascending kept key-block
-    indices (``indices[..., :count]``; the tail is unspecified), how many there are, and how many of
-    those need no token mask (they come first)."""
+    indices (``indices[..., :count]``; the tail is unspecified), how many there are, how many of the
+    first ones cross the lower edge of a sliding window (``n_low``, token mask; zero without a window)
+    and how many of those after them need no token mask (``n_unmasked``)."""
 
     indices: torch.Tensor  # (B, Hq, nqb, nkb) int32
     count: torch.Tensor  # (B, Hq, nqb) int32
     n_unmasked: torch.Tensor  # (B, Hq, nqb) int32
+    n_low: torch.Tensor  # (B, Hq, nqb) int32
 
 
 @triton.jit
 def _mask_to_lut_kernel(
-    MASK, LUT, COUNT, NFULL,  #
+    MASK, LUT, COUNT, NLOW, NFULL,  #
     stride_mb, stride_mh, stride_mq, stride_mk,  #
-    n_q_heads, n_qblocks, n_kblocks, n_q, n_k,  #
-    NK_PAD: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,  #
+    n_q_heads, n_qblocks, n_kblocks, n_q, n_k, window,  #
+    NK_PAD: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,  #
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,  #
 ):
     i_qb = tl.program_id(0)
     i_bh = tl.program_id(1)
@@ -231,36 +249,46 @@ def _mask_to_lut_kernel(
     b_m = tl.load(MASK + i_b.to(tl.int64) * stride_mb + i_h.to(tl.int64) * stride_mh + i_qb * stride_mq
                   + o_j * stride_mk, mask=m_j, other=0)
     keep = (b_m != 0) & m_j
-    # key blocks j < limit end before the causal diagonal and before the end of K: no token mask
+    # key blocks j < limit end before the causal diagonal and before the end of K; with a window, blocks
+    # j >= low start inside the window of the block's last row: [low, limit) needs no token mask
     limit = n_k // BLOCK_K
+    low = 0
     if IS_CAUSAL:
         offset = n_k - n_q
         q_last = tl.minimum((i_qb + 1) * BLOCK_Q, n_q) - 1 + offset
         keep = keep & (o_j * BLOCK_K <= q_last)  # drop fully-future blocks
         limit = tl.minimum(limit, tl.maximum(i_qb * BLOCK_Q + offset + 1, 0) // BLOCK_K)
+        if HAS_WINDOW:
+            k_last = tl.minimum(o_j * BLOCK_K + BLOCK_K, n_k) - 1
+            keep = keep & (k_last > i_qb * BLOCK_Q + offset - window)  # drop blocks before the window
+            low = tl.maximum(q_last - window + 1 + BLOCK_K - 1, 0) // BLOCK_K  # first block fully inside
     keep_i = keep.to(tl.int32)
     row = i_bh.to(tl.int64) * n_qblocks + i_qb
     position = tl.cumsum(keep_i, axis=0) - 1
     tl.store(LUT + row * n_kblocks + position, o_j, mask=keep)
     tl.store(COUNT + row, tl.sum(keep_i, axis=0))
-    tl.store(NFULL + row, tl.sum(tl.where(o_j < limit, keep_i, 0), axis=0))
+    n_low = tl.sum(tl.where(o_j < low, keep_i, 0), axis=0)
+    tl.store(NLOW + row, n_low)
+    tl.store(NFULL + row, tl.sum(tl.where((o_j >= low) & (o_j < limit), keep_i, 0), axis=0))
 
 
-def build_block_lut(mask: torch.Tensor, nq: int, nk: int, is_causal: bool) -> BlockLUT:
+def build_block_lut(mask: torch.Tensor, nq: int, nk: int, is_causal: bool, window: int | None = None) -> BlockLUT:
     """Compact a bool block map ``(B, Hq, nqb, nkb)`` (any strides, e.g. an expanded one) into ascending
-    index lists, dropping causal fully-future blocks."""
+    index lists, dropping causal fully-future blocks (and, with a sliding ``window``, blocks wholly
+    before it)."""
     bsz, num_q_heads, nqb, nkb = mask.shape
     indices = torch.empty(bsz, num_q_heads, nqb, nkb, device=mask.device, dtype=torch.int32)
     count = torch.empty(bsz, num_q_heads, nqb, device=mask.device, dtype=torch.int32)
     n_unmasked = torch.empty_like(count)
+    n_low = torch.empty_like(count)
     m8 = mask.view(torch.int8)
     _mask_to_lut_kernel[(nqb, bsz * num_q_heads)](
-        m8, indices, count, n_unmasked, *m8.stride(),
-        num_q_heads, nqb, nkb, nq, nk,
-        NK_PAD=max(16, triton.next_power_of_2(nkb)), IS_CAUSAL=is_causal, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K,
-        num_warps=4 if nkb <= 1024 else 8,
+        m8, indices, count, n_low, n_unmasked, *m8.stride(),
+        num_q_heads, nqb, nkb, nq, nk, window or 0,
+        NK_PAD=max(16, triton.next_power_of_2(nkb)), IS_CAUSAL=is_causal, HAS_WINDOW=window is not None,
+        BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, num_warps=4 if nkb <= 1024 else 8,
     )
-    return BlockLUT(indices, count, n_unmasked)
+    return BlockLUT(indices, count, n_unmasked, n_low)
 
 
 def compute_dtype_for(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -299,8 +327,10 @@ def block_sparse_attn(
     quant: str = "none",
     quantized: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     config: KernelConfig | None = None,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, BlockCounts]:
-    """Launch the kernel (inputs already validated; ``pvthreshd`` per query head or None).
+    """Launch the kernel (inputs already validated; ``pvthreshd`` per query head or None; ``window``: a
+    causal sliding window or None).
 
     ``quant``: "none", "int8" (INT8 QK, fp16/bf16 PV) or "int8-fp8" (INT8 QK, FP8 PV).
     ``quantized``: optional precomputed ``(q_int8, q_scale, k_int8, k_scale)`` from the predictor's
@@ -313,7 +343,7 @@ def block_sparse_attn(
     interp = interpreter_enabled() and q.device.type == "cpu"
     cdtype = compute_dtype_for(q.dtype, q.device)
     out = torch.empty(bsz, num_q_heads, nq, head_dim, device=q.device, dtype=q.dtype)
-    lut = build_block_lut(mask, nq, nk, is_causal)
+    lut = build_block_lut(mask, nq, nk, is_causal, window)
     d_pad = padded_head_dim(head_dim)
     if quant not in ("none", "int8", "int8-fp8"):
         raise ValueError(f"quant must be 'none', 'int8' or 'int8-fp8', got {quant!r}")
@@ -347,17 +377,17 @@ def block_sparse_attn(
 
     _sparge_attn_fwd_kernel[(nqb, bsz * num_q_heads)](
         q_in, k_in, v_in, out, q_scale, k_scale, v_scale,
-        lut.indices, lut.count, lut.n_unmasked, pv_thresh, pv_count,
+        lut.indices, lut.count, lut.n_low, lut.n_unmasked, pv_thresh, pv_count,
         *q_in.stride(), *k_in.stride(), *v_in.stride(), *out.stride(),
-        num_q_heads, num_q_heads // num_kv_heads, nq, nk, nk - nq, nqb, nkb,
+        num_q_heads, num_q_heads // num_kv_heads, nq, nk, nk - nq, nqb, nkb, window or 0,
         qk_scale,
         HEAD_DIM=head_dim, QK_DIM=qk_dim, D_PAD=d_pad, BLOCK_M=BLOCK_Q, BLOCK_N=BLOCK_K,
-        IS_CAUSAL=is_causal, PV_SKIP=pv_on, QUANT_QK=quant != "none", FP8_PV=quant == "int8-fp8",
+        IS_CAUSAL=is_causal, HAS_WINDOW=window is not None, PV_SKIP=pv_on, QUANT_QK=quant != "none", FP8_PV=quant == "int8-fp8",
         UPCAST_QK=upcast and quant == "none", UPCAST_PV=upcast,
         EVEN_QK=qk_dim == d_pad, EVEN_V=head_dim == d_pad,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    allowed = allowed_block_count(nq, nk, is_causal)
+    allowed = allowed_block_count(nq, nk, is_causal, window)
     counts = BlockCounts(
         allowed=torch.full((bsz, num_q_heads), allowed, dtype=torch.long, device=q.device),
         computed=lut.count.sum(dim=-1, dtype=torch.long),

@@ -29,17 +29,22 @@ def num_blocks(n: int, block: int) -> int:
     return (n + block - 1) // block
 
 
-def allowed_block_count(nq: int, nk: int, is_causal: bool) -> int:
+def allowed_block_count(nq: int, nk: int, is_causal: bool, window: int | None = None) -> int:
     """Number of (BLOCK_Q x BLOCK_K) block pairs that attention may touch at all, computed on the host
     (no device work): every pair, or under bottom-right causal masking those with at least one allowed
-    (query, key) pair."""
+    (query, key) pair (with a sliding ``window``: query at position p sees keys p - window < j <= p)."""
     nqb, nkb = num_blocks(nq, BLOCK_Q), num_blocks(nk, BLOCK_K)
     if not is_causal:
         return nqb * nkb
     total = 0
     for i in range(nqb):
         last = min((i + 1) * BLOCK_Q, nq) - 1 + (nk - nq)  # last key position the block's last row sees
-        total += 0 if last < 0 else min(nkb, last // BLOCK_K + 1)
+        hi = 0 if last < 0 else min(nkb, last // BLOCK_K + 1)  # key blocks [0, hi) start at or before it
+        lo = 0
+        if window is not None:  # blocks whose last key is before the window of the block's first row
+            first = i * BLOCK_Q + (nk - nq) - window + 1  # smallest key the first row sees
+            lo = max(0, first // BLOCK_K)
+        total += max(0, hi - lo)
     return total
 
 

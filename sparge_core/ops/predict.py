@@ -122,8 +122,8 @@ def pool_and_similarity(
 @triton.jit
 def _select_kernel(
     SCORES, SIM_Q, SIM_K, THETA, BUDGET, MASK,  #
-    n_q_heads, group, n_qblocks, n_kblocks, n_q, n_k, scale,  #
-    NK_PAD: tl.constexpr, TOPK_MODE: tl.constexpr, IS_CAUSAL: tl.constexpr,  #
+    n_q_heads, group, n_qblocks, n_kblocks, n_q, n_k, scale, window,  #
+    NK_PAD: tl.constexpr, TOPK_MODE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,  #
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,  #
 ):
     i_qb = tl.program_id(0)
@@ -148,6 +148,8 @@ def _select_kernel(
         q_first = i_qb * BLOCK_Q + offset
         q_last = tl.minimum((i_qb + 1) * BLOCK_Q, n_q) - 1 + offset
         allowed = o_j * BLOCK_K <= q_last
+        if HAS_WINDOW:  # blocks wholly before the window of the block's first row are never allowed
+            allowed = allowed & (tl.minimum(o_j * BLOCK_K + BLOCK_K, n_k) - 1 > q_first - window)
         s = tl.where(allowed, s, float("-inf"))
 
     # -- top-CDF or top-k: the value at the cut of the descending order
@@ -185,6 +187,7 @@ def select_blocks(
     cdfthreshd: torch.Tensor | None = None,
     topk: torch.Tensor | None = None,
     scores: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Triton version of ``reference.select_blocks`` (same arguments, same block map up to ties)."""
     if (cdfthreshd is None) == (topk is None):
@@ -202,8 +205,9 @@ def select_blocks(
     _select_kernel[(nqb, bsz * num_q_heads)](
         scores, q_blocks.sim, k_blocks.sim.contiguous(), simthreshd1.to(device=pooled_q.device, dtype=torch.float32),
         budget.contiguous(), mask.view(torch.int8),
-        num_q_heads, group, nqb, nkb, nq, nk, float(scale),
+        num_q_heads, group, nqb, nkb, nq, nk, float(scale), window or 0,
         NK_PAD=max(16, triton.next_power_of_2(nkb)), TOPK_MODE=topk is not None, IS_CAUSAL=is_causal,
+        HAS_WINDOW=window is not None,
         BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, num_warps=4 if nkb <= 1024 else 8,
     )
     return mask
@@ -219,6 +223,7 @@ def predict_block_mask(
     cdfthreshd: torch.Tensor | None = None,
     topk: torch.Tensor | None = None,
     estimator: str = "pooled",
+    window: int | None = None,
 ) -> torch.Tensor:
     """Stage-1 block map with the Triton pass (inputs already validated, params per query head)."""
     q_blocks, _, _ = pool_and_similarity(q, BLOCK_Q, smooth=False)
@@ -226,7 +231,7 @@ def predict_block_mask(
     return select_blocks(
         q_blocks, k_blocks, nq=q.shape[-2], nk=k.shape[-2], is_causal=is_causal, scale=scale,
         simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
-        scores=estimator_scores(estimator, q_blocks, k, scale),
+        scores=estimator_scores(estimator, q_blocks, k, scale), window=window,
     )
 
 

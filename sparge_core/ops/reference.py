@@ -22,6 +22,7 @@ Pieces:
 - ``quantize_per_block``: symmetric per-block INT8 (scale = max|x| / 127, round half away from zero).
 
 Causal attention with ``Nq != Nk`` is bottom-right aligned: query ``i`` sees keys ``j <= i + Nk - Nq``.
+A sliding ``window`` (causal only) also drops keys ``j <= i + Nk - Nq - window``.
 """
 
 from __future__ import annotations
@@ -88,13 +89,20 @@ def block_self_similarity(x: torch.Tensor, block: int) -> torch.Tensor:
     return gram.sum(dim=(-1, -2)) / (lengths * lengths)
 
 
-def causal_block_mask(nq: int, nk: int, block_q: int, block_k: int, device=None) -> torch.Tensor:
+def causal_block_mask(nq: int, nk: int, block_q: int, block_k: int, device=None, window: int | None = None
+                      ) -> torch.Tensor:
     """``(ceil(nq/block_q), ceil(nk/block_k))`` bool: True where the block pair holds at least one
-    (query, key) pair that bottom-right-aligned causal attention allows."""
+    (query, key) pair that bottom-right-aligned causal attention allows (with ``window``: also inside
+    the sliding window, see ``causal_token_mask``)."""
     offset = nk - nq
     q_last = torch.clamp(torch.arange(1, num_blocks(nq, block_q) + 1, device=device) * block_q, max=nq) - 1
     k_first = torch.arange(num_blocks(nk, block_k), device=device) * block_k
-    return k_first[None, :] <= (q_last + offset)[:, None]
+    allowed = k_first[None, :] <= (q_last + offset)[:, None]
+    if window is not None:
+        q_first = torch.arange(num_blocks(nq, block_q), device=device) * block_q
+        k_last = torch.clamp(k_first + block_k, max=nk) - 1
+        allowed &= k_last[None, :] > (q_first + offset - window)[:, None]
+    return allowed
 
 
 def causal_diagonal_block_mask(nq: int, nk: int, block_q: int, block_k: int, device=None) -> torch.Tensor:
@@ -111,9 +119,16 @@ def causal_diagonal_block_mask(nq: int, nk: int, block_q: int, block_k: int, dev
     return (cols >= lo[:, None]) & (cols <= hi[:, None])
 
 
-def causal_token_mask(nq: int, nk: int, device=None) -> torch.Tensor:
-    """``(nq, nk)`` bool: query i may attend key j iff ``j <= i + nk - nq``."""
-    return torch.arange(nk, device=device)[None, :] <= torch.arange(nq, device=device)[:, None] + (nk - nq)
+def causal_token_mask(nq: int, nk: int, device=None, window: int | None = None) -> torch.Tensor:
+    """``(nq, nk)`` bool: query i may attend key j iff ``j <= i + nk - nq`` and, with a sliding
+    ``window``, ``j > i + nk - nq - window`` (the query's own position and the ``window - 1`` before it,
+    as transformers' sliding-window masks)."""
+    pos = torch.arange(nq, device=device)[:, None] + (nk - nq)
+    keys = torch.arange(nk, device=device)[None, :]
+    allowed = keys <= pos
+    if window is not None:
+        allowed &= keys > pos - window
+    return allowed
 
 
 def _expand_kv_heads(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:
@@ -191,6 +206,7 @@ def select_blocks(
     block_q: int = BLOCK_Q,
     block_k: int = BLOCK_K,
     scores: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """The block map from pooled Q/K blocks (DESIGN.md section 3, "Predictor semantics").
 
@@ -207,7 +223,9 @@ def select_blocks(
        nkb counts every K block. cdfthreshd >= 1 or topk >= 1 keeps every block.
     4. Rows of non-self-similar Q blocks and columns of non-self-similar K blocks are always kept.
     5. Causal: key block 0 (the attention sink) and the diagonal key blocks (those holding the query
-       block's own positions) are always kept, and fully-future blocks never are.
+       block's own positions) are always kept, and fully-future blocks never are. With a sliding
+       ``window`` (causal only), blocks wholly outside the window count as fully-future ones: -inf in
+       step 2, never kept (so the sink is kept only while it is inside the window).
 
     Rule 5's first half goes beyond the paper's predictor: without the diagonal a query block whose
     pooled row favours an older key block can drop its own block, and its first rows then see no key
@@ -230,7 +248,7 @@ def select_blocks(
     scores = scores.masked_fill(~k_similar[:, :, None, :], -math.inf)
     allowed = None
     if is_causal:
-        allowed = causal_block_mask(nq, nk, block_q, block_k, device=scores.device)
+        allowed = causal_block_mask(nq, nk, block_q, block_k, device=scores.device, window=window)
         scores = scores.masked_fill(~allowed, -math.inf)
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
@@ -275,6 +293,7 @@ def predict_block_mask(
     topk: torch.Tensor | None = None,
     estimator: str = "pooled",
     dtype=torch.float64,
+    window: int | None = None,
 ) -> torch.Tensor:
     """The whole stage-1 predictor in plain PyTorch (inputs already validated, params per head)."""
     q_blocks = pool_and_similarity(q, BLOCK_Q, smooth=False, dtype=dtype)
@@ -282,17 +301,17 @@ def predict_block_mask(
     return select_blocks(
         q_blocks, k_blocks, nq=q.shape[-2], nk=k.shape[-2], is_causal=is_causal, scale=scale,
         simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
-        scores=estimator_scores(estimator, q_blocks.pooled, k, scale=scale, dtype=dtype),
+        scores=estimator_scores(estimator, q_blocks.pooled, k, scale=scale, dtype=dtype), window=window,
     )
 
 
 # --------------------------------------------------------------------------------------------
 # Masked attention and the stage-2 PV skip
 # --------------------------------------------------------------------------------------------
-def allowed_block_mask(nq: int, nk: int, is_causal: bool, device=None) -> torch.Tensor:
-    """``(nqb, nkb)`` bool: the block pairs that attention may touch at all."""
+def allowed_block_mask(nq: int, nk: int, is_causal: bool, device=None, window: int | None = None) -> torch.Tensor:
+    """``(nqb, nkb)`` bool: the block pairs that attention may touch at all (``window``: causal only)."""
     if is_causal:
-        return causal_block_mask(nq, nk, BLOCK_Q, BLOCK_K, device=device)
+        return causal_block_mask(nq, nk, BLOCK_Q, BLOCK_K, device=device, window=window)
     return torch.ones(num_blocks(nq, BLOCK_Q), num_blocks(nk, BLOCK_K), dtype=torch.bool, device=device)
 
 
@@ -307,8 +326,10 @@ def masked_attention(
     pvthreshd: torch.Tensor | None = None,
     dtype=torch.float64,
     max_chunk_elements: int = 1 << 26,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, BlockCounts]:
-    """Softmax attention restricted to the True blocks of ``mask`` and, if causal, to the triangle.
+    """Softmax attention restricted to the True blocks of ``mask`` and, if causal, to the triangle
+    (with a sliding ``window``, causal only: to the band of ``causal_token_mask``).
 
     A query row with no allowed key gets zeros. With ``pvthreshd`` (per query head, ``(Hq,)``) the
     stage-2 skip is simulated as the kernel decides it: for each BLOCK_Q block of query rows, the kept
@@ -325,7 +346,7 @@ def masked_attention(
     num_kv_heads, nk = k.shape[1], k.shape[2]
     group = num_q_heads // num_kv_heads
     nqb, nkb = num_blocks(nq, BLOCK_Q), num_blocks(nk, BLOCK_K)
-    allowed_blocks = allowed_block_mask(nq, nk, is_causal, device=q.device)
+    allowed_blocks = allowed_block_mask(nq, nk, is_causal, device=q.device, window=window)
     kept = mask & allowed_blocks
 
     # keys padded to whole blocks (zeros, masked below), so scores can be viewed block by block
@@ -353,6 +374,8 @@ def masked_attention(
         token_ok = (key_pos[None, :] < nk) & (row_pos < nq)  # real keys, real query rows
         if is_causal:
             token_ok = token_ok & (key_pos[None, :] <= row_pos + (nk - nq))
+            if window is not None:
+                token_ok = token_ok & (key_pos[None, :] > row_pos + (nk - nq) - window)
         s.masked_fill_(~token_ok, -math.inf)
 
         if pvthreshd is not None:
@@ -387,13 +410,15 @@ def _pv_skip_blocks(block_max: torch.Tensor, kept: torch.Tensor, lam: torch.Tens
     return kept & (worst <= -lam)
 
 
-def dense_attention(q, k, v, *, is_causal: bool, scale: float, dtype=torch.float64) -> torch.Tensor:
-    """Plain softmax attention (GQA, bottom-right causal) in ``dtype``; output in ``q.dtype``."""
+def dense_attention(q, k, v, *, is_causal: bool, scale: float, dtype=torch.float64,
+                    window: int | None = None) -> torch.Tensor:
+    """Plain softmax attention (GQA, bottom-right causal, optional sliding ``window``) in ``dtype``;
+    output in ``q.dtype``."""
     full = torch.ones(
         q.shape[0], q.shape[1], num_blocks(q.shape[2], BLOCK_Q), num_blocks(k.shape[2], BLOCK_K),
         dtype=torch.bool, device=q.device,
     )
-    return masked_attention(q, k, v, full, is_causal=is_causal, scale=scale, dtype=dtype)[0]
+    return masked_attention(q, k, v, full, is_causal=is_causal, scale=scale, dtype=dtype, window=window)[0]
 
 
 # --------------------------------------------------------------------------------------------
