@@ -179,12 +179,15 @@ def test_fused_predictor_equals_reference_per_head(device, estimator, b, hq, hkv
         assert torch.equal(got[stable], ref[stable]), (mode, (got != ref).sum().item())
 
 
-def test_fused_predictor_row_tiles_do_not_change_the_map(device):
+def test_fused_predictor_row_tiles_do_not_change_the_map(device, monkeypatch):
     q, k, _ = structured_qkv(1, 6, 2, 520, 64, dtype=torch.float16, device=device, seed=8)
     kw = dict(is_causal=True, scale=0.125, simthreshd1=torch.full((6,), 0.2, device=device),
               topk=torch.full((6,), 0.4, device=device, dtype=torch.float64))
     masks = [P.predict_block_mask(q, k, rows_per_program=r, **kw) for r in (16, 32, 64)]
-    assert torch.equal(masks[0], masks[1]) and torch.equal(masks[0], masks[2])
+    for elements in (16, 64):  # selection sub-tiles of 1 and 4 rows
+        monkeypatch.setattr(P, "SELECT_ELEMENTS", elements)
+        masks.append(P.predict_block_mask(q, k, rows_per_program=16, **kw))
+    assert all(torch.equal(masks[0], m) for m in masks[1:])
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -13,8 +13,9 @@ Algorithm (SpargeAttn, arXiv 2502.18137, section 3.3), and how the work is split
    (the sum of the head's partial sums over Nk) and writes the same three things for the smoothed K.
 3. ``_score_select_kernel`` (one launch): each program takes ROWS consecutive rows of the block map of
    one (batch, KV head) (the rows of all its query heads: GQA shares the pooled K), forms their scores
-   against every key block the rows may see (causal/window: only those) into a float32 scratch row,
-   then selects each row's blocks (below).
+   against every key block the rows may see (causal/window: only those) into float32 scratch rows,
+   then selects the blocks of ``SEL_ROWS`` rows at a time (a 2-D tile sorted along the key axis, at
+   most ``SELECT_ELEMENTS`` entries, below).
 
 Self-similarity: the mean pairwise cosine of a block's rows, from the identity
 ``mean_ij <x_i/|x_i|, x_j/|x_j|> = |mean_i x_i/|x_i||^2`` (one pass, no Gram matrix; an all-zero row
@@ -60,6 +61,8 @@ from .blocks import BLOCK_K, BLOCK_Q, PooledBlocks, num_blocks
 MAX_K_PARTS = 32
 #: key blocks per pooled-score tile
 POOLED_CHUNK = 64
+#: block-map entries selected together (rows x padded key blocks of one selection tile)
+SELECT_ELEMENTS = 4096
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,7 +157,8 @@ def _block_stats_kernel(
     m_d = o_d < HEAD_DIM
     m_x = m_n[:, None] & m_d[None, :]
     base = X + i_b.to(tl.int64) * stride_xb + i_h.to(tl.int64) * stride_xh
-    b_x = tl.load(base + o_n[:, None] * stride_xn + o_d[None, :] * stride_xd, mask=m_x, other=0.0).to(tl.float32)
+    b_x = tl.load(base + o_n[:, None] * stride_xn + o_d[None, :] * stride_xd, mask=m_x, other=0.0)
+    b_x = b_x.to(tl.float32)
     if SMOOTH:  # subtract the head's token mean, reduced from the partial sums of launch 1
         total = tl.zeros([D_PAD], dtype=tl.float32)
         for i_part in range(0, n_parts):
@@ -268,7 +272,8 @@ def _score_select_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,  #
     n_q_heads, group, n_qblocks, n_kblocks, n_q, n_k, scale, window,  #
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr, NK_PAD: tl.constexpr,  #
-    CHUNK: tl.constexpr, KEYS: tl.constexpr, HALF_DOT: tl.constexpr, TOPK_MODE: tl.constexpr,  #
+    SEL_ROWS: tl.constexpr, CHUNK: tl.constexpr,  #
+    KEYS: tl.constexpr, HALF_DOT: tl.constexpr, TOPK_MODE: tl.constexpr,  #
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,  #
 ):
     i_t = tl.program_id(0)
@@ -332,55 +337,61 @@ def _score_select_kernel(
             tl.store(s_rows[:, None] + o_j[None, :], b_s, mask=m_r[:, None] & m_j[None, :])
     tl.debug_barrier()  # the scratch rows are read back below by other threads of this program
 
-    # -- selection, one row at a time
+    # -- selection, SEL_ROWS rows at a time (a [SEL_ROWS, NK_PAD] tile, sorted along the key axis)
     o_j = tl.arange(0, NK_PAD)
     m_j = o_j < n_kblocks
     sim_k = tl.load(SIM_K + i_bhk.to(tl.int64) * n_kblocks + o_j, mask=m_j, other=0.0)
-    for r in range(0, ROWS):
-        i_row = i_t * ROWS + r
-        if i_row < n_rows:
-            i_h = i_hk * group + i_row // n_qblocks
-            i_qb = i_row % n_qblocks
-            row = row0 + i_row
-            theta = tl.load(THETA + i_h)
-            budget = tl.load(BUDGET + i_h)  # float64: cdfthreshd, or topk in top-k mode
-            k_similar = (sim_k > theta) & m_j
-            q_similar = (tl.load(SIM_Q + row) + 0.0 * o_j) > theta  # a vector (interpreter masks)
-            s = tl.load(SCORES + row * n_kblocks + o_j, mask=m_j, other=float("-inf")) * scale
-            s = tl.where(k_similar, s, float("-inf"))
-            if IS_CAUSAL:
-                q_first = i_qb * BLOCK_Q + offset
-                q_last = tl.minimum((i_qb + 1) * BLOCK_Q, n_q) - 1 + offset
-                allowed = (o_j * BLOCK_K <= q_last) & m_j
-                if HAS_WINDOW:  # blocks wholly before the window of the block's first row
-                    allowed = allowed & (tl.minimum(o_j * BLOCK_K + BLOCK_K, n_k) - 1 > q_first - window)
-                s = tl.where(allowed, s, float("-inf"))  # (never-written scratch entries drop out here)
-            if TOPK_MODE:
-                n_keep = tl.maximum(tl.floor(budget * n_kblocks).to(tl.int32), 1)
-                values = s
-                ordered = tl.sort(values, descending=True)
-            else:
-                s_max = tl.max(s, axis=0)
-                s_max = tl.where(s_max == float("-inf"), 0.0, s_max)
-                w = tl.exp(s - s_max)
-                total = tl.sum(w, axis=0)
-                values = tl.where(m_j, w / tl.where(total > 0, total, 1.0), -1.0)  # padding sorts last
-                ordered = tl.sort(values, descending=True)
-                cdf = tl.cumsum(ordered, axis=0)
-                n_keep = tl.maximum(tl.sum(((cdf <= budget.to(tl.float32)) & m_j).to(tl.int32), axis=0), 1)
-            n_keep = tl.where(budget >= 1.0, n_kblocks, n_keep)
-            # the first n_keep of a stable descending sort: everything above the cut value, then the
-            # entries equal to it in index order
-            cut = tl.sum(tl.where(o_j == n_keep - 1, ordered, 0.0), axis=0)
-            above = values > cut
-            at_cut = values == cut
-            need = n_keep - tl.sum(above.to(tl.int32), axis=0)
-            top = above | (at_cut & (tl.cumsum(at_cut.to(tl.int32), axis=0) <= need))
-            keep = top | ~q_similar | ~k_similar
-            if IS_CAUSAL:
-                diagonal = (o_j >= tl.maximum(q_first, 0) // BLOCK_K) & (o_j * BLOCK_K <= q_last)
-                keep = (keep | diagonal | (o_j == 0)) & allowed  # block 0: the attention sink
-            tl.store(MASK + row * n_kblocks + o_j, keep.to(tl.int8), mask=m_j)
+    for r0 in range(0, ROWS, SEL_ROWS):
+        o_s = i_t * ROWS + r0 + tl.arange(0, SEL_ROWS)  # rows of this KV head's group
+        m_s = o_s < n_rows
+        i_h = i_hk * group + o_s // n_qblocks
+        i_qb = o_s % n_qblocks
+        rows = row0 + o_s
+        theta = tl.load(THETA + i_h, mask=m_s, other=0.0)[:, None]
+        budget = tl.load(BUDGET + i_h, mask=m_s, other=1.0)[:, None]  # float64: cdfthreshd or topk
+        m_sj = m_s[:, None] & m_j[None, :]
+        k_similar = (sim_k[None, :] > theta) & m_sj
+        q_similar = tl.load(SIM_Q + rows, mask=m_s, other=0.0)[:, None] > theta
+        s = tl.load(SCORES + rows[:, None] * n_kblocks + o_j[None, :], mask=m_sj, other=float("-inf"))
+        s = s * scale
+        s = tl.where(k_similar, s, float("-inf"))
+        if IS_CAUSAL:
+            q_first = (i_qb * BLOCK_Q + offset)[:, None]
+            q_last = (tl.minimum((i_qb + 1) * BLOCK_Q, n_q) - 1 + offset)[:, None]
+            allowed = (o_j[None, :] * BLOCK_K <= q_last) & m_sj
+            if HAS_WINDOW:  # blocks wholly before the window of the block's first row
+                k_last = tl.minimum(o_j * BLOCK_K + BLOCK_K, n_k) - 1
+                allowed = allowed & (k_last[None, :] > q_first - window)
+            s = tl.where(allowed, s, float("-inf"))  # (never-written scratch entries drop out here)
+        if TOPK_MODE:
+            n_keep = tl.maximum(tl.floor(budget * n_kblocks).to(tl.int32), 1)
+            values = s
+            ordered = tl.sort(values, dim=1, descending=True)
+        else:
+            s_max = tl.max(s, axis=1)[:, None]
+            s_max = tl.where(s_max == float("-inf"), 0.0, s_max)
+            w = tl.exp(s - s_max)
+            total = tl.sum(w, axis=1)[:, None]
+            # (padding sorts last)
+            values = tl.where(m_j[None, :], w / tl.where(total > 0, total, 1.0), -1.0)
+            ordered = tl.sort(values, dim=1, descending=True)
+            cdf = tl.cumsum(ordered, axis=1)
+            within = (cdf <= budget.to(tl.float32)) & m_j[None, :]
+            n_keep = tl.maximum(tl.sum(within.to(tl.int32), axis=1)[:, None], 1)
+        n_keep = tl.where(budget >= 1.0, n_kblocks, n_keep)
+        # the first n_keep of a stable descending sort: everything above the cut value, then the
+        # entries equal to it in index order
+        cut = tl.sum(tl.where(o_j[None, :] == n_keep - 1, ordered, 0.0), axis=1)[:, None]
+        above = values > cut
+        at_cut = values == cut
+        need = n_keep - tl.sum(above.to(tl.int32), axis=1)[:, None]
+        top = above | (at_cut & (tl.cumsum(at_cut.to(tl.int32), axis=1) <= need))
+        keep = top | ~q_similar | ~k_similar
+        if IS_CAUSAL:
+            diagonal = ((o_j[None, :] >= tl.maximum(q_first, 0) // BLOCK_K)
+                        & (o_j[None, :] * BLOCK_K <= q_last))
+            keep = (keep | diagonal | (o_j[None, :] == 0)) & allowed  # block 0: the attention sink
+        tl.store(MASK + rows[:, None] * n_kblocks + o_j[None, :], keep.to(tl.int8), mask=m_sj)
 
 
 @functools.lru_cache(maxsize=None)
@@ -438,7 +449,8 @@ def score_and_select(
         mask.view(torch.int8),
         *k.stride(),
         num_q_heads, group, nqb, nkb, nq, nk, float(scale), window or 0,
-        HEAD_DIM=head_dim, D_PAD=padded_head_dim(head_dim), ROWS=rows, NK_PAD=nk_pad, CHUNK=POOLED_CHUNK,
+        HEAD_DIM=head_dim, D_PAD=padded_head_dim(head_dim), ROWS=rows, NK_PAD=nk_pad,
+        SEL_ROWS=max(1, min(rows, SELECT_ELEMENTS // nk_pad)), CHUNK=POOLED_CHUNK,
         KEYS=keys, HALF_DOT=half, TOPK_MODE=topk_mode, IS_CAUSAL=is_causal, HAS_WINDOW=window is not None,
         BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, num_warps=4 if nk_pad <= 1024 else 8,
     )
