@@ -14,7 +14,7 @@ else
 SETUP :=
 endif
 
-.PHONY: install test test-gpu bench demo tables paper corpora bundle dit-train clean
+.PHONY: install test test-gpu bench bench-predictor bench-e2e demo tables paper corpora bundle dit-train clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,16 @@ test-gpu: $(SETUP)
 
 bench: $(SETUP)
 	$(PYTHON) scripts/bench_kernel.py
+
+# the predictor, the keys estimator and the whole sparge_attn against cuDNN (GPU) -> results/predictor/
+bench-predictor: $(SETUP)
+	$(PYTHON) scripts/bench_predictor.py
+
+# time to first token of whole models, dense vs sparge (GPU; the 8B-shaped model has random weights)
+# -> results/e2e/<gpu>.csv + .log; on a CPU only `make bench-e2e E2E_ARGS=--smoke` runs (a script check)
+E2E_ARGS ?=
+bench-e2e: $(SETUP)
+	$(PYTHON) scripts/bench_e2e.py $(E2E_ARGS)
 
 demo: $(SETUP)
 	$(PYTHON) scripts/demo.py

@@ -2,6 +2,13 @@
 
 Backends are a string registry: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``),
 ``"reference"`` (plain PyTorch, float32) and ``"auto"`` (Triton on CUDA, the reference on CPU).
+
+The hot path does no host synchronisation: arguments are checked in plain Python (hyperparameters
+given as numbers or lists, or pre-validated ``validation.PerHead`` values as the methods hold them),
+the per-head values reach the device through a by-value cache, and block counts stay on the device
+until a ``SparsityStats`` figure is read. Under ``torch.compile`` each public function is one opaque
+``torch.ops.sparge.*`` custom op (``sparge_core.library``), so ``fullgraph=True`` traces a model with
+sparge applied; eager calls skip the dispatcher.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from . import validation
 from .ops import attention as triton_attention
 from .ops import predict as triton_predict
 from .ops import reference
-from .ops.blocks import BLOCK_K, BLOCK_Q, BlockCounts
+from .ops.blocks import BLOCK_K, BLOCK_Q, LOG2E, BlockCounts
 from .registry import Registry
 from .stats import SparsityStats
 
@@ -36,20 +43,30 @@ AUTO_QUANT_ON_CUDA = "none"
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Backend:
-    """How one backend predicts a block map and runs block-sparse attention."""
+    """How one backend predicts a block map and runs block-sparse attention.
+
+    ``predict(q, k, *, is_causal, scale, simthreshd1, cdfthreshd, topk, estimator, window) -> mask`` and
+    ``attend(q, k, v, mask, *, is_causal, scale, pvthreshd, quant, window=None, quantized=None) -> (out,
+    BlockCounts)`` take validated inputs with per-head hyperparameters as device tensors (simthreshd1
+    and pvthreshd float32, the cdfthreshd/topk budget float64). ``predict_quantized`` (optional, same
+    arguments plus ``quant_multiplier``) returns ``(mask, (q_i8, q_scale, k_i8, k_scale))`` from the
+    predictor's own passes over Q and K, which ``attend`` then takes as ``quantized``; a backend without
+    it is given ``quantized=None`` and quantizes itself.
+    """
 
     name: str
     predict: Callable[..., torch.Tensor]
     attend: Callable[..., tuple[torch.Tensor, BlockCounts]]
+    predict_quantized: Callable[..., tuple[torch.Tensor, tuple]] | None = None
 
 
 def _reference_predict(q, k, **kw) -> torch.Tensor:
     return reference.predict_block_mask(q, k, dtype=torch.float32, **kw)
 
 
-def _reference_attend(q, k, v, mask, *, is_causal, scale, pvthreshd, quant, window=None):
+def _reference_attend(q, k, v, mask, *, is_causal, scale, pvthreshd, quant, window=None, quantized=None):
     if quant != "none":  # simulate INT8 QK^T: attention on the de-quantized Q and smoothed K
-        qk_scale = scale * reference.LOG2E
+        qk_scale = scale * LOG2E
         q_i8, q_s = reference.quantize_per_block(q, BLOCK_Q, multiplier=qk_scale)
         k_i8, k_s = reference.quantize_per_block(reference.smooth_k(k.float()), BLOCK_K)
         q = reference.dequantize_per_block(q_i8, q_s, BLOCK_Q) / qk_scale
@@ -62,7 +79,9 @@ def _reference_attend(q, k, v, mask, *, is_causal, scale, pvthreshd, quant, wind
 
 BACKENDS: Registry[Backend] = Registry("backend")
 BACKENDS.add("reference", Backend("reference", _reference_predict, _reference_attend))
-BACKENDS.add("triton", Backend("triton", triton_predict.predict_block_mask, triton_attention.block_sparse_attn))
+BACKENDS.add("triton", Backend("triton", triton_predict.predict_block_mask,
+                               triton_attention.block_sparse_attn,
+                               predict_quantized=triton_predict.predict_and_quantize))
 
 
 def resolve_backend(backend: str, device: torch.device) -> Backend:
@@ -104,36 +123,53 @@ def _note_fp32(dtype: torch.dtype, device: torch.device) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# hyperparameters
+# hyperparameters: validated in Python, per query head
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class _Selection:
-    simthreshd1: torch.Tensor
-    cdfthreshd: torch.Tensor | None
-    topk: torch.Tensor | None
-    keeps_everything: bool  # decided on the CPU values: no device sync
+class Selection:
+    """The predictor's hyperparameters, validated (``validation.PerHead``): self-similarity threshold
+    and either a top-CDF or a top-k budget. ``Selection.parse`` once, then ``for_heads`` per call (plain
+    Python, no tensor work)."""
+
+    simthreshd1: validation.PerHead
+    budget: validation.PerHead  # cdfthreshd (top-CDF) or topk (top-k)
+    topk_mode: bool
+
+    @classmethod
+    def parse(cls, simthreshd1, cdfthreshd, topk) -> Selection:
+        if topk is not None:
+            default_cdf = isinstance(cdfthreshd, float) and cdfthreshd == DEFAULT_CDFTHRESHD
+            if cdfthreshd is not None and not default_cdf:
+                raise ValueError("pass either cdfthreshd (top-CDF mode) or topk (top-k mode), not both; "
+                                 "set cdfthreshd=None when giving topk")
+            budget = validation.per_head_values("topk", topk, low=0.0, high=1.0)
+        else:
+            if cdfthreshd is None:
+                raise ValueError("one of cdfthreshd (top-CDF mode) or topk (top-k mode) is needed; "
+                                 "both are None")
+            budget = validation.per_head_values("cdfthreshd", cdfthreshd, low=0.0, high=1.0)
+        theta = validation.per_head_values("simthreshd1", simthreshd1, low=-1.0, high=1.0)
+        return cls(theta, budget, topk is not None)
+
+    @property
+    def keeps_everything(self) -> bool:
+        """Every head keeps every block (budget >= 1): the predictor need not run."""
+        return self.budget.all_at_least(1.0)
+
+    def for_heads(self, num_heads: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return self.simthreshd1.for_heads(num_heads), self.budget.for_heads(num_heads)
 
 
-def _selection(num_heads: int, device, simthreshd1, cdfthreshd, topk) -> _Selection:
-    if topk is not None:
-        if cdfthreshd is not None and not (isinstance(cdfthreshd, float) and cdfthreshd == DEFAULT_CDFTHRESHD):
-            raise ValueError("pass either cdfthreshd (top-CDF mode) or topk (top-k mode), not both; "
-                             "set cdfthreshd=None when giving topk")
-        budget = validation.per_head_cpu("topk", topk, num_heads, low=0.0, high=1.0)
-    else:
-        if cdfthreshd is None:
-            raise ValueError("one of cdfthreshd (top-CDF mode) or topk (top-k mode) is needed; both are None")
-        budget = validation.per_head_cpu("cdfthreshd", cdfthreshd, num_heads, low=0.0, high=1.0)
-    theta = validation.per_head("simthreshd1", simthreshd1, num_heads, low=-1.0, high=1.0, device=device)
-    on_dev = validation.on_device(budget, device)
-    return _Selection(theta, None if topk is not None else on_dev, on_dev if topk is not None else None,
-                      bool((budget >= 1).all()))
-
-
-def _pv_threshold(pvthreshd, num_heads: int, device) -> torch.Tensor | None:
+def parse_pvthreshd(pvthreshd) -> validation.PerHead | None:
+    """The stage-2 threshold, validated (None: stage 2 off)."""
     if pvthreshd is None:
         return None
-    return validation.per_head("pvthreshd", pvthreshd, num_heads, low=0.0, high=float("inf"), device=device)
+    return validation.per_head_values("pvthreshd", pvthreshd, low=0.0, high=float("inf"))
+
+
+def _pv_values(pvthreshd, num_heads: int) -> tuple[float, ...] | None:
+    parsed = parse_pvthreshd(pvthreshd)
+    return None if parsed is None else parsed.for_heads(num_heads)
 
 
 def _full_mask(q, k) -> torch.Tensor:  # every block pair; the executors drop the disallowed ones
@@ -141,6 +177,62 @@ def _full_mask(q, k) -> torch.Tensor:  # every block pair; the executors drop th
         q.shape[0], q.shape[1], reference.num_blocks(q.shape[2], BLOCK_Q), reference.num_blocks(k.shape[2], BLOCK_K),
         dtype=torch.bool, device=q.device,
     )
+
+
+def _on_device(values, device, dtype=torch.float32) -> torch.Tensor | None:
+    return None if values is None else validation.device_values(values, device, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# implementations (validated arguments; the custom ops of sparge_core.library call these too)
+# --------------------------------------------------------------------------------------------
+def _predict_impl(q, k, *, is_causal: bool, scale: float, simthreshd1: tuple, budget: tuple, topk_mode: bool,
+                  estimator: str, window: int | None, backend: str) -> torch.Tensor:
+    if all(b >= 1.0 for b in budget):
+        allowed = reference.allowed_block_mask(q.shape[2], k.shape[2], is_causal, device=q.device, window=window)
+        return _full_mask(q, k) & allowed
+    impl = resolve_backend(backend, q.device)
+    theta_t, budget_t = _on_device(simthreshd1, q.device), _on_device(budget, q.device, torch.float64)
+    return impl.predict(q, k, is_causal=is_causal, scale=scale, simthreshd1=theta_t,
+                        cdfthreshd=None if topk_mode else budget_t, topk=budget_t if topk_mode else None,
+                        estimator=estimator, window=window)
+
+
+def _attend_impl(q, k, v, mask, *, is_causal: bool, scale: float, pvthreshd: tuple | None, quant: str,
+                 window: int | None, backend: str, quantized=None) -> tuple[torch.Tensor, BlockCounts]:
+    impl = resolve_backend(backend, q.device)
+    _note_fp32(q.dtype, q.device)
+    return impl.attend(q, k, v, mask, is_causal=is_causal, scale=scale,
+                       pvthreshd=_on_device(pvthreshd, q.device), quant=quant, window=window, quantized=quantized)
+
+
+def _sparge_attn_impl(q, k, v, *, is_causal: bool, scale: float, simthreshd1: tuple, budget: tuple,
+                      topk_mode: bool, pvthreshd: tuple | None, quant: str, estimator: str,
+                      window: int | None, backend: str) -> tuple[torch.Tensor, BlockCounts]:
+    impl = resolve_backend(backend, q.device)
+    quantized = None
+    if all(b >= 1.0 for b in budget):
+        mask = _full_mask(q, k)
+    else:
+        theta_t, budget_t = _on_device(simthreshd1, q.device), _on_device(budget, q.device, torch.float64)
+        kw = dict(is_causal=is_causal, scale=scale, simthreshd1=theta_t,
+                  cdfthreshd=None if topk_mode else budget_t, topk=budget_t if topk_mode else None,
+                  estimator=estimator, window=window)
+        if quant != "none" and impl.predict_quantized is not None:
+            # one pass over Q and K gives the predictor's blocks and the INT8 tensors
+            mask, quantized = impl.predict_quantized(q, k, quant_multiplier=scale * LOG2E, **kw)
+        else:
+            mask = impl.predict(q, k, **kw)
+    return _attend_impl(q, k, v, mask, is_causal=is_causal, scale=scale, pvthreshd=pvthreshd, quant=quant,
+                        window=window, backend=impl.name, quantized=quantized)
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _counts(allowed, computed, pv_skipped) -> BlockCounts:
+    return BlockCounts(allowed=allowed, computed=computed, pv_skipped=pv_skipped)
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,7 +259,8 @@ def predict_block_mask(
         cdfthreshd: top-CDF mode: keep the most probable key blocks whose cumulative pooled
             probability is <= cdfthreshd (at least one); >= 1 keeps everything.
         topk: top-k mode (instead of cdfthreshd): keep max(1, floor(topk * nk_blocks)) blocks.
-        Each hyperparameter is a float or a per-query-head list/1-D tensor of length Hq.
+        Each hyperparameter is a float, a per-query-head list/1-D tensor of length Hq, or a
+        ``validation.PerHead`` (validated once; a tensor is read with ``.tolist()`` on every call).
         estimator: how a block pair's score is estimated: ``"pooled"`` (the paper: pooled query .
             pooled key) or ``"keys"`` (the pooled query against every key of the block, summed per
             block: a dominant single key inside a block is not averaged away; costs 1/BLOCK_Q of
@@ -183,13 +276,15 @@ def predict_block_mask(
     window = validation.check_window(window, is_causal)
     sm_scale = validation.resolve_scale(scale, q.shape[-1])
     validation.check_choice("estimator", estimator, reference.ESTIMATORS)
-    sel = _selection(q.shape[1], q.device, simthreshd1, cdfthreshd, topk)
-    impl = resolve_backend(backend, q.device)
-    if sel.keeps_everything:
-        return _full_mask(q, k) & reference.allowed_block_mask(q.shape[2], k.shape[2], is_causal, device=q.device,
-                                                               window=window)
-    return impl.predict(q, k, is_causal=is_causal, scale=sm_scale, simthreshd1=sel.simthreshd1,
-                        cdfthreshd=sel.cdfthreshd, topk=sel.topk, estimator=estimator, window=window)
+    sel = Selection.parse(simthreshd1, cdfthreshd, topk)
+    theta, budget = sel.for_heads(q.shape[1])
+    backend = resolve_backend(backend, q.device).name
+    kw = dict(is_causal=is_causal, scale=sm_scale, simthreshd1=theta, budget=budget, topk_mode=sel.topk_mode,
+              estimator=estimator, window=window, backend=backend)
+    if _compiling():
+        kw.update(simthreshd1=list(theta), budget=list(budget))
+        return torch.ops.sparge.predict_block_mask(q, k, **kw)
+    return _predict_impl(q, k, **kw)
 
 
 def block_sparse_attn(
@@ -228,12 +323,17 @@ def block_sparse_attn(
     sm_scale = validation.resolve_scale(scale, q.shape[-1])
     nqb, nkb = reference.num_blocks(q.shape[2], BLOCK_Q), reference.num_blocks(k.shape[2], BLOCK_K)
     mask = validation.check_block_mask(mask, (q.shape[0], q.shape[1], nqb, nkb), q.device)
-    pv = _pv_threshold(pvthreshd, q.shape[1], q.device)
-    impl = resolve_backend(backend, q.device)
+    pv = _pv_values(pvthreshd, q.shape[1])
+    backend = resolve_backend(backend, q.device).name
     variant = resolve_quant(quant, q.device)
-    _note_fp32(q.dtype, q.device)
-    out, counts = impl.attend(q, k, v, mask, is_causal=is_causal, scale=sm_scale, pvthreshd=pv, quant=variant,
-                              window=window)
+    kw = dict(is_causal=is_causal, scale=sm_scale, pvthreshd=pv, quant=variant, window=window,
+              backend=backend)
+    if _compiling():
+        kw.update(pvthreshd=None if pv is None else list(pv))
+        out, *counts = torch.ops.sparge.block_sparse_attn(q, k, v, mask, **kw)
+        counts = _counts(*counts)
+    else:
+        out, counts = _attend_impl(q, k, v, mask, **kw)
     return (out, SparsityStats.from_counts(counts)) if return_stats else out
 
 
@@ -260,7 +360,7 @@ def sparge_attn(
     ``(B, H, N, D)`` tensors, with GQA (``Hq % Hkv == 0``) and any lengths. See
     ``predict_block_mask`` and ``block_sparse_attn`` for the hyperparameters (``window``: a causal
     sliding window, intersected with the predicted map). With ``return_stats`` returns
-    ``(out, SparsityStats)``.
+    ``(out, SparsityStats)``; its counts stay on the device until a figure is read.
     """
     validation.check_qkv(q, k, v)
     validation.check_flag("is_causal", is_causal)
@@ -268,35 +368,20 @@ def sparge_attn(
     window = validation.check_window(window, is_causal)
     sm_scale = validation.resolve_scale(scale, q.shape[-1])
     validation.check_choice("estimator", estimator, reference.ESTIMATORS)
-    sel = _selection(q.shape[1], q.device, simthreshd1, cdfthreshd, topk)
-    pv = _pv_threshold(pvthreshd, q.shape[1], q.device)
-    impl = resolve_backend(backend, q.device)
+    sel = Selection.parse(simthreshd1, cdfthreshd, topk)
+    theta, budget = sel.for_heads(q.shape[1])
+    pv = _pv_values(pvthreshd, q.shape[1])
+    backend = resolve_backend(backend, q.device).name
     variant = resolve_quant(quant, q.device)
-    _note_fp32(q.dtype, q.device)
-
-    quantized = None
-    if sel.keeps_everything:
-        mask = _full_mask(q, k)
-    elif impl.name == "triton":
-        # one pass over Q and K gives the predictor's blocks and, if quantizing, the INT8 tensors
-        qk_scale = sm_scale * reference.LOG2E
-        q_mult, k_mult = (qk_scale, 1.0) if variant != "none" else (None, None)
-        q_blocks, q_i8, q_s = triton_predict.pool_and_similarity(q, BLOCK_Q, smooth=False, quant_multiplier=q_mult)
-        k_blocks, k_i8, k_s = triton_predict.pool_and_similarity(k, BLOCK_K, smooth=True, quant_multiplier=k_mult)
-        mask = triton_predict.select_blocks(
-            q_blocks, k_blocks, nq=q.shape[2], nk=k.shape[2], is_causal=is_causal, scale=sm_scale,
-            simthreshd1=sel.simthreshd1, cdfthreshd=sel.cdfthreshd, topk=sel.topk,
-            scores=triton_predict.estimator_scores(estimator, q_blocks, k, sm_scale), window=window,
-        )
-        if variant != "none":
-            quantized = (q_i8, q_s, k_i8, k_s)
+    kw = dict(is_causal=is_causal, scale=sm_scale, simthreshd1=theta, budget=budget, topk_mode=sel.topk_mode,
+              pvthreshd=pv, quant=variant, estimator=estimator, window=window, backend=backend)
+    if _compiling():
+        kw.update(simthreshd1=list(theta), budget=list(budget), pvthreshd=None if pv is None else list(pv))
+        out, *counts = torch.ops.sparge.sparge_attn(q, k, v, **kw)
+        counts = _counts(*counts)
     else:
-        mask = impl.predict(q, k, is_causal=is_causal, scale=sm_scale, simthreshd1=sel.simthreshd1,
-                            cdfthreshd=sel.cdfthreshd, topk=sel.topk, estimator=estimator, window=window)
-    if quantized is not None:
-        out, counts = impl.attend(q, k, v, mask, is_causal=is_causal, scale=sm_scale, pvthreshd=pv,
-                                  quant=variant, quantized=quantized, window=window)
-    else:
-        out, counts = impl.attend(q, k, v, mask, is_causal=is_causal, scale=sm_scale, pvthreshd=pv, quant=variant,
-                                  window=window)
+        out, counts = _sparge_attn_impl(q, k, v, **kw)
     return (out, SparsityStats.from_counts(counts)) if return_stats else out
+
+
+from . import library  # noqa: E402,F401  (registers the torch.ops.sparge custom ops)

@@ -18,6 +18,9 @@ class SparsityStats:
     - ``sparsity``: the paper's definition, skipped (QK^T + P.V) block matmuls over those of dense
       attention (a PV-only skip counts half a block).
     ``density`` is ``1 - qk_sparsity``.
+
+    The counts stay where the kernels wrote them (on the GPU): building a ``SparsityStats`` reads
+    nothing on the host; reading one of the figures does (one synchronisation).
     """
 
     allowed_blocks: torch.Tensor  # (B, Hq) int64

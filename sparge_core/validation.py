@@ -1,10 +1,15 @@
-"""Input checks for the public API: every bad input gets an error that names the argument."""
+"""Input checks for the public API: every bad input gets an error that names the argument.
+
+Everything here is plain Python on shapes, dtypes and numbers: no tensor is read, so the checks cost no
+device work and ``torch.compile`` traces through them (the one exception, a hyperparameter given as a
+tensor, is read once by ``per_head_values``)."""
 
 from __future__ import annotations
 
 import functools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -81,55 +86,80 @@ def check_flag(name: str, value) -> bool:
     return value
 
 
-def per_head(
-    name: str, value, num_heads: int, *, low: float, high: float, device, low_open: bool = False
-) -> torch.Tensor:
-    """A hyperparameter as a float32 ``(num_heads,)`` tensor on ``device``: a number, or a 1-D
-    list/tuple/tensor of length ``num_heads``. Values must be finite and in ``[low, high]``
-    (``(low, high]`` if low_open). Device copies are cached by value, so calling this every forward
-    pass costs no host-to-device copy (a copy from pageable memory would wait for the GPU)."""
-    values = per_head_cpu(name, value, num_heads, low=low, high=high, low_open=low_open)
-    return on_device(values, device)
+@dataclass(frozen=True)
+class PerHead:
+    """A validated hyperparameter: one float for every query head (``values`` of length 1) or one per
+    query head. Build it once (``per_head_values``) and pass it wherever a hyperparameter is taken: it is
+    not checked again, so the forward pass does no validation work and no host synchronisation."""
+
+    name: str
+    values: tuple[float, ...]
+
+    def for_heads(self, num_heads: int) -> tuple[float, ...]:
+        """The values of ``num_heads`` query heads (a single value repeated)."""
+        if len(self.values) == 1:
+            return self.values * num_heads
+        if len(self.values) != num_heads:
+            raise ValueError(f"{self.name} must be a number or hold one value per query head ({num_heads}), "
+                             f"got shape ({len(self.values)},)")
+        return self.values
+
+    def all_at_least(self, bound: float) -> bool:
+        return all(v >= bound for v in self.values)
+
+    def plain(self) -> float | list[float]:
+        """The value as given: a float, or a list of per-head floats."""
+        return self.values[0] if len(self.values) == 1 else list(self.values)
 
 
-def on_device(values: torch.Tensor, device) -> torch.Tensor:
-    """A float32 copy of CPU ``values`` on ``device``, cached by value."""
-    return _cached_copy(tuple(values.tolist()), str(torch.device(device)))
+def per_head_values(name: str, value, *, low: float, high: float, low_open: bool = False) -> PerHead:
+    """Validate a hyperparameter once: a number, or a 1-D list/tuple/tensor with one value per query
+    head (its length is checked against the heads when it is used, ``PerHead.for_heads``). Values must
+    be finite and in ``[low, high]`` (``(low, high]`` if low_open). A ``PerHead`` is returned as it is.
+    A tensor is read with ``.tolist()``: on a GPU that waits for it, so validate tensors once, not per
+    call (methods and ``apply`` do)."""
+    if isinstance(value, PerHead):
+        return value
+    if isinstance(value, bool) or value is None:
+        raise TypeError(f"{name} must be a number or a per-head list/tensor, got {value!r}")
+    if isinstance(value, (int, float)):
+        values = (float(value),)
+    elif isinstance(value, torch.Tensor):
+        if value.ndim > 1:
+            raise ValueError(f"{name} must be a number or hold one value per query head, got shape "
+                             f"{tuple(value.shape)}")
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must hold real numbers, got a {value.dtype} tensor")
+        raw = value.detach().cpu().tolist()
+        values = tuple(float(x) for x in (raw if isinstance(raw, list) else [raw]))
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        if any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in value):
+            raise TypeError(f"{name} must hold numbers, got {value!r}")
+        values = tuple(float(x) for x in value)
+    elif isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must hold numbers, got {value!r}")
+    else:
+        raise TypeError(f"{name} must be a number or a per-head list/tensor, got {type(value).__name__}")
+    if not values:
+        raise ValueError(f"{name} is empty; give a number or one value per query head")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{name} must be finite, got {list(values)}")
+    if any((v <= low if low_open else v < low) or v > high for v in values):
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {list(values)}")
+    return PerHead(name, values)
+
+
+def device_values(values: tuple[float, ...], device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``values`` as a ``dtype`` tensor on ``device``, cached by value: after the first call no
+    host-to-device copy happens (a copy from pageable memory would wait for the GPU, and is not allowed
+    while a CUDA graph is being captured: run once before capturing)."""
+    return _cached_copy(tuple(values), str(torch.device(device)), dtype)
 
 
 @functools.lru_cache(maxsize=4096)
-def _cached_copy(values: tuple, device: str) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device)
-
-
-def per_head_cpu(
-    name: str, value, num_heads: int, *, low: float, high: float, low_open: bool = False
-) -> torch.Tensor:
-    """``per_head``'s validation, returning a float64 CPU tensor."""
-    if isinstance(value, bool) or value is None:
-        raise TypeError(f"{name} must be a number or a per-head list/tensor of length {num_heads}, got {value!r}")
-    if isinstance(value, (int, float)):
-        values = torch.full((num_heads,), float(value), dtype=torch.float64)
-    elif isinstance(value, torch.Tensor) or isinstance(value, Sequence):
-        try:
-            values = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise TypeError(f"{name} must hold numbers, got {value!r}") from err
-        if values.ndim == 0:
-            values = values.expand(num_heads).clone()
-        elif values.ndim != 1 or values.numel() != num_heads:
-            raise ValueError(
-                f"{name} must be a number or hold one value per query head ({num_heads}), got shape {tuple(values.shape)}"
-            )
-    else:
-        raise TypeError(f"{name} must be a number or a per-head list/tensor, got {type(value).__name__}")
-    if not torch.isfinite(values).all():
-        raise ValueError(f"{name} must be finite, got {values.tolist()}")
-    too_low = (values <= low) if low_open else (values < low)
-    if too_low.any() or (values > high).any():
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {values.tolist()}")
-    return values
+def _cached_copy(values: tuple, device: str, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def check_block_mask(mask, expected_shape: tuple[int, int, int, int], device) -> torch.Tensor:

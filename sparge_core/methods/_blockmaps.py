@@ -36,17 +36,18 @@ def expand_kv(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:
     return x.repeat_interleave(num_q_heads // x.shape[1], dim=1)
 
 
-def mask_density(mask: torch.Tensor, nq: int, nk: int, is_causal: bool) -> float:
-    """Kept block pairs over the pairs the causal mask allows, over all (batch, head)."""
-    allowed = reference.allowed_block_mask(nq, nk, is_causal, device=mask.device)
+def mask_density(mask: torch.Tensor, nq: int, nk: int, is_causal: bool, window: int | None = None) -> float:
+    """Kept block pairs over the pairs the causal mask (and sliding ``window``) allows, over all (batch,
+    head)."""
+    allowed = reference.allowed_block_mask(nq, nk, is_causal, device=mask.device, window=window)
     kept = (mask & allowed).sum().item()
     total = allowed.sum().item() * mask.shape[0] * mask.shape[1]
     return kept / total if total else 1.0
 
 
-def full_mask(q: torch.Tensor, k: torch.Tensor, is_causal: bool) -> torch.Tensor:
+def full_mask(q: torch.Tensor, k: torch.Tensor, is_causal: bool, window: int | None = None) -> torch.Tensor:
     """Every allowed block pair, ``(B, Hq, nqb, nkb)``."""
-    allowed = reference.allowed_block_mask(q.shape[2], k.shape[2], is_causal, device=q.device)
+    allowed = reference.allowed_block_mask(q.shape[2], k.shape[2], is_causal, device=q.device, window=window)
     return allowed.expand(q.shape[0], q.shape[1], -1, -1).clone()
 
 
@@ -61,9 +62,10 @@ def distance_index(distance: torch.Tensor | int, nq: int):
 
 
 def last_rows_probs(
-    q: torch.Tensor, k: torch.Tensor, rows: int, scale: float, is_causal: bool
+    q: torch.Tensor, k: torch.Tensor, rows: int, scale: float, is_causal: bool, window: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention rows of the last ``rows`` queries against every key, in float32.
+    """Softmax attention rows of the last ``rows`` queries against every key (with a causal sliding
+    ``window``: the keys inside it), in float32.
 
     GQA without repeating K: query heads are grouped over their KV head. Returns ``probs``
     ``(B, Hq, R, Nk)`` (a row that sees no key is all zero) and the rows' key positions ``(R,)``.
@@ -77,7 +79,10 @@ def last_rows_probs(
     logits = logits.reshape(bsz, num_q_heads, rows, nk)
     positions = torch.arange(nq - rows, nq, device=q.device) + (nk - nq)
     if is_causal:
-        future = torch.arange(nk, device=q.device)[None, :] > positions[:, None]
+        keys = torch.arange(nk, device=q.device)[None, :]
+        future = keys > positions[:, None]
+        if window is not None:
+            future |= keys <= positions[:, None] - window
         logits = logits.masked_fill(future, -math.inf)
     probs = torch.softmax(logits, dim=-1)
     if is_causal and int(positions[0]) < 0:  # rows before the first key (Nq > Nk) see nothing: NaN -> 0

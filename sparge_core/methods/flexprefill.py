@@ -166,18 +166,21 @@ class FlexPrefill(AttentionMethod):
         return self.gamma >= 1.0 or nq == 1 or nk <= max(2 * BLOCK, min_tokens)
 
     def plan(
-        self, q: torch.Tensor, k: torch.Tensor, *, is_causal: bool, scale: float | None = None
+        self, q: torch.Tensor, k: torch.Tensor, *, is_causal: bool, scale: float | None = None,
+        window: int | None = None,
     ) -> FlexPrefillPlan:
-        """The block map and the per-head decisions behind it."""
+        """The block map and the per-head decisions behind it (``window``: a causal sliding window; the
+        estimate sees only the keys inside it and the map is cut to its block band)."""
         validation.check_qk(q, k)
         validation.check_flag("is_causal", is_causal)
+        window = validation.check_window(window, is_causal)
         sm_scale = validation.resolve_scale(scale, q.shape[-1])
         bsz, num_heads, nq = q.shape[:3]
         nk = k.shape[2]
         if self._runs_dense(nq, nk):
             zeros = torch.zeros(bsz, num_heads, dtype=torch.long, device=q.device)
             return FlexPrefillPlan(
-                bm.full_mask(q, k, is_causal),
+                bm.full_mask(q, k, is_causal, window),
                 True,
                 torch.full((bsz, num_heads), math.nan, device=q.device),
                 torch.zeros(bsz, num_heads, dtype=torch.bool, device=q.device),
@@ -185,7 +188,7 @@ class FlexPrefill(AttentionMethod):
                 zeros,
             )
 
-        probs, positions = bm.last_rows_probs(q, k, BLOCK, sm_scale, is_causal)
+        probs, positions = bm.last_rows_probs(q, k, BLOCK, sm_scale, is_causal, window)
         rows = probs.shape[-2]
         vertical = probs.mean(dim=-2)  # (B, H, Nk)
         slash = bm.diagonal_sums(probs, positions, nq) / rows  # (B, H, Nq + Nk - 1)
@@ -206,7 +209,7 @@ class FlexPrefill(AttentionMethod):
         )
 
         vertical_blocks = self._sum_pool(vertical, nkb)  # (B, H, nkb)
-        slash_groups, group_of_offset = self._slash_groups(slash, nq, nk, is_causal)
+        slash_groups, group_of_offset = self._slash_groups(slash, nq, nk, is_causal, window)
 
         pooled_k = bm.expand_kv(reference.block_mean_pool(k.float(), BLOCK), num_heads)  # (B, H, nkb, D)
         q_last_mean = q[:, :, nq - rows :].float().mean(dim=-2, keepdim=True) * sm_scale  # (B, H, 1, D)
@@ -223,14 +226,15 @@ class FlexPrefill(AttentionMethod):
         mask128 = vs128 | (qa128 & query_aware[..., None, None])
         mask = mask128.repeat_interleave(BLOCK // BLOCK_K, dim=-1)[..., : num_blocks(nk, BLOCK_K)]
         mask = (mask | bm.diagonal_blocks(nq, nk, q.device)) & reference.allowed_block_mask(
-            nq, nk, is_causal, device=q.device
+            nq, nk, is_causal, device=q.device, window=window
         )
         return FlexPrefillPlan(mask, False, distance, query_aware, v_count, s_count)
 
     def block_mask(
-        self, q: torch.Tensor, k: torch.Tensor, *, is_causal: bool, scale: float | None = None
+        self, q: torch.Tensor, k: torch.Tensor, *, is_causal: bool, scale: float | None = None,
+        window: int | None = None,
     ) -> torch.Tensor:
-        return self.plan(q, k, is_causal=is_causal, scale=scale).mask
+        return self.plan(q, k, is_causal=is_causal, scale=scale, window=window).mask
 
     # ---------------------------------------------------------------------------------------
     @staticmethod
@@ -239,10 +243,12 @@ class FlexPrefill(AttentionMethod):
         return torch.nn.functional.pad(x, (0, pad)).reshape(*x.shape[:-1], nb, BLOCK).sum(-1)
 
     @staticmethod
-    def _slash_groups(slash: torch.Tensor, nq: int, nk: int, is_causal: bool) -> tuple[torch.Tensor, int]:
+    def _slash_groups(slash: torch.Tensor, nq: int, nk: int, is_causal: bool,
+                      window: int | None = None) -> tuple[torch.Tensor, int]:
         """Slash scores summed per ``floor(distance / 128)`` group: ``(B, H, G)``, and the index of group 0.
 
-        Group 0 (the diagonal) is ranked first; groups that hold no candidate distance are -inf."""
+        Group 0 (the diagonal) is ranked first; groups that hold no candidate distance are -inf (with a
+        sliding ``window``, also the groups wholly at distances the window never allows)."""
         dist = torch.arange(1 - nq, nk, device=slash.device)
         group = torch.div(dist, BLOCK, rounding_mode="floor")
         g_min = int(group[0])
@@ -254,6 +260,8 @@ class FlexPrefill(AttentionMethod):
         values = torch.arange(g_min, g_min + groups.shape[-1], device=slash.device)
         if is_causal:
             groups = groups.masked_fill(values < 0, -math.inf)
+            if window is not None:
+                groups = groups.masked_fill(values * BLOCK >= window, -math.inf)
         groups = groups.masked_fill(values == 0, math.inf)
         return groups, -g_min
 

@@ -331,16 +331,19 @@ class MInference(AttentionMethod):
 
     # ---------------------------------------------------------------------------------------
     def line_selection(
-        self, q: torch.Tensor, k: torch.Tensor, *, is_causal: bool, scale: float | None = None
+        self, q: torch.Tensor, k: torch.Tensor, *, is_causal: bool, scale: float | None = None,
+        window: int | None = None,
     ) -> LineSelection:
         """The token-level vertical and slash lines of every vertical_slash / a_shape head."""
         validation.check_qk(q, k)
         validation.check_flag("is_causal", is_causal)
+        window = validation.check_window(window, is_causal)
         sm_scale = validation.resolve_scale(scale, q.shape[-1])
         budgets = self._budgets(self.head_patterns(q.shape[1]), q.device)
-        return self._lines(q, k, budgets, is_causal, sm_scale)
+        return self._lines(q, k, budgets, is_causal, sm_scale, window)
 
-    def _lines(self, q, k, budgets, is_causal: bool, scale: float) -> LineSelection:
+    def _lines(self, q, k, budgets, is_causal: bool, scale: float,
+               window: int | None = None) -> LineSelection:
         bsz, num_heads, nq = q.shape[:3]
         nk = k.shape[2]
         ids = budgets["ids"]
@@ -348,7 +351,7 @@ class MInference(AttentionMethod):
         distances = torch.zeros(bsz, num_heads, nq + nk - 1, dtype=torch.bool, device=q.device)
         is_vs = ids == PATTERNS.index("vertical_slash")
         if bool(is_vs.any()):
-            vs = self._vertical_slash_lines(q, k, budgets, is_causal, scale)
+            vs = self._vertical_slash_lines(q, k, budgets, is_causal, scale, window)
             columns = torch.where(is_vs[None, :, None], vs.columns, columns)
             distances = torch.where(is_vs[None, :, None], vs.distances, distances)
         is_a = ids == PATTERNS.index("a_shape")
@@ -361,9 +364,10 @@ class MInference(AttentionMethod):
     def _signed_distances(self, nq: int, nk: int, device) -> torch.Tensor:
         return torch.arange(1 - nq, nk, device=device)  # the value of each index on the distance axis
 
-    def _vertical_slash_lines(self, q, k, budgets, is_causal: bool, scale: float) -> LineSelection:
+    def _vertical_slash_lines(self, q, k, budgets, is_causal: bool, scale: float,
+                              window: int | None = None) -> LineSelection:
         nq, nk = q.shape[2], k.shape[2]
-        probs, positions = bm.last_rows_probs(q, k, self.last_q, scale, is_causal)
+        probs, positions = bm.last_rows_probs(q, k, self.last_q, scale, is_causal, window)
         vertical = probs.sum(dim=-2)  # (B, H, Nk)
         slash = bm.diagonal_sums(probs, positions, nq)  # (B, H, Nq + Nk - 1)
         cols = torch.arange(nk, device=q.device)
@@ -372,6 +376,8 @@ class MInference(AttentionMethod):
         dist = self._signed_distances(nq, nk, q.device)
         if is_causal:
             candidate = (dist >= 0) & (dist <= int(positions[-1]))
+            if window is not None:  # distances the window never allows are not candidates
+                candidate &= dist < window
             local = (dist >= 0) & (dist < self.local_slashes)
         else:
             candidate = (dist >= 1 - nq) & (dist <= nk - 1)
@@ -396,21 +402,24 @@ class MInference(AttentionMethod):
             distances = dist.abs() < n_local
         return LineSelection(columns, distances)
 
-    def _block_sparse_mask(self, q, k, budgets, is_causal: bool, scale: float) -> torch.Tensor:
+    def _block_sparse_mask(self, q, k, budgets, is_causal: bool, scale: float,
+                           window: int | None = None) -> torch.Tensor:
         nq, nk = q.shape[2], k.shape[2]
         pooled_q = reference.block_mean_pool(q.float(), BLOCK_Q)
         pooled_k = bm.expand_kv(reference.block_mean_pool(k.float(), BLOCK_K), q.shape[1])
         scores = (pooled_q @ pooled_k.transpose(-1, -2)) * scale  # (B, H, nqb, nkb)
-        allowed = reference.allowed_block_mask(nq, nk, is_causal, device=q.device)
+        allowed = reference.allowed_block_mask(nq, nk, is_causal, device=q.device, window=window)
         scores = scores.masked_fill(~allowed, -math.inf)
         return bm.top_count_select(scores, budgets["topk"][None, :, None])
 
     # ---------------------------------------------------------------------------------------
     def block_mask(
-        self, q: torch.Tensor, k: torch.Tensor, *, is_causal: bool, scale: float | None = None
+        self, q: torch.Tensor, k: torch.Tensor, *, is_causal: bool, scale: float | None = None,
+        window: int | None = None,
     ) -> torch.Tensor:
         validation.check_qk(q, k)
         validation.check_flag("is_causal", is_causal)
+        window = validation.check_window(window, is_causal)
         sm_scale = validation.resolve_scale(scale, q.shape[-1])
         nq, nk = q.shape[2], k.shape[2]
         budgets = self._budgets(self.head_patterns(q.shape[1]), q.device)
@@ -418,10 +427,10 @@ class MInference(AttentionMethod):
         is_bs = ids == PATTERNS.index("block_sparse")
         mask = None
         if not bool(is_bs.all()):
-            lines = self._lines(q, k, budgets, is_causal, sm_scale)
+            lines = self._lines(q, k, budgets, is_causal, sm_scale, window)
             mask = bm.line_block_cover(lines.columns, lines.distances, nq, nk, is_causal)
         if bool(is_bs.any()):
-            bs_mask = self._block_sparse_mask(q, k, budgets, is_causal, sm_scale)
+            bs_mask = self._block_sparse_mask(q, k, budgets, is_causal, sm_scale, window)
             mask = bs_mask if mask is None else torch.where(is_bs[None, :, None, None], bs_mask, mask)
         mask = mask | bm.diagonal_blocks(nq, nk, q.device)
-        return mask & reference.allowed_block_mask(nq, nk, is_causal, device=q.device)
+        return mask & reference.allowed_block_mask(nq, nk, is_causal, device=q.device, window=window)

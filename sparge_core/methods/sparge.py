@@ -1,4 +1,8 @@
-"""``sparge`` (top-CDF, calibrated or global hyperparameters) and ``sparge-topk`` (tuning-free top-k)."""
+"""``sparge`` (top-CDF, calibrated or global hyperparameters) and ``sparge-topk`` (tuning-free top-k).
+
+Hyperparameters are validated when the method is built (``api.Selection``, ``api.parse_pvthreshd``);
+a call only checks the per-head lengths against the input, in plain Python.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,11 @@ from typing import Any
 
 import torch
 
-from ..api import DEFAULT_CDFTHRESHD, DEFAULT_PVTHRESHD, DEFAULT_SIMTHRESHD1, predict_block_mask, sparge_attn
+from ..api import (DEFAULT_CDFTHRESHD, DEFAULT_PVTHRESHD, DEFAULT_SIMTHRESHD1, Selection, parse_pvthreshd,
+                   predict_block_mask, sparge_attn)
+from ..ops.blocks import ESTIMATORS
 from ..params import LayerConfig
+from ..validation import check_choice
 from . import register_method
 from .base import AttentionMethod
 
@@ -18,12 +25,20 @@ class Sparge(AttentionMethod):
 
     budget_param = "cdfthreshd"
 
-    def __init__(self, simthreshd1=DEFAULT_SIMTHRESHD1, cdfthreshd=DEFAULT_CDFTHRESHD, pvthreshd=DEFAULT_PVTHRESHD,
-                 estimator: str = "pooled"):
+    def __init__(self, simthreshd1=DEFAULT_SIMTHRESHD1, cdfthreshd=DEFAULT_CDFTHRESHD,
+                 pvthreshd=DEFAULT_PVTHRESHD, estimator: str = "pooled"):
         self.simthreshd1 = simthreshd1
         self.cdfthreshd = cdfthreshd
         self.pvthreshd = pvthreshd
         self.estimator = estimator
+        self._validate(cdfthreshd=cdfthreshd, topk=None)
+
+    def _validate(self, *, cdfthreshd, topk) -> None:
+        check_choice("estimator", self.estimator, ESTIMATORS)
+        sel = Selection.parse(self.simthreshd1, cdfthreshd, topk)
+        self._checked = dict(simthreshd1=sel.simthreshd1, cdfthreshd=None if sel.topk_mode else sel.budget,
+                             topk=sel.budget if sel.topk_mode else None, estimator=self.estimator)
+        self._pv = parse_pvthreshd(self.pvthreshd)
 
     @classmethod
     def from_layer_config(cls, lc: LayerConfig) -> AttentionMethod:
@@ -39,13 +54,20 @@ class Sparge(AttentionMethod):
     def params(self) -> dict[str, Any]:
         return {**self._selection(), "pvthreshd": self.pvthreshd}
 
-    def block_mask(self, q, k, *, is_causal, scale=None) -> torch.Tensor:
-        return predict_block_mask(q, k, is_causal=is_causal, scale=scale, **self._selection())
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        return {**self._checked, "pvthreshd": self._pv}
 
-    def __call__(self, q, k, v, *, is_causal=False, scale=None, backend="auto", quant="auto", return_stats=False):
+    def _stage2(self):
+        return self._pv
+
+    def block_mask(self, q, k, *, is_causal, scale=None, window=None) -> torch.Tensor:
+        return predict_block_mask(q, k, is_causal=is_causal, scale=scale, window=window, **self._checked)
+
+    def __call__(self, q, k, v, *, is_causal=False, scale=None, backend="auto", quant="auto",
+                 return_stats=False, window=None):
         # the fused path: one pass over Q and K for prediction (and quantization)
-        return sparge_attn(q, k, v, is_causal=is_causal, scale=scale, pvthreshd=self.pvthreshd, backend=backend,
-                           quant=quant, return_stats=return_stats, **self._selection())
+        return sparge_attn(q, k, v, is_causal=is_causal, scale=scale, pvthreshd=self._pv, backend=backend,
+                           quant=quant, return_stats=return_stats, window=window, **self._checked)
 
 
 @register_method("sparge-topk")
@@ -59,6 +81,7 @@ class SpargeTopk(Sparge):
         self.topk = topk
         self.pvthreshd = pvthreshd
         self.estimator = estimator
+        self._validate(cdfthreshd=None, topk=topk)
 
     def _selection(self) -> dict[str, Any]:
         return dict(simthreshd1=self.simthreshd1, topk=self.topk, cdfthreshd=None, estimator=self.estimator)
