@@ -10,6 +10,7 @@ from here, so the fast paths never depend on the reference for constants.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -29,10 +30,12 @@ def num_blocks(n: int, block: int) -> int:
     return (n + block - 1) // block
 
 
+@functools.lru_cache(maxsize=1024)
 def allowed_block_count(nq: int, nk: int, is_causal: bool, window: int | None = None) -> int:
     """Number of (BLOCK_Q x BLOCK_K) block pairs that attention may touch at all, computed on the host
     (no device work): every pair, or under bottom-right causal masking those with at least one allowed
-    (query, key) pair (with a sliding ``window``: query at position p sees keys p - window < j <= p)."""
+    (query, key) pair (with a sliding ``window``: query at position p sees keys p - window < j <= p).
+    Cached: every attention call of a forward asks for the same shapes."""
     nqb, nkb = num_blocks(nq, BLOCK_Q), num_blocks(nk, BLOCK_K)
     if not is_causal:
         return nqb * nkb
