@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_json_atomic, write_text_atomic  # noqa: F401  (write_text_atomic: older import path)
 from .ops.blocks import BLOCK_K, BLOCK_Q
 
 CONFIG_FORMAT = "sparge-config"
@@ -157,29 +157,6 @@ class ModelConfig:
             if have != want:
                 raise ConfigError(f"model.{name} is {have} in the config but the model has {want}; "
                                   f"calibrate this model (sparge-calibrate) or pick its config")
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write UTF-8 text through a temporary file in the same folder, fsync, and an atomic rename: a
-    reader sees the old file or the new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON (indented, newline-terminated) atomically (``write_text_atomic``)."""
-    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
