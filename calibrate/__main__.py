@@ -155,8 +155,8 @@ def _capture_matches(meta, plan: Plan, layers: list[int]) -> bool:
 
 def ensure_capture(plan: Plan, layers: list[int] | None):
     """Capture Q/K/V once (samples + holdout windows); reuse a matching capture."""
-    from evals.data import CorpusError, token_windows
-    from evals.models import ModelLoadError, load_model, model_spec
+    from .data import CorpusError, token_windows
+    from .models import ModelLoadError, load_model, model_spec
 
     from .capture import read_meta
 

@@ -102,7 +102,7 @@ class _Windows:
 
 def _as_windows(source, corpus, seq_len, samples, seed) -> _Windows:
     """Token windows from a TokenWindows, an id tensor ``(N, L)`` or a tokenizer + corpus."""
-    from evals.data import TokenWindows, token_windows
+    from .data import TokenWindows, token_windows
 
     if isinstance(source, TokenWindows):
         return _Windows(source.input_ids, source.corpus, source.sha256, source.starts)
@@ -126,11 +126,11 @@ def capture_to_disk(model, tokenizer_or_windows, out_dir: str | os.PathLike, lay
                     seed: int | None = None, model_name: str | None = None) -> CaptureMeta:
     """Run the model on each window and write the Q, K, V of the chosen layers (all by default).
 
-    ``tokenizer_or_windows`` is an ``evals.data.TokenWindows``, an int tensor ``(samples, seq_len)``
+    ``tokenizer_or_windows`` is a ``calibrate.data.TokenWindows``, an int tensor ``(samples, seq_len)``
     of token ids, or a tokenizer (then ``corpus``, ``seq_len``, ``samples`` and ``seed`` pick the
-    windows with ``evals.data.token_windows``). Returns the metadata written to ``meta.json``.
+    windows with ``calibrate.data.token_windows``). Returns the metadata written to ``meta.json``.
     """
-    from evals.models import model_spec
+    from .models import model_spec
     from sparge_core.integrations.transformers import capture_qkv
 
     windows = _as_windows(tokenizer_or_windows, corpus, seq_len, samples, seed)

@@ -27,16 +27,20 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Callable
+
+from sparge_core.registry import Registry
 
 logger = logging.getLogger("evals")
 
-LLM_SUITES = ("ppl", "niah", "longctx", "longbench", "speed")
+#: the text suites: name -> ``fn(args, model, tokenizer, settings, model_name) -> [result paths]``
+LLM_SUITES: Registry[Callable[..., list[Path]]] = Registry("text suite")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m evals", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("suite", choices=[*LLM_SUITES, "t2i", "t2v", "ablation", "all", "tables"])
+    p.add_argument("suite", choices=[*LLM_SUITES.names(), "t2i", "t2v", "ablation", "all", "tables"])
     p.add_argument("--model", default="smollm2", help="model name or local path (LLM suites); DiT checkpoint (t2i/t2v)")
     p.add_argument("--methods", nargs="+", default=["dense", "sparge", "sparge-topk", "minference", "flexprefill"],
                    help="methods to compare")
@@ -79,8 +83,9 @@ def _settings(args, device: str):
 # --------------------------------------------------------------------------------------------
 # LLM suites
 # --------------------------------------------------------------------------------------------
+@LLM_SUITES.register("ppl")
 def suite_ppl(args, model, tokenizer, settings, model_name: str) -> list[Path]:
-    from .data import load_corpus, token_windows
+    from calibrate.data import load_corpus, token_windows
     from .ppl import perplexity
     from .runner import sparsity_summary, write_result
 
@@ -104,6 +109,7 @@ def suite_ppl(args, model, tokenizer, settings, model_name: str) -> list[Path]:
     return paths
 
 
+@LLM_SUITES.register("niah")
 def suite_niah(args, model, tokenizer, settings, model_name: str) -> list[Path]:
     from . import niah
     from .runner import sparsity_summary, write_result
@@ -128,6 +134,7 @@ def suite_niah(args, model, tokenizer, settings, model_name: str) -> list[Path]:
     return paths
 
 
+@LLM_SUITES.register("longctx")
 def suite_longctx(args, model, tokenizer, settings, model_name: str) -> list[Path]:
     from . import longctx
     from .runner import sparsity_summary, write_result
@@ -148,6 +155,7 @@ def suite_longctx(args, model, tokenizer, settings, model_name: str) -> list[Pat
     return paths
 
 
+@LLM_SUITES.register("longbench")
 def suite_longbench(args, model, tokenizer, settings, model_name: str) -> list[Path]:
     from . import longctx
     from .runner import sparsity_summary, write_result
@@ -166,8 +174,9 @@ def suite_longbench(args, model, tokenizer, settings, model_name: str) -> list[P
     return paths
 
 
+@LLM_SUITES.register("speed")
 def suite_speed(args, model, tokenizer, settings, model_name: str) -> list[Path]:
-    from .data import load_corpus
+    from calibrate.data import load_corpus
     from .runner import write_result
     from .speed import run_speed
 
@@ -182,14 +191,10 @@ def suite_speed(args, model, tokenizer, settings, model_name: str) -> list[Path]
     return paths
 
 
-SUITES = {"ppl": suite_ppl, "niah": suite_niah, "longctx": suite_longctx, "longbench": suite_longbench,
-          "speed": suite_speed}
-
-
 def run_llm(args, suites: list[str]) -> int:
     import torch
 
-    from .models import ModelLoadError, load_model
+    from calibrate.models import ModelLoadError, load_model
 
     device = _device(args)
     try:
@@ -206,7 +211,7 @@ def run_llm(args, suites: list[str]) -> int:
     with torch.no_grad():
         for suite in suites:
             t0 = time.perf_counter()
-            paths = SUITES[suite](args, model, tokenizer, settings, model_name)
+            paths = LLM_SUITES.get(suite)(args, model, tokenizer, settings, model_name)
             print(f"{suite}: {len(paths)} result files in {time.perf_counter() - t0:.1f} s")
             for p in paths:
                 print(f"  {p}")

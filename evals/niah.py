@@ -10,7 +10,7 @@ of the answer):
 
 Haystacks: ``"classic"`` repeats the five short sentences of the classic pass-key test ("The grass
 is green. ..."), which SmolLM2-135M handles densely (pass-key accuracy 1.0/1.0/0.8 at 2K/4K/7.5K);
-a corpus name of ``evals.data`` (``pydoc``, ``austen``, ``shakespeare``) or a local file uses its
+a corpus name of ``calibrate.data`` (``pydoc``, ``austen``, ``shakespeare``) or a local file uses its
 sentences, starting at a seeded sentence (much harder for small models). Needles go between two
 haystack pieces (sentences, or pieces of at most ``MAX_PIECE_TOKENS`` tokens of longer ones), at
 the boundary nearest to ``depth`` x haystack tokens; each item records the achieved depth.
@@ -169,7 +169,7 @@ def prompt_frame(tokenizer, instruction: str, question: str, answer_lead: str, c
 @functools.lru_cache(maxsize=4)
 def corpus_sentences(name_or_path: str) -> tuple[str, ...]:
     """The sentences of a corpus (whitespace collapsed), split after ``.``, ``!`` or ``?``."""
-    from evals.data import load_corpus
+    from calibrate.data import load_corpus
 
     text = load_corpus(name_or_path).text
     parts = re.split(r"(?<=[.!?])\s+", text)
@@ -331,7 +331,7 @@ def build_niah(tokenizer, lengths: Iterable[int], depths: Iterable[float], kinds
         depths: needle depths in [0, 1] (0 = start of the haystack, 1 = its end).
         kinds: ``"single"`` and/or ``"multikey"``.
         seed: the same seed (and tokenizer, haystack, words) gives the same items.
-        haystack: ``"classic"`` or an ``evals.data`` corpus name or local file.
+        haystack: ``"classic"`` or a ``calibrate.data`` corpus name or local file.
         repeats: items per grid cell (different needles and haystack starts).
         n_keys: needles in a ``multikey`` prompt (the asked one plus ``n_keys - 1`` distractors).
         words: key-word list for ``multikey`` (see ``word_list``).

@@ -19,14 +19,14 @@ import datetime as _dt
 import hashlib
 import json
 import logging
-import platform
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+
+from .environment import environment
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,24 @@ class MethodSetting:
             yield handle
         finally:
             remove(model)
+
+
+def parse_method_spec(text: str) -> tuple[str, dict[str, float]]:
+    """``NAME[:key=value,...]`` (e.g. ``sparge:cdfthreshd=0.9``) -> ``(NAME, {key: float(value)})``;
+    ``sdpa`` is the model's own dense attention (``evals.ppl.run_methods``)."""
+    name, _, rest = text.partition(":")
+    params = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"bad method spec {text!r}: expected NAME:key=value,...")
+        try:
+            params[key] = float(value)
+        except ValueError as err:
+            raise ValueError(f"bad method spec {text!r}: {key}={value!r} is not a number") from err
+    if not name:
+        raise ValueError(f"bad method spec {text!r}: the method name is missing")
+    return name, params
 
 
 def _jsonable(value):
@@ -184,45 +202,6 @@ def build_settings(methods: list[str], *, config: str | None = None, density: st
 # --------------------------------------------------------------------------------------------
 # result files
 # --------------------------------------------------------------------------------------------
-def environment() -> dict[str, Any]:
-    import triton
-
-    env = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})",
-           "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__}}
-    for pkg in ("transformers", "optuna", "lm_eval", "datasets"):
-        try:
-            env["versions"][pkg] = __import__(pkg).__version__
-        except Exception:  # not installed: not part of this run
-            pass
-    repo = Path(__file__).resolve().parents[1]
-    env["git_commit"], env["git_dirty"] = git_state(repo)
-    return env
-
-
-def git_state(repo: Path) -> tuple[str | None, bool | None]:
-    """``(commit, dirty)`` of the checkout at ``repo``.
-
-    A wrapper that ships a copy of the tree to another host (e.g. a lent GPU, whose copy may carry
-    a stale or no git history) states the commit it shipped in ``repo/.tree-commit``
-    (``git rev-parse HEAD > .tree-commit``, untracked); that file wins, with ``dirty`` False (the
-    wrapper ships a committed tree). Otherwise git is asked.
-    """
-    marker = repo / ".tree-commit"
-    shipped = marker.read_text().strip() if marker.is_file() else ""
-    if shipped:
-        return shipped, False
-    try:
-        head = subprocess.run(["git", "rev-parse", "--verify", "--quiet", "HEAD"], cwd=repo, capture_output=True,
-                              text=True, check=False)
-        if head.returncode == 0 and head.stdout.strip():
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                                   capture_output=True, text=True, check=False).stdout.strip()
-            return head.stdout.strip(), bool(dirty)
-    except OSError:
-        pass
-    return None, None
-
-
 def file_sha256(path: str | Path | None) -> str | None:
     if not path:
         return None

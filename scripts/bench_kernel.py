@@ -30,9 +30,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_info import CsvLog, bench_ms, gpu_name, gpu_slug, versions  # noqa: E402
+from evals.environment import CsvLog, bench_ms, gpu_name, gpu_slug, versions  # noqa: E402
 from sparge_core import block_sparse_attn, predict_block_mask, sparge_attn  # noqa: E402
 from sparge_core.ops import attention as A  # noqa: E402
 from sparge_core.ops import predict as P  # noqa: E402

@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from calibrate.capture import capture_to_disk, load_captured  # noqa: E402
 from calibrate.search import config_window_errors  # noqa: E402
-from evals.data import token_windows  # noqa: E402
-from evals.models import load_model  # noqa: E402
+from calibrate.data import token_windows  # noqa: E402
+from calibrate.models import load_model  # noqa: E402
 from sparge_core.params import ModelConfig, write_json_atomic  # noqa: E402
 
 

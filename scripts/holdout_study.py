@@ -24,7 +24,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 from calibrate.capture import load_captured, read_meta  # noqa: E402
 from calibrate.search import LayerEvaluator, SearchSettings, search_layer  # noqa: E402

@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_info import CsvLog, gpu_name, gpu_slug  # noqa: E402
+from evals.environment import CsvLog, gpu_name, gpu_slug  # noqa: E402
 from sparge_core import block_sparse_attn  # noqa: E402
 from sparge_core.ops import reference as R  # noqa: E402
 

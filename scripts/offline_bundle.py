@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evals.data import corpus_cache_dir  # noqa: E402
+from calibrate.data import corpus_cache_dir  # noqa: E402
 
 #: wheels the project needs beyond a stock PyTorch GPU image (transformers, accelerate, safetensors,
 #: tokenizers, numpy, pyyaml, tqdm, requests are there): GGUF reading and the Optuna search
@@ -105,12 +105,12 @@ def model_payload(model: str, work: Path, args) -> list[Payload]:
 
 
 def corpus_payload(names: list[str], work: Path) -> list[Payload]:
-    """Gzipped copies of the cached corpora (fetch them first with python -m evals.data fetch NAME)."""
+    """Gzipped copies of the cached corpora (fetch them first with python -m calibrate.data fetch NAME)."""
     out = []
     for name in names:
         src = corpus_cache_dir() / f"{name}.txt"
         if not src.is_file():
-            raise SystemExit(f"corpus {name} is not cached at {src}; run `python -m evals.data fetch {name}` first")
+            raise SystemExit(f"corpus {name} is not cached at {src}; run `python -m calibrate.data fetch {name}` first")
         dst = work / "corpora" / f"{name}.txt.gz"
         dst.parent.mkdir(parents=True, exist_ok=True)
         with open(src, "rb") as fin, gzip.GzipFile(dst, "wb", mtime=0) as fout:

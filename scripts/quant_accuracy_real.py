@@ -18,10 +18,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 from calibrate.capture import load_captured, read_meta  # noqa: E402
-from gpu_info import CsvLog, gpu_name  # noqa: E402
+from evals.environment import CsvLog, gpu_name  # noqa: E402
 from sparge_core import block_sparse_attn  # noqa: E402
 from sparge_core.ops import reference as R  # noqa: E402
 

@@ -22,11 +22,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 from calibrate.capture import load_captured, read_meta  # noqa: E402
 from calibrate.search import LayerEvaluator, SearchSettings, exhaustive_reference_sweep, search_layer  # noqa: E402
-from gpu_info import gpu_name  # noqa: E402
+from evals.environment import gpu_name  # noqa: E402
 from sparge_core.params import write_json_atomic  # noqa: E402
 
 

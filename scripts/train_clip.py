@@ -40,7 +40,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     train = TrainConfig(steps=args.steps, minutes=args.minutes, batch=args.batch, lr=args.lr, seed=args.seed,
                         log_every=args.log_every, warmup=50)
-    train_clip(CLIP_PRESETS[args.preset], train, args.out, device=args.device, preset=args.preset)
+    train_clip(CLIP_PRESETS.get(args.preset), train, args.out, device=args.device, preset=args.preset)
     return 0
 
 

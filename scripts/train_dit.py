@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = preset_with(DIT_PRESETS[args.preset], dim=args.dim, depth=args.depth, heads=args.heads, size=args.size,
+    cfg = preset_with(DIT_PRESETS.get(args.preset), dim=args.dim, depth=args.depth, heads=args.heads, size=args.size,
                       frames=args.frames, patch=args.patch)
     batch = args.batch or (8 if "tiny" in args.preset else 32 if cfg.is_video else 128)
     train = TrainConfig(steps=args.steps, minutes=args.minutes, batch=batch, lr=args.lr, seed=args.seed,

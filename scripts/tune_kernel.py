@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_info import CsvLog, bench_ms, gpu_name, gpu_slug  # noqa: E402
+from evals.environment import CsvLog, bench_ms, gpu_name, gpu_slug  # noqa: E402
 from sparge_core.ops import attention as A  # noqa: E402
 from sparge_core.ops import predict as P  # noqa: E402
 from sparge_core.ops import reference as R  # noqa: E402

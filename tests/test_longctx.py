@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from evals import longctx as L
-from evals.models import load_model
+from calibrate.models import load_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "longbench"
 LENGTH = 700

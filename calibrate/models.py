@@ -32,6 +32,8 @@ from typing import Any, Callable
 
 import torch
 
+from sparge_core.registry import Registry
+
 logger = logging.getLogger(__name__)
 
 #: transformers ``model_type`` values whose attention the sparge integration supports
@@ -120,12 +122,15 @@ class NamedModel:
     loader: Callable[..., tuple[Any, Any]]
 
 
-_NAMED: dict[str, NamedModel] = {}
+#: the bundled model names (``sparge_core.registry.Registry``: a name registered twice is an error)
+MODELS: Registry[NamedModel] = Registry("model")
 
 
 def _register(name: str, description: str):
+    """Decorator: register a loader ``fn(*, device, dtype, cache) -> (model, tokenizer)`` under ``name``."""
+
     def wrap(fn):
-        _NAMED[name] = NamedModel(name, description, fn)
+        MODELS.add(name, NamedModel(name, description, fn))
         return fn
 
     return wrap
@@ -133,11 +138,11 @@ def _register(name: str, description: str):
 
 def available_models() -> dict[str, str]:
     """Known model names and a one-line description of each (plus: any local folder or .gguf)."""
-    return {m.name: m.description for m in _NAMED.values()}
+    return {name: m.description for name, m in MODELS.items()}
 
 
 def _availability_hint() -> str:
-    names = ", ".join(sorted(_NAMED))
+    names = ", ".join(MODELS.names())
     return f"known names: {names}; or a local Hugging Face model folder (with config.json) or a .gguf file"
 
 
@@ -159,8 +164,8 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
     dtype = _resolve_dtype(dtype, device)
     key = str(name_or_path)
     started = time.perf_counter()
-    if key in _NAMED:
-        model, tokenizer = _NAMED[key].loader(device=device, dtype=dtype, cache=cache)
+    if key in MODELS:
+        model, tokenizer = MODELS.get(key).loader(device=device, dtype=dtype, cache=cache)
     else:
         path = Path(key).expanduser()
         if not path.exists():
