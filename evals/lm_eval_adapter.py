@@ -189,9 +189,10 @@ def export_corpus_jsonl(corpus: str | os.PathLike, path: str | os.PathLike, *, d
 
     loaded = load_corpus(corpus)
     docs = corpus_documents(loaded.text, doc_chars, max_docs)
+    from sparge_core.atomic import atomic_open
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w") as f:
         f.writelines(json.dumps({"text": doc, "corpus": loaded.name, "sha256": loaded.sha256, "index": i},
                                ensure_ascii=False) + "\n" for i, doc in enumerate(docs))
     logger.info("wrote %d documents of %s to %s", len(docs), loaded.name, path)

@@ -74,6 +74,7 @@ from evals.niah import (
     special_prefix,
     uses_chat,
 )
+from sparge_core.atomic import atomic_open
 
 logger = logging.getLogger(__name__)
 
@@ -516,8 +517,7 @@ def export_jsonl(items: Sequence[TaskItem], tokenizer, path: str | os.PathLike) 
     """One JSON line per item (``text``, ``answers``, ``metric``, ``task``, ``max_new_tokens``): the
     input of the lm-eval tasks ``sparge_longctx_<task>``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w") as f:
         for item in items:
             row = {"text": tokenizer.decode(item.input_ids.tolist(), skip_special_tokens=False),
                    "answers": item.answers, "metric": item.metric, "task": item.task, "length": item.length,

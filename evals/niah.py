@@ -51,6 +51,8 @@ from typing import Any
 
 import torch
 
+from sparge_core.atomic import atomic_open, atomic_path
+
 logger = logging.getLogger(__name__)
 
 NIAH_KINDS = ("single", "multikey")
@@ -593,8 +595,8 @@ def niah_heatmap(results: Sequence[dict[str, Any]], path: str | os.PathLike, tit
     fig.colorbar(image, ax=ax, label="accuracy")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=150, format=path.suffix.lstrip(".") or "png")
     return path
 
 
@@ -608,8 +610,7 @@ def export_jsonl(items: Sequence[NiahItem], tokenizer, path: str | os.PathLike) 
     lm-eval re-tokenizes ``text``, so its prompt length can differ from ``length`` by a few tokens.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w") as f:
         for item in items:
             row = {"text": tokenizer.decode(item.input_ids.tolist(), skip_special_tokens=False),
                    "answer": item.answer, "kind": item.kind, "length": item.length, "depth": item.depth,

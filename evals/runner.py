@@ -9,7 +9,8 @@ a fixed density (``density=0.5``), by bisection on each method's own budget knob
 (``sparge_core.methods.density.match_density``) on captured Q/K/V, so that every method runs the same
 kernel on masks of the same size and only the choice of blocks differs.
 
-Result files (schema in ``results/README.md``): ``results/<suite>/<model>/<label>.json``.
+Result files (schema in ``results/README.md``): ``<out>/<suite>/<model>/<label>.json`` (``python -m evals``
+writes to ``runs/`` unless ``--out`` says otherwise).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class MethodSetting:
     config_path: str | None = None
     target: str | None = None  # "matched", a float as text, or None
     densities: dict[int, float] = field(default_factory=dict)  # per layer, measured on the capture
+    allow_other_model: bool = False  # apply config_path although it was calibrated for another model
 
     @property
     def is_dense(self) -> bool:
@@ -73,7 +75,8 @@ class MethodSetting:
         if self.per_layer is not None:
             handle = apply(model, self.per_layer, backend=backend, collect_stats=collect_stats)
         elif self.config_path is not None:
-            handle = apply(model, self.config_path, backend=backend, collect_stats=collect_stats)
+            handle = apply(model, self.config_path, backend=backend, collect_stats=collect_stats,
+                           allow_other_model=self.allow_other_model)
         else:
             handle = apply(model, self.method, backend=backend, collect_stats=collect_stats, **self.params)
         try:
@@ -132,7 +135,8 @@ def _density_of(method, q, k) -> float:
 
 
 def build_settings(methods: list[str], *, config: str | None = None, density: str | None = None,
-                   capture_dir: str | None = None, device: str = "cpu") -> list[MethodSetting]:
+                   capture_dir: str | None = None, device: str = "cpu",
+                   allow_other_model: bool = False) -> list[MethodSetting]:
     """The settings to compare. ``density``: None (each method's defaults), ``"matched"`` (per layer,
     the density of the calibrated ``config``) or a number (every layer at that density). Matching
     needs ``capture_dir`` (Q/K/V captured by calibration)."""
@@ -174,7 +178,8 @@ def build_settings(methods: list[str], *, config: str | None = None, density: st
             settings.append(MethodSetting(DENSE, DENSE))
             continue
         if name == "sparge" and cfg is not None:
-            s = MethodSetting("sparge", "sparge", config_path=str(config), target="calibrated")
+            s = MethodSetting("sparge", "sparge", config_path=str(config), target="calibrated",
+                              allow_other_model=allow_other_model)
             if captured:
                 s.densities = {lc.layer: _density_of(Sparge.from_layer_config(lc), *captured[lc.layer])
                                for lc in cfg.layers if lc.layer in captured and not lc.is_dense}

@@ -68,6 +68,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from calibrate.cli import HelpFormatter  # noqa: E402
 from evals.minference_package import (  # noqa: E402
     MInferencePackage,
     PkgResult,
@@ -335,7 +336,7 @@ def write_outputs(stem: Path, record: dict, rows: list[dict]) -> None:
 # ============================================================================================
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=HelpFormatter
     )
     add_input_args(parser)
     s = parser.add_argument_group("settings (the same for ours and the package)")

@@ -23,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from calibrate.cli import HelpFormatter  # noqa: E402
 from calibrate.data import load_corpus, token_windows  # noqa: E402
 from calibrate.models import load_model  # noqa: E402
 from evals.environment import device_name, versions  # noqa: E402
@@ -43,7 +44,7 @@ def sparsity_of(model, ids: torch.Tensor, name: str, params: dict, backend: str)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--corpus", default="pydoc")
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])

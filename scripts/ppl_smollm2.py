@@ -22,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from calibrate.cli import HelpFormatter  # noqa: E402
 from calibrate.data import load_corpus, token_windows  # noqa: E402
 from calibrate.models import load_model, model_spec  # noqa: E402
 from evals.environment import device_name, versions  # noqa: E402
@@ -31,7 +32,7 @@ from sparge_core.atomic import write_json_atomic  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--corpus", default="pydoc")
     parser.add_argument("--length", type=int, default=2048)

@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from calibrate.cli import HelpFormatter  # noqa: E402
 from evals.rivals import (  # noqa: E402
     add_input_args,
     default_out,
@@ -164,7 +165,7 @@ def markdown(tables: dict, labels: list[str], targets: list[float], tol: float) 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=HelpFormatter
     )
     add_input_args(parser)
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="LABEL=NAME[:key=value,...]")

@@ -15,10 +15,9 @@ import math
 import pytest
 import torch
 
+from helpers import rand_qkv
 from sparge_core import block_sparse_attn, sparge_attn
 from sparge_core.ops import reference as R
-
-from helpers import rand_qkv
 
 BACKENDS = ["reference", "triton"]
 NQ = NK = 320  # 3 query blocks (the last partial), 5 key blocks

@@ -13,7 +13,6 @@ and ``video`` (16 frames x 16 x 16, patch 1: 4096 visual tokens + 8 text tokens)
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from sparge_core.atomic import write_json_atomic
 from sparge_core.registry import Registry
 
 from . import data
@@ -129,7 +129,7 @@ def train_dit(model_cfg: DiTConfig, train: TrainConfig, out: str | Path, device:
             "history": history, "torch": str(torch.__version__)}
     info["eval"] = _quick_eval(ema, dev, Path(out), n=eval_samples, steps=eval_steps)
     save_checkpoint(ema, out, info)
-    Path(str(out) + ".json").write_text(json.dumps(info, indent=1) + "\n")
+    write_json_atomic(str(out) + ".json", info)
     logger.info("saved %s after %d steps in %.0f s: %s", out, step, seconds, info["eval"])
     return info
 
@@ -210,7 +210,7 @@ def train_clip(cfg: ClipConfig, train: TrainConfig, out: str | Path, device: str
             "train": asdict(train), "params": params, "history": history, "torch": str(torch.__version__),
             "eval": clip_zero_shot_accuracy(model, dev)}
     save_clip(model, cfg, out, info)
-    Path(str(out) + ".json").write_text(json.dumps(info, indent=1) + "\n")
+    write_json_atomic(str(out) + ".json", info)
     logger.info("saved %s after %d steps: %s", out, step, info["eval"])
     return info
 

@@ -19,13 +19,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from calibrate.capture import capture_to_disk  # noqa: E402
+from calibrate.cli import HelpFormatter  # noqa: E402
 from calibrate.data import token_windows  # noqa: E402
 from calibrate.models import load_model  # noqa: E402
 from sparge_core.atomic import atomic_path  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--out", required=True, help="capture folder to create")
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--corpus", default="pydoc")

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import calibrate.search as S  # noqa: E402
 from calibrate.capture import load_captured  # noqa: E402
+from calibrate.cli import HelpFormatter  # noqa: E402
 from sparge_core import sparge_attn  # noqa: E402
 
 
@@ -42,7 +43,7 @@ class ChunkEvaluator(S.LayerEvaluator):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--capture", required=True, help="the 12-window capture (cpu2k_capture.py)")
     ap.add_argument("--layer", type=int, default=4)
     ap.add_argument("--chunk", type=int, default=512)

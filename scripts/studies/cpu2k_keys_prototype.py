@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import calibrate.search as S  # noqa: E402
 from calibrate.capture import load_captured  # noqa: E402
+from calibrate.cli import HelpFormatter  # noqa: E402
 from sparge_core.ops import reference as R  # noqa: E402
 
 _select_blocks = R.select_blocks
@@ -49,7 +50,7 @@ def key_resolved_predictor(q, k, *, is_causal, scale, simthreshd1, cdfthreshd=No
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--capture", required=True, help="the 55-window capture (cpu2k_capture.py --first)")
     ap.add_argument("--layer", type=int, default=4)
     ap.add_argument("--mode", choices=["keys", "pooled"], required=True)

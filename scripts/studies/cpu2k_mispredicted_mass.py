@@ -20,11 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import calibrate.search as S  # noqa: E402
 from calibrate.capture import load_captured  # noqa: E402
+from calibrate.cli import HelpFormatter  # noqa: E402
 from sparge_core.ops import reference as R  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--capture", required=True, help="the 55-window capture (cpu2k_capture.py --first)")
     ap.add_argument("--layer", type=int, default=4)
     ap.add_argument("--windows", type=int, nargs="+", default=[6, 54], help="held-out windows to inspect")

@@ -16,11 +16,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from calibrate.capture import load_captured  # noqa: E402
+from calibrate.cli import HelpFormatter  # noqa: E402
 from calibrate.search import LayerEvaluator, SearchSettings, bisect_budget  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--capture", required=True, help="the 12-window capture (cpu2k_capture.py)")
     ap.add_argument("--layer", type=int, default=4)
     args = ap.parse_args()

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import calibrate.search as S  # noqa: E402
 from calibrate.capture import load_captured  # noqa: E402
+from calibrate.cli import HelpFormatter  # noqa: E402
 
 
 def features(ids_2d: torch.Tensor, buckets: int = 4096) -> torch.Tensor:
@@ -38,7 +39,7 @@ def kcenter(feat: torch.Tensor, count: int) -> tuple[list[int], float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--capture", required=True, help="the 55-window capture (cpu2k_capture.py --first)")
     ap.add_argument("--ids", required=True, help="its token ids (cpu2k_capture.py --ids-out)")
     ap.add_argument("--layers", default="4", help="comma-separated layers")

@@ -5,7 +5,7 @@
     from sparge_core.integrations.transformers import apply, remove
 
     handle = apply(model, "sparge", cdfthreshd=0.9)       # one method for every layer
-    handle = apply(model, "results/configs/smollm2.json")  # calibrated, per layer (DESIGN.md section 4)
+    handle = apply(model, "runs/smollm2.json")  # calibrated, per layer (docs/design.md, "Config file")
     handle = apply(model, "sparge", collect_stats=True)    # ...and count skipped blocks per layer
     logits = model(input_ids).logits
     print(handle.sparsity_report())
@@ -46,7 +46,7 @@ import torch
 
 from ..methods import AttentionMethod, get_method, method_names
 from ..ops.reference import BLOCK_Q, allowed_block_mask
-from ..params import ModelConfig
+from ..params import ModelConfig, weights_fingerprint
 from .capture import QKVRecorder
 
 logger = logging.getLogger(__name__)
@@ -145,7 +145,8 @@ def handle_of(model) -> SpargeAttention | None:
 # apply / remove
 # --------------------------------------------------------------------------------------------
 def apply(model, config: str | os.PathLike | dict | ModelConfig | AttentionMethod, *, backend: str = "auto",
-          quant: str = "auto", collect_stats: bool = False, **method_params) -> SpargeAttention:
+          quant: str = "auto", collect_stats: bool = False, allow_other_model: bool = False,
+          **method_params) -> SpargeAttention:
     """Route the model's attention through sparge.
 
     Args:
@@ -157,6 +158,8 @@ def apply(model, config: str | os.PathLike | dict | ModelConfig | AttentionMetho
             layers marked dense and layers without an entry run dense SDPA).
         backend, quant: passed to the kernels (see ``sparge_core.block_sparse_attn``).
         collect_stats: count skipped blocks per layer (``handle.sparsity_report()``).
+        allow_other_model: apply a config calibrated for another model of the same shape (its
+            recorded architecture or weights fingerprint differ; ``ModelConfig.check_identity``).
 
     Returns the ``SpargeAttention`` handle (also reachable as ``handle_of(model)``). Applying again
     replaces the previous routing; ``remove(model)`` restores the original implementation.
@@ -164,7 +167,8 @@ def apply(model, config: str | os.PathLike | dict | ModelConfig | AttentionMetho
     layers = attention_modules(model)
     if handle_of(model) is not None:
         remove(model)
-    methods, description = _resolve_methods(model, config, method_params, num_layers=len(layers))
+    methods, description = _resolve_methods(model, config, method_params, num_layers=len(layers),
+                                            allow_other_model=allow_other_model)
     handle = SpargeAttention(methods=methods, original_implementation=model.config._attn_implementation,
                              backend=backend, quant=quant, collect_stats=collect_stats, description=description)
     _install(model, layers, handle)
@@ -239,7 +243,7 @@ def _model_shape(model) -> dict[str, int]:
             "head_dim": int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)}
 
 
-def _resolve_methods(model, config, method_params: dict, *, num_layers: int):
+def _resolve_methods(model, config, method_params: dict, *, num_layers: int, allow_other_model: bool = False):
     """``({layer: method or None}, description)`` for the accepted kinds of ``config``."""
     if isinstance(config, Mapping) and config and all(isinstance(k, int) for k in config):
         _no_params(method_params, "a per-layer mapping of methods")
@@ -270,6 +274,10 @@ def _resolve_methods(model, config, method_params: dict, *, num_layers: int):
                         f"{type(config).__name__}")
     _no_params(method_params, "a ModelConfig")
     config.check_matches(**_model_shape(model))
+    inner = getattr(model.config, "text_config", None)  # the decoder's type, as calibration records it
+    text_cfg = inner if inner is not None and hasattr(inner, "num_attention_heads") else model.config
+    config.check_identity(architecture=getattr(text_cfg, "model_type", None),
+                          fingerprint=lambda: weights_fingerprint(model), allow_other_model=allow_other_model)
     return _methods_from_config(config, num_layers), f"config for {config.model.name}"
 
 

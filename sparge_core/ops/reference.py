@@ -1,8 +1,8 @@
 """Plain-PyTorch reference of every SpargeAttn piece: the ground truth for all tests.
 
 Written for clarity, not speed: every step is the formula of the paper (arXiv 2502.18137, sections
-3.2-3.5) as DESIGN.md section 3 pins it down. The Triton code in ``predict.py``/``attention.py`` must
-compute the same functions; the tests compare them on random inputs.
+3.2-3.5) as docs/design.md (sections 5 and 6) pins it down. The Triton code in ``predict.py`` and
+``attention.py`` must compute the same functions; the tests compare them on random inputs.
 
 Shapes: ``q`` is ``(B, Hq, Nq, D)``, ``k``/``v`` are ``(B, Hkv, Nk, D)`` with ``Hq % Hkv == 0``
 (grouped-query attention: query head ``h`` reads key/value head ``h // (Hq // Hkv)``). Block maps are
@@ -192,7 +192,7 @@ def select_blocks(
     block_k: int = BLOCK_K,
     scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The block map from pooled Q/K blocks (DESIGN.md section 3, "Predictor semantics").
+    """The block map from pooled Q/K blocks (docs/design.md, "Predictor semantics").
 
     ``simthreshd1`` and ``cdfthreshd`` / ``topk`` are per-query-head 1-D tensors ``(Hq,)``; exactly one
     of ``cdfthreshd`` / ``topk`` is given. Returns bool ``(B, Hq, nqb, nkb)``. ``scores`` (``(B, Hq, nqb,
@@ -332,7 +332,7 @@ def masked_attention(
     bsz, num_q_heads, nq, head_dim = q.shape
     num_kv_heads, nk = k.shape[1], k.shape[2]
     group = num_q_heads // num_kv_heads
-    nqb, nkb = num_blocks(nq, BLOCK_Q), num_blocks(nk, BLOCK_K)
+    nkb = num_blocks(nk, BLOCK_K)
     allowed_blocks = allowed_block_mask(nq, nk, is_causal, device=q.device)
     kept = mask & allowed_blocks
 
