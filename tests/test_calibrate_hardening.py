@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import calibrate.models
 from calibrate.__main__ import NO_SPARSE_LAYER, build_parser, main, summary
@@ -262,3 +263,25 @@ def test_summary_says_when_no_layer_could_be_made_sparse():
     cfg2 = ModelConfig(cfg.model, (sparse, LayerConfig.dense(1, heads)), l1=0.08, pv_l1=0.09,
                        calibration=cfg.calibration)
     assert "no layer could be made sparse" not in summary(cfg2, {})
+
+
+def test_a_capture_made_elsewhere_is_calibrated_without_data_checks(tmp_path):
+    """A DiT capture (evals.dit.capture: source "dit") has no corpus or window seed: --data and --seed do
+    not apply to it, and the calibration of its layers runs as before (scripts/gpu_dit_session.sh)."""
+    from calibrate.capture import CaptureMeta, sample_path, save_tensors_atomic
+    from sparge_core.atomic import write_json_atomic
+    from sparge_core.synthetic import structured_qkv
+
+    cap = tmp_path / "cap-t2i"
+    for s in range(2):
+        q, k, v = structured_qkv(1, 2, 2, 256, 64, dtype=torch.float16, seed=s)
+        save_tensors_atomic(sample_path(cap, 0, s), {"q": q, "k": k, "v": v})
+    meta = CaptureMeta("t2i", 1, 2, 2, 64, 256, 2, "dit-prompts", "0" * 64, "float16", (0,), source="dit")
+    write_json_atomic(cap / "meta.json", {**meta.to_dict(), "is_causal": False})
+    out = tmp_path / "t2i-config.json"
+    args = ["--model", "t2i", "--samples", "1", "--holdout", "1", "--seq-len", "256", "--capture-dir", str(cap),
+            "--non-causal", "--l1", "0.05", "--pv-l1", "0.06", "--thetas", "-1", "--bisect-steps", "2", "--no-pv",
+            "--device", "cpu", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    cfg = ModelConfig.load(out)
+    assert cfg.model.name == "t2i" and cfg.calibration["data"] == "dit-prompts" and len(cfg.layers) == 1

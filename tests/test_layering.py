@@ -190,3 +190,15 @@ def test_the_checker_catches_each_kind_of_violation(rel, source, fragment):
 ])
 def test_the_checker_accepts_the_allowed_direction(rel, source):
     assert violations(REPO / rel, source) == []
+
+
+def test_the_repo_cites_only_its_own_docs():
+    """The design lives in docs/design.md; nothing points at files a user of the repo does not have."""
+    banned = ("DESIGN.md", "shared/reference", "reference/paper.md", "reference/peers.md")
+    roots = [REPO / d for d in (*LAYERS, "tests", "docs", "results", ".ci")]
+    files = [p for r in roots for p in r.rglob("*") if p.is_file() and p.suffix in (".py", ".md", ".sh", ".yaml", ".txt")]
+    files += [REPO / "README.md", REPO / "Makefile", REPO / "pyproject.toml"]
+    this = Path(__file__).resolve()
+    bad = [f"{p.relative_to(REPO)}: {word}" for p in files if p.resolve() != this
+           for word in banned if word in p.read_text(encoding="utf-8", errors="replace")]
+    assert not bad, "\n".join(bad)
