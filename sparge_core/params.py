@@ -132,7 +132,8 @@ def weights_fingerprint(model) -> str:
             digest.update(f"{name}:{tuple(param.shape)};".encode())
             flat = param.detach().reshape(-1)
             if flat.numel() > FINGERPRINT_SAMPLES:
-                index = torch.linspace(0, flat.numel() - 1, FINGERPRINT_SAMPLES, device=flat.device).long()
+                steps = torch.arange(FINGERPRINT_SAMPLES, dtype=torch.int64, device=flat.device)
+                index = steps * (flat.numel() - 1) // (FINGERPRINT_SAMPLES - 1)  # exact in int64
                 flat = flat[index]
             values = flat.to(torch.bfloat16).to(torch.float32).cpu() if flat.is_floating_point() else flat.cpu()
             digest.update(values.contiguous().numpy().tobytes())

@@ -285,3 +285,19 @@ def test_a_capture_made_elsewhere_is_calibrated_without_data_checks(tmp_path):
     assert main(args) == 0
     cfg = ModelConfig.load(out)
     assert cfg.model.name == "t2i" and cfg.calibration["data"] == "dit-prompts" and len(cfg.layers) == 1
+
+
+def test_a_late_error_keeps_the_config(tmp_path, capsys, monkeypatch):
+    """The search's result is written before the hold-out check and the plot: a fault there (here: a
+    full disk) leaves a valid config."""
+    import calibrate.__main__ as cli
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cli, "validate_holdout", full)
+    out = tmp_path / "late.json"
+    assert main([*CHEAP[: CHEAP.index("--holdout")], *CHEAP[CHEAP.index("--holdout") + 2:], "--holdout", "1",
+                 "--out", str(out)]) == 2
+    assert "No space left on device" in _err(capsys)
+    assert ModelConfig.load(out).layers[0].layer == 0

@@ -59,6 +59,12 @@ def test_bad_input_exits_2_before_the_model_loads(tmp_path, capsys, no_model_loa
     assert _written(tmp_path) == []
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message for a machine without a GPU")
+def test_cuda_without_a_gpu_exits_2(tmp_path, capsys, no_model_load):
+    assert evals_main([*PPL, "--out", str(tmp_path), "--device", "cuda"]) == 2
+    assert "no CUDA GPU is visible" in _err(capsys)
+
+
 def test_a_folder_as_config_exits_2(tmp_path, capsys, no_model_load):
     assert evals_main([*PPL, "--out", str(tmp_path / "res"), "--config", str(tmp_path)]) == 2
     assert "is a folder" in _err(capsys)
@@ -157,3 +163,17 @@ def test_a_version_1_config_still_loads_and_applies(config, tmp_path):
     v1.write_text(json.dumps(doc))
     with pytest.raises(ConfigError, match="unknown key"):
         ModelConfig.load(v1)
+
+
+def test_weights_fingerprint_is_dtype_independent_and_handles_large_tensors():
+    import torch
+
+    from sparge_core.params import weights_fingerprint
+
+    big = torch.nn.Linear(4100, 4100, bias=False)  # 16.8 M values: float32 index arithmetic would overflow
+    fp = weights_fingerprint(big)
+    assert fp.startswith("sha256-bf16-sample:")
+    assert weights_fingerprint(big.to(torch.bfloat16)) == fp
+    with torch.no_grad():
+        big.weight[-1, -1] += 1.0  # the last value is sampled
+    assert weights_fingerprint(big) != fp
