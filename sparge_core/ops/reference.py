@@ -399,9 +399,10 @@ def _pv_skip_blocks(blocks: torch.Tensor, kept: torch.Tensor, lam: torch.Tensor)
     with a NaN logit in the block votes +inf (its NaN must reach the output, as in dense attention);
     a row that already computed a NaN or +inf logit in an earlier kept block votes -inf (its output
     is NaN whatever follows). The block is skipped when the largest vote is <= -pvthreshd."""
-    nan_logit = torch.isnan(blocks)
-    row_nan = nan_logit.any(dim=-1)  # (B, H, qb, BLOCK_Q, nkb)
-    block_max = blocks.masked_fill(nan_logit, -math.inf).amax(dim=-1)  # the largest non-NaN logit
+    block_max = blocks.amax(dim=-1)  # (B, H, qb, BLOCK_Q, nkb); NaN where the row has a NaN logit
+    row_nan = torch.isnan(block_max)
+    if bool(row_nan.any()):  # only then: the largest non-NaN logit of those rows
+        block_max = blocks.masked_fill(torch.isnan(blocks), -math.inf).amax(dim=-1)
     running = torch.cummax(block_max, dim=-1).values
     before = torch.cat([torch.full_like(running[..., :1], -math.inf), running[..., :-1]], dim=-1)
     diff = block_max - before  # +inf where the row saw nothing before
