@@ -390,6 +390,29 @@ def masked_attention(
     return out.to(q.dtype), counts
 
 
+def _pv_non_finite_v(p: torch.Tensor, v: torch.Tensor, computed: torch.Tensor) -> torch.Tensor:
+    """``P @ V`` where V holds NaN/Inf: each query block sums only over the key blocks it computes
+    (``computed``: ``(B, Hq, qb, nkb)``), with IEEE products for those (``0 * inf`` is NaN), and
+    nothing at all from the others. ``p``: ``(B, Hq, qb * BLOCK_Q, Nk_pad)``; ``v``: ``(B, Hkv, Nk_pad, D)``."""
+    bsz, num_q_heads, rows, nk_pad = p.shape
+    vq = _expand_kv_heads(v, num_q_heads)  # (B, Hq, Nk_pad, D)
+    live = computed.repeat_interleave(BLOCK_Q, dim=2).repeat_interleave(BLOCK_K, dim=3)  # (B, Hq, rows, Nk_pad)
+    finite_v = torch.isfinite(vq)
+    pv = torch.where(live, p, torch.zeros_like(p)) @ torch.where(finite_v, vq, torch.zeros_like(vq))
+
+    def count(weights: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+        return weights.to(p.dtype) @ which.to(p.dtype)
+
+    nan_terms = count(live, torch.isnan(vq)) + count(live & (p == 0), torch.isinf(vq)) + \
+        count(live & torch.isnan(p), ~finite_v)
+    positive = live & (p > 0)
+    pos, neg = count(positive, torch.isposinf(vq)), count(positive, torch.isneginf(vq))
+    inf = torch.full_like(pv, math.inf)
+    pv = torch.where(pos > 0, pv + inf, pv)
+    pv = torch.where(neg > 0, pv - inf, pv)  # +inf - inf: NaN, as in the dense sum
+    return torch.where(nan_terms > 0, torch.full_like(pv, math.nan), pv)
+
+
 def _pv_skip_blocks(blocks: torch.Tensor, kept: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """Which kept blocks stage 2 skips. ``blocks``: the masked base-2 logits viewed per block,
     ``(B, H, qb, BLOCK_Q, nkb, BLOCK_K)`` (-inf where a row sees no key, and for padding rows);
@@ -414,29 +437,6 @@ def _pv_skip_blocks(blocks: torch.Tensor, kept: torch.Tensor, lam: torch.Tensor)
     diff = torch.where(poisoned | torch.isnan(diff), torch.full_like(diff, -math.inf), diff)
     worst = diff.amax(dim=3)  # (B, H, qb, nkb): the row that most wants this block
     return kept & (worst <= -lam)
-
-
-def _pv_non_finite_v(p: torch.Tensor, v: torch.Tensor, computed: torch.Tensor) -> torch.Tensor:
-    """``P @ V`` where V holds NaN/Inf: each query block sums only over the key blocks it computes
-    (``computed``: ``(B, Hq, qb, nkb)``), with IEEE products for those (``0 * inf`` is NaN), and
-    nothing at all from the others. ``p``: ``(B, Hq, qb * BLOCK_Q, Nk_pad)``; ``v``: ``(B, Hkv, Nk_pad, D)``."""
-    bsz, num_q_heads, rows, nk_pad = p.shape
-    vq = _expand_kv_heads(v, num_q_heads)  # (B, Hq, Nk_pad, D)
-    live = computed.repeat_interleave(BLOCK_Q, dim=2).repeat_interleave(BLOCK_K, dim=3)  # (B, Hq, rows, Nk_pad)
-    finite_v = torch.isfinite(vq)
-    pv = torch.where(live, p, torch.zeros_like(p)) @ torch.where(finite_v, vq, torch.zeros_like(vq))
-
-    def count(weights: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
-        return weights.to(p.dtype) @ which.to(p.dtype)
-
-    nan_terms = count(live, torch.isnan(vq)) + count(live & (p == 0), torch.isinf(vq)) + \
-        count(live & torch.isnan(p), ~finite_v)
-    positive = live & (p > 0)
-    pos, neg = count(positive, torch.isposinf(vq)), count(positive, torch.isneginf(vq))
-    inf = torch.full_like(pv, math.inf)
-    pv = torch.where(pos > 0, pv + inf, pv)
-    pv = torch.where(neg > 0, pv - inf, pv)  # +inf - inf: NaN, as in the dense sum
-    return torch.where(nan_terms > 0, torch.full_like(pv, math.nan), pv)
 
 
 def dense_attention(q, k, v, *, is_causal: bool, scale: float, dtype=torch.float64) -> torch.Tensor:
