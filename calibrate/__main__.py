@@ -1,80 +1,101 @@
 """``python -m calibrate`` / ``sparge-calibrate``: per-layer SpargeAttn hyperparameters for a model.
 
-    sparge-calibrate --model smollm2 --data pydoc --samples 5 --seq-len 8192 --device cuda --out smollm2.json
+    sparge-calibrate --model smollm2 --data pydoc --samples 5 --seq-len 8192 --device cuda --out runs/smollm2.json
 
-Steps: load the model, cut ``--samples`` windows of ``--seq-len`` tokens from ``--data``, capture each
-layer's post-RoPE Q/K/V once (dense run, to ``<out>.capture/``), then search every layer offline
-(``calibrate.search``), recording each evaluation in an Optuna study (``calibrate.study``); finally
-write the config JSON (atomically), a per-layer sparsity/L1 plot and a summary. Interrupt and rerun
-the same command to resume; ``--workers N`` runs N processes; ``--join`` adds this machine as a
-worker to a run in a shared ``--storage`` (PostgreSQL URL).
+Steps: load the model, cut ``--samples`` (+ ``--holdout``) windows of ``--seq-len`` tokens from
+``--data``, capture each layer's post-RoPE Q/K/V once (dense run, to ``<out>.capture/``), then search
+every layer offline (``calibrate.search``), recording each evaluation in an Optuna study
+(``calibrate.study``); finally write the config JSON (atomically), a per-layer sparsity/L1 plot and a
+summary. Interrupt and rerun the same command to resume; ``--workers N`` runs N processes;
+``--join`` adds this machine as a worker to a run in a shared ``--storage`` (PostgreSQL URL).
 
-Exit codes: 0 done, 2 bad input (the message says what to change), 1 unexpected failure.
+A capture and a study belong to the inputs they were made from: rerunning with other --data,
+--seed, --samples, --holdout or --seq-len (or another model) for the same --out is refused with the
+commands that start afresh.
+
+Exit codes: 0 done, 2 bad input or a fixable fault (the message says what to change), 1 unexpected
+failure.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
-import multiprocessing as mp
-import os
+import math
+import shutil
+import sqlite3
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
+
+from .cli import HelpFormatter, InputError, check_device, check_finite, check_output_folder, exit_code_for
+from .worker import Plan, WorkerFailed, run_search, settings_of
 
 logger = logging.getLogger("calibrate")
 
-
-class InputError(ValueError):
-    """Bad user input: exit code 2 with this message."""
+#: how long the storage probe waits for a SQLite file that another process has locked
+SQLITE_LOCK_WAIT_S = 30.0
 
 
 # --------------------------------------------------------------------------------------------
 # arguments
 # --------------------------------------------------------------------------------------------
 def parse_layers(text: str | None) -> list[int] | None:
-    """``"0-3,7"`` -> [0, 1, 2, 3, 7]."""
+    """``"0-3,7"`` -> [0, 1, 2, 3, 7]; an empty or reversed range (``1-0``) is an error."""
     if not text:
         return None
     out: set[int] = set()
-    try:
-        for part in text.split(","):
-            if "-" in part:
-                a, b = part.split("-", 1)
-                out.update(range(int(a), int(b) + 1))
-            else:
-                out.add(int(part))
-    except ValueError as err:
-        raise InputError(f"--layers must look like '0-3,7', got {text!r}") from err
+    for part in text.split(","):
+        lo_text, dash, hi_text = part.strip().partition("-") if "-" in part.strip()[1:] else (part, "", "")
+        try:
+            lo, hi = int(lo_text), int(hi_text) if dash else int(lo_text)
+        except ValueError as err:
+            raise InputError(f"--layers must look like '0-3,7', got {text!r}") from err
+        if hi < lo:
+            raise InputError(f"--layers range {part!r} is empty (the first index must not exceed the last, "
+                             f"e.g. '{hi}-{lo}')")
+        out.update(range(lo, hi + 1))
+    if any(x < 0 for x in out):
+        raise InputError(f"--layers must be layer indices >= 0, got {text!r}")
     return sorted(out)
 
 
+def _models_epilog() -> str:
+    from .models import available_models
+
+    rows = "\n".join(f"  {name:<12} {desc}" for name, desc in available_models().items())
+    return (f"bundled models (--model):\n{rows}\n  or a local Hugging Face model folder (with config.json) or a .gguf "
+            f"file\n\nexit codes: 0 done, 2 bad input or a fixable fault (the message says what to do), 1 unexpected")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sparge-calibrate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2", help="model name (smollm2, tiny-llama, ...) or a local HF folder / .gguf file")
-    p.add_argument("--data", default="pydoc", help="corpus name (pydoc, shakespeare, austen) or a local .txt/.jsonl file")
+    from .data import corpus_names
+    from .search import DEFAULT_THETAS
+
+    p = argparse.ArgumentParser(prog="sparge-calibrate", description=__doc__, formatter_class=HelpFormatter,
+                                epilog=_models_epilog())
+    p.add_argument("--model", default="smollm2", help="a bundled model name (listed below) or a local HF folder / "
+                   ".gguf file")
+    p.add_argument("--data", default="pydoc", help=f"corpus name ({', '.join(corpus_names())}) or a local "
+                   ".txt/.jsonl file")
     p.add_argument("--samples", type=int, default=5, help="calibration windows (the bound must hold on all of them)")
     p.add_argument("--seq-len", type=int, default=8192, help="tokens per window")
     p.add_argument("--l1", type=float, default=0.08, help="stage-1 bound on the relative L1 error of each layer's attention")
     p.add_argument("--pv-l1", type=float, default=0.09, help="stage-2 (PV skip) bound; must be >= --l1")
     p.add_argument("--margin", type=float, default=0.8,
                    help="safety factor in (0, 1]: the search holds the calibration windows' worst L1 to margin x "
-                   "--l1 (and --pv-l1), leaving headroom for text it has not seen (default 0.8: on SmolLM2 it kept "
-                   "every layer within 1.25x the bound on held-out and other-domain text, see "
-                   "results/calibration/); the config keeps the bounds themselves and records the margin")
+                   "--l1 (and --pv-l1), leaving headroom for text it has not seen (0.8 kept every SmolLM2 layer "
+                   "within 1.25x the bound on held-out and other-domain text, see results/calibration/); the "
+                   "config keeps the bounds themselves and records the margin")
     p.add_argument("--mode", choices=["cdf", "topk"], default="cdf", help="block selection: top-CDF (cdfthreshd) or top-k")
     p.add_argument("--granularity", choices=["head", "layer"], default="head", help="one value per head, or per layer")
-    p.add_argument("--layers", default=None, help="only these layers, e.g. '0-3,7' (others stay dense)")
-    p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite file next to --out); "
-                   "a postgresql:// URL lets workers on several machines share the run")
+    p.add_argument("--layers", default=None, help="only these layers, e.g. '0-3,7' (others stay dense; default: all)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: <out stem>.optuna.db, SQLite, next "
+                   "to --out); a postgresql:// URL lets workers on several machines share the run")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
     p.add_argument("--join", action="store_true", help="join an existing run in --storage as an extra worker "
                    "(e.g. from another machine); writes no config")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0, help="seed choosing the calibration windows")
     p.add_argument("--holdout", type=int, default=1, help="extra windows, not used for the search, on which the "
                    "written config is validated per layer (0 to skip)")
@@ -86,27 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "summed per key block; a lone dominant key is not averaged away) or 'pooled' (the paper's "
                    "pooled query . pooled key); written into the config")
     p.add_argument("--bisect-steps", type=int, default=8, help="bisection steps on cdfthreshd/topk per simthreshd1")
-    p.add_argument("--thetas", type=float, nargs="+", default=None, help="simthreshd1 grid (default: -1 0.2 0.4 0.55 0.7 0.85)")
-    p.add_argument("--capture-dir", default=None, help="where captured Q/K/V go (default: <out>.capture/)")
-    p.add_argument("--out", default="sparge-config.json", help="the config JSON to write")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--thetas", type=float, nargs="+", default=None,
+                   help=f"simthreshd1 grid, values in [-1, 1] (default: {' '.join(map(str, DEFAULT_THETAS))})")
+    p.add_argument("--capture-dir", default=None, help="where captured Q/K/V go (default: <out stem>.capture/ next "
+                   "to --out)")
+    p.add_argument("--out", default="sparge-config.json", help="the config JSON to write (its plot goes beside it)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no per-layer log lines: only the "
+                   "summary, warnings and errors")
     return p
 
 
-@dataclass(frozen=True)
-class Plan:
-    args: argparse.Namespace
-    out: Path
-    capture_dir: Path
-    storage_url: str
-    device: str
-
-
 def validate_args(args: argparse.Namespace) -> Plan:
-    import torch
+    """Every check that needs neither the model nor the capture; raises InputError."""
+    from .search import DEFAULT_THETAS
 
-    if not (args.l1 > 0):
-        raise InputError(f"--l1 must be > 0, got {args.l1}")
+    check_finite("--l1", args.l1, hint="e.g. 0.08")
+    check_finite("--pv-l1", args.pv_l1, hint="e.g. 0.09")
     if args.pv_l1 < args.l1:
         raise InputError(f"--pv-l1 ({args.pv_l1}) must be >= --l1 ({args.l1})")
     if not (0 < args.margin <= 1):
@@ -121,53 +137,167 @@ def validate_args(args: argparse.Namespace) -> Plan:
         raise InputError(f"--holdout must be >= 0, got {args.holdout}")
     if args.bisect_steps < 1:
         raise InputError(f"--bisect-steps must be >= 1, got {args.bisect_steps}")
+    for theta in args.thetas or DEFAULT_THETAS:
+        if not (math.isfinite(theta) and -1.0 <= theta <= 1.0):
+            raise InputError(f"--thetas must be numbers in [-1, 1] (simthreshd1 values), got {theta}")
     if args.join and not args.storage:
         raise InputError("--join needs --storage: the URL of the run to join")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    device = check_device(args.device)
     out = Path(args.out).expanduser()
     if out.suffix != ".json":
         raise InputError(f"--out must name a .json file, got {out}")
-    folder = out.resolve().parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(f"cannot create the output folder {folder}: {err}") from err
-    if not os.access(folder, os.W_OK):
-        raise InputError(f"the output folder {folder} is not writable; choose another --out")
-    if out.exists() and not os.access(out, os.W_OK):
-        raise InputError(f"{out} exists and is not writable; choose another --out")
-    capture_dir = Path(args.capture_dir) if args.capture_dir else out.with_name(out.stem + ".capture")
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder; name the config file, e.g. {out / 'config.json'}")
+    check_output_folder(out.resolve().parent, "--out")
+    capture_dir = Path(args.capture_dir).expanduser() if args.capture_dir else out.with_name(out.stem + ".capture")
+    if capture_dir.exists() and not capture_dir.is_dir():
+        raise InputError(f"--capture-dir {capture_dir} is a file, not a folder")
     from .study import default_storage_url
 
-    return Plan(args, out, capture_dir, args.storage or default_storage_url(out), device)
+    plan = Plan(args, out, capture_dir, args.storage or default_storage_url(out), device)
+    try:
+        settings_of(plan)
+    except ValueError as err:
+        raise InputError(str(err)) from err
+    check_storage_url(plan.storage_url, explicit=args.storage is not None)
+    return plan
+
+
+def check_storage_url(url: str, *, explicit: bool) -> None:
+    """The storage URL names a database this machine can open: a known SQLAlchemy dialect whose driver
+    is installed; for SQLite, a file in an existing folder that is a readable, unlocked database."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        parsed = make_url(url)
+        parsed.get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError) as err:
+        raise InputError(f"--storage {url!r} is not a database URL this machine can open ({err}); use "
+                         f"sqlite:///path/to/file.db or postgresql+psycopg2://user:password@host/db") from err
+    except ImportError as err:
+        raise InputError(f"--storage {url!r} needs a database driver that is not installed ({err}); for "
+                         f"PostgreSQL: pip install psycopg2-binary") from err
+    if parsed.get_backend_name() != "sqlite":
+        return
+    if not parsed.database or parsed.database == ":memory:":
+        raise InputError(f"--storage {url!r}: an in-memory SQLite storage cannot be shared or resumed; name a file")
+    path = Path(parsed.database)
+    if not path.parent.is_dir():
+        what = "--storage" if explicit else "--out"
+        raise InputError(f"the folder of the SQLite storage {path} does not exist; create it or choose another {what}")
+    check_output_folder(path.parent, "--storage" if explicit else "--out")
+    if path.exists():
+        probe_sqlite(path)
+
+
+def probe_sqlite(path: Path) -> None:
+    """Open the SQLite file briefly: a corrupt file or one another process keeps locked is an
+    InputError (Optuna would otherwise wait two minutes, or fail with a traceback, later)."""
+    try:
+        con = sqlite3.connect(str(path), timeout=SQLITE_LOCK_WAIT_S)
+    except sqlite3.Error as err:
+        raise InputError(f"cannot open the Optuna storage {path}: {err}") from err
+    try:
+        con.execute("PRAGMA schema_version").fetchone()
+        con.execute("BEGIN IMMEDIATE")
+        con.execute("ROLLBACK")
+    except sqlite3.OperationalError as err:
+        if "locked" in str(err) or "busy" in str(err):
+            raise InputError(f"the Optuna storage {path} stayed locked by another process for {SQLITE_LOCK_WAIT_S:g} "
+                             f"s (a hung calibration, or a program holding it open); stop that process, or pass "
+                             f"another --storage / --out") from err
+        raise InputError(f"the Optuna storage {path} cannot be used ({err}); delete it (its finished layers are "
+                         f"lost: they are searched again) or pass another --storage / --out") from err
+    except sqlite3.DatabaseError as err:
+        raise InputError(f"the Optuna storage {path} is not a readable SQLite database ({err}): it is corrupt or "
+                         f"not a storage; delete it (its finished layers are searched again) or pass another "
+                         f"--storage / --out") from err
+    finally:
+        con.close()
 
 
 # --------------------------------------------------------------------------------------------
 # capture
 # --------------------------------------------------------------------------------------------
-def _capture_matches(meta, plan: Plan, layers: list[int]) -> bool:
+def _capture_differences(meta, plan: Plan, layers: list[int], corpus) -> list[str]:
+    """What differs between the capture on disk and the one these arguments ask for."""
     a = plan.args
-    return (meta.samples == a.samples + a.holdout and meta.seq_len == a.seq_len and meta.model == a.model
-            and set(layers) <= set(meta.layers))
+    diffs = []
+    wanted = [("model", meta.model, a.model), ("windows (--samples + --holdout)", meta.samples, a.samples + a.holdout),
+              ("--seq-len", meta.seq_len, a.seq_len)]
+    if meta.source == "text":
+        wanted += [("--data (corpus sha256)", meta.data_sha256[:12], corpus.sha256[:12] if corpus else "?"),
+                   ("--seed", meta.seed, a.seed)]
+    for name, have, want in wanted:
+        if have != want:
+            diffs.append(f"{name}: {have} there, {want} asked")
+    missing = sorted(set(layers) - set(meta.layers))
+    if missing:
+        diffs.append(f"layers {missing} are not in it (captured: {list(meta.layers)})")
+    return diffs
+
+
+def _start_afresh(plan: Plan) -> str:
+    items = [str(plan.capture_dir)]
+    if plan.storage_url.startswith("sqlite:///"):
+        items.append(plan.storage_url.removeprefix("sqlite:///"))
+    return (f"to calibrate with these inputs, choose another --out, or delete the old run first "
+            f"(rm -r {' '.join(items)})")
+
+
+def _load_corpus(plan: Plan):
+    from .data import CorpusError, load_corpus
+
+    try:
+        return load_corpus(plan.args.data)
+    except (CorpusError, OSError) as err:
+        raise InputError(f"--data {plan.args.data!r}: {err}") from err
+
+
+def _read_timing(capture_dir: Path) -> dict:
+    """The capture's timing record; a damaged one is dropped with a warning (it only annotates)."""
+    import json
+
+    path = capture_dir / "timing.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+        return data
+    except (ValueError, OSError) as err:
+        logger.warning("ignoring %s (%s); the config will not carry model-load and capture times", path, err)
+        return {}
 
 
 def ensure_capture(plan: Plan, layers: list[int] | None):
-    """Capture Q/K/V once (samples + holdout windows); reuse a matching capture."""
-    from evals.data import CorpusError, token_windows
-    from evals.models import ModelLoadError, load_model, model_spec
+    """Capture Q/K/V once (samples + holdout windows); reuse a capture of exactly these inputs."""
+    from sparge_core.atomic import write_json_atomic
 
     from .capture import read_meta
+    from .data import CorpusError, token_windows
+    from .models import ModelLoadError, load_model, model_spec
 
     a = plan.args
     if (plan.capture_dir / "meta.json").exists():
-        meta = read_meta(plan.capture_dir)
-        if _capture_matches(meta, plan, layers or list(range(meta.num_layers))):
-            logger.info("reusing the capture in %s", plan.capture_dir)
-            return meta
-        raise InputError(f"{plan.capture_dir} holds a capture of other settings (model {meta.model}, "
-                         f"{meta.samples} x {meta.seq_len} tokens); delete it or pass --capture-dir")
+        try:
+            meta = read_meta(plan.capture_dir)
+        except ValueError as err:
+            raise InputError(f"{plan.capture_dir} holds an unreadable capture ({err})") from err
+        corpus = _load_corpus(plan) if meta.source == "text" else None
+        diffs = _capture_differences(meta, plan, layers or list(meta.layers), corpus)
+        if diffs:
+            raise InputError(f"{plan.capture_dir} holds a capture of other inputs ({'; '.join(diffs)}); "
+                             + _start_afresh(plan))
+        logger.info("reusing the capture in %s", plan.capture_dir)
+        return meta
+    corpus = _load_corpus(plan)  # before the model: a missing or bad --data fails in a second
+    if plan.capture_dir.exists():
+        check_output_folder(plan.capture_dir, "--capture-dir")
+    else:
+        check_output_folder(plan.capture_dir.parent, "--capture-dir")
     t0 = time.perf_counter()
     try:
         model, tokenizer = load_model(a.model, device=plan.device)
@@ -181,130 +311,50 @@ def ensure_capture(plan: Plan, layers: list[int] | None):
         raise InputError(f"--layers {bad} are out of range: {a.model} has layers 0-{spec.num_layers - 1}")
     load_s = time.perf_counter() - t0
     try:
-        windows = token_windows(tokenizer, a.data, a.seq_len, a.samples + a.holdout, seed=a.seed)
+        windows = token_windows(tokenizer, corpus, a.seq_len, a.samples + a.holdout, seed=a.seed)
     except (CorpusError, ValueError) as err:
         raise InputError(f"--data {a.data!r}: {err}") from err
+    _check_free_space(plan, spec, layers, next(model.parameters()).element_size())
     from .capture import capture_to_disk
 
     t1 = time.perf_counter()
-    meta = capture_to_disk(model, windows, plan.capture_dir, layers, model_name=a.model)
-    timing = {"model_load_s": round(load_s, 2), "capture_s": round(time.perf_counter() - t1, 2)}
-    (plan.capture_dir / "timing.json").write_text(json.dumps(timing))
+    try:
+        meta = capture_to_disk(model, windows, plan.capture_dir, layers, model_name=a.model)
+        write_json_atomic(plan.capture_dir / "timing.json",
+                          {"model_load_s": round(load_s, 2), "capture_s": round(time.perf_counter() - t1, 2)})
+    except OSError as err:
+        raise InputError(f"writing the capture to {plan.capture_dir} failed ({err.strerror or err}); free disk "
+                         f"space or pass --capture-dir on another disk, then rerun (the partial capture is "
+                         f"cleaned up then)") from err
     del model
     return meta
 
 
+def _check_free_space(plan: Plan, spec, layers: list[int] | None, bytes_per_value: int) -> None:
+    """Refuse a capture that cannot fit on its disk (with 10% to spare)."""
+    a = plan.args
+    per_layer = (spec.num_heads + 2 * spec.num_kv_heads) * a.seq_len * spec.head_dim * bytes_per_value
+    need = int(1.1 * per_layer * (a.samples + a.holdout) * len(layers or range(spec.num_layers)))
+    folder = plan.capture_dir if plan.capture_dir.exists() else plan.capture_dir.parent
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise InputError(f"the capture needs about {need / 1e9:.2f} GB but {folder} has {free / 1e9:.2f} GB free; "
+                         f"free space, pass --capture-dir on another disk, or capture fewer --samples / --layers")
+
+
 # --------------------------------------------------------------------------------------------
-# search workers
+# the run's fingerprint (a storage belongs to one model, capture and setting)
 # --------------------------------------------------------------------------------------------
 def fingerprint(meta, plan: Plan, layers: list[int]) -> dict:
     a = plan.args
     return {"model": meta.model, "num_layers": meta.num_layers, "num_heads": meta.num_heads,
             "num_kv_heads": meta.num_kv_heads, "head_dim": meta.head_dim, "seq_len": meta.seq_len,
-            "samples": a.samples, "data_sha256": meta.data_sha256, "l1": a.l1, "pv_l1": a.pv_l1, "mode": a.mode,
+            "samples": a.samples, "data_sha256": meta.data_sha256, "seed": meta.seed,
+            "window_starts": list(meta.window_starts[: a.samples]), "architecture": meta.architecture,
+            "weights_fingerprint": meta.fingerprint, "l1": a.l1, "pv_l1": a.pv_l1, "mode": a.mode,
             "granularity": a.granularity, "layers": layers, "thetas": list(settings_of(plan).thetas),
             "bisect_steps": a.bisect_steps, "tune_pv": not a.no_pv, "causal": not a.non_causal,
             "estimator": a.estimator, "margin": a.margin}
-
-
-def settings_of(plan: Plan):
-    from .search import DEFAULT_THETAS, SearchSettings
-
-    a = plan.args
-    return SearchSettings(l1=a.l1 * a.margin, pv_l1=a.pv_l1 * a.margin, mode=a.mode, granularity=a.granularity,
-                          thetas=tuple(a.thetas) if a.thetas else DEFAULT_THETAS, bisect_steps=a.bisect_steps,
-                          tune_pv=not a.no_pv, is_causal=not a.non_causal, estimator=a.estimator)
-
-
-def run_worker(plan: Plan, layers: list[int], run: str, quiet: bool) -> list[int]:
-    """Work on unclaimed, unfinished layers until every layer has a result. Returns the layers done here."""
-    import torch
-    from tqdm import tqdm
-
-    from .capture import load_captured
-    from .search import LayerEvaluator, search_layer
-    from .study import CalibrationStore, open_storage, wait_poll_seconds, worker_id
-
-    store = CalibrationStore(open_storage(plan.storage_url), run)
-    settings = settings_of(plan)
-    me = worker_id()
-    done_here = []
-    expected = len(settings.thetas) * (settings.bisect_steps + 1) + (settings.pv_steps + 1 if settings.tune_pv else 0)
-    while True:
-        pending = [x for x in layers if store.result(x) is None]
-        if not pending:
-            return done_here
-        progressed = False
-        for layer in pending:
-            if store.result(layer) is not None:
-                continue
-            claim = store.try_claim(layer, me)
-            if claim is None:
-                continue
-            if store.result(layer) is not None:
-                # another worker finished it between our check and our claim (results are saved before
-                # a claim is released, so this second look closes that gap)
-                store.release(claim, False)
-                continue
-            progressed = True
-            ok = False
-            try:
-                with store.heartbeat(claim):
-                    samples = load_captured(plan.capture_dir, layer)[: plan.args.samples]
-                    evaluator = LayerEvaluator(samples, is_causal=settings.is_causal, device=plan.device,
-                                               estimator=settings.estimator)
-                    bar = tqdm(total=expected, desc=f"layer {layer:>3}", leave=False, disable=quiet)
-                    batch: list = []
-
-                    def on_eval(ev, _bar=bar, _batch=batch):
-                        _bar.update(1)
-                        _batch.append(ev)
-
-                    def on_theta(theta, budget, l1, sp, _layer=layer, _batch=batch):
-                        store.record_evaluations(_layer, _batch, settings.l1)
-                        _batch.clear()
-                        store.save_stage1(_layer, theta, budget.tolist(), l1.tolist(), sp.tolist())
-
-                    resumed = {t: tuple(torch.tensor(x, dtype=torch.float64) for x in v)
-                               for t, v in store.stage1_done(layer).items()}
-                    result = search_layer(evaluator, evaluator.num_heads, settings, on_evaluation=on_eval,
-                                          done_thetas=resumed, on_theta_done=on_theta)
-                    store.record_evaluations(layer, batch, settings.pv_l1)
-                    bar.close()
-                    store.save_result(layer, result)
-                    done_here.append(layer)
-                    ok = True
-                    logger.info("layer %d: sparsity %.3f, worst L1 %.4f, %d evaluations", layer, result.sparsity,
-                                result.l1, result.evaluations)
-                    del evaluator, samples
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-            finally:
-                store.release(claim, ok)
-        if not progressed:
-            time.sleep(wait_poll_seconds())  # the rest is claimed by live workers: wait for them or their death
-
-
-def _worker_process(plan: Plan, layers: list[int], run: str) -> None:
-    logging.basicConfig(level=logging.WARNING)
-    run_worker(plan, layers, run, quiet=True)
-
-
-def run_search(plan: Plan, layers: list[int], run: str) -> tuple[list[int], float]:
-    t0 = time.perf_counter()
-    procs = []
-    if plan.args.workers > 1:
-        ctx = mp.get_context("spawn")
-        for _ in range(plan.args.workers - 1):
-            proc = ctx.Process(target=_worker_process, args=(plan, layers, run), daemon=False)
-            proc.start()
-            procs.append(proc)
-    try:
-        done = run_worker(plan, layers, run, quiet=plan.args.quiet)
-    finally:
-        for proc in procs:
-            proc.join()
-    return done, time.perf_counter() - t0
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,12 +384,16 @@ def build_config(plan: Plan, meta, layers: list[int], run: str, timing: dict):
             sparsity=round(res.sparsity, 6), l1=round(res.l1, 6), estimator=a.estimator,
             **{key: tuple(h.budget for h in res.heads)}))
     device_name = torch.cuda.get_device_name() if plan.device.startswith("cuda") else "cpu"
-    calibration = {"samples": a.samples, "seq_len": a.seq_len, "seed": a.seed, "data": a.data,
-                   "data_sha256": meta.data_sha256, "device": device_name, "seconds": round(timing["search_s"], 2),
+    # the inputs as captured (ensure_capture refuses a capture of other inputs than the arguments)
+    calibration = {"samples": a.samples, "seq_len": meta.seq_len, "seed": meta.seed,
+                   "data": a.data if meta.source == "text" else meta.data_name, "data_sha256": meta.data_sha256,
+                   "window_starts": list(meta.window_starts[: a.samples]),
+                   "device": device_name, "seconds": round(timing["search_s"], 2),
                    "model_load_seconds": timing.get("model_load_s"), "capture_seconds": timing.get("capture_s"),
                    "evaluations": total_evals, "margin": a.margin, "estimator": a.estimator, "mode": a.mode, "granularity": a.granularity,
                    "versions": {"torch": torch.__version__, "triton": triton.__version__}}
-    info = ModelInfo(meta.model, meta.num_layers, meta.num_heads, meta.num_kv_heads, meta.head_dim)
+    info = ModelInfo(meta.model, meta.num_layers, meta.num_heads, meta.num_kv_heads, meta.head_dim,
+                     architecture=meta.architecture, fingerprint=meta.fingerprint)
     return ModelConfig(model=info, layers=tuple(entries), l1=a.l1, pv_l1=a.pv_l1, calibration=calibration)
 
 
@@ -367,6 +421,8 @@ def plot_layers(config, path: Path, holdout: dict[int, dict[str, float]]) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from sparge_core.atomic import atomic_path
+
     layers = [lc.layer for lc in config.layers]
     spars = [lc.sparsity or 0.0 for lc in config.layers]
     l1s = [lc.l1 or 0.0 for lc in config.layers]
@@ -387,8 +443,11 @@ def plot_layers(config, path: Path, holdout: dict[int, dict[str, float]]) -> Non
     fig.legend(loc="upper right", fontsize=7)
     ax.set_title(f"{config.model.name}: calibrated sparsity per layer")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
 
 
 def summary(config, holdout: dict[int, dict[str, float]]) -> str:
@@ -404,7 +463,15 @@ def summary(config, holdout: dict[int, dict[str, float]]) -> str:
     cal = config.calibration
     lines.append(f"mean sparsity {mean:.3f} over {len(config.layers)} layers; search {cal['seconds']} s, "
                  f"{cal['evaluations']} evaluations on {cal['device']}")
+    if all(lc.is_dense for lc in config.layers):
+        lines.append(NO_SPARSE_LAYER.format(l1=config.l1, pv_l1=config.pv_l1))
     return "\n".join(lines)
+
+
+NO_SPARSE_LAYER = (
+    "no layer could be made sparse within the bound (l1 {l1:g}, pv_l1 {pv_l1:g}): every head stays dense, so the "
+    "config changes nothing. Random-weight models (tiny-llama, tiny-qwen2) have no attention structure to exploit; "
+    "with a trained model, longer --seq-len windows or a looser --l1 leave room for sparsity.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,41 +484,65 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"sparge-calibrate: error: {err}", file=sys.stderr)
         return 2
+    except WorkerFailed as err:
+        print(f"sparge-calibrate: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("sparge-calibrate: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"sparge-calibrate: error: {err.strerror or err}{where}; finished layers are kept in the storage: "
+              f"fix this and rerun the same command to resume", file=sys.stderr)
+        return exit_code_for(err)
+
+
+def _open_store(plan: Plan, run: str):
+    """The run's ``CalibrationStore``; a storage that cannot be opened or used is an InputError."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .study import CalibrationStore, open_storage
+
+    try:
+        return CalibrationStore(open_storage(plan.storage_url), run)
+    except (SQLAlchemyError, RuntimeError, ValueError) as err:
+        raise InputError(f"cannot use the Optuna storage {plan.storage_url}: {str(err).splitlines()[0]}; check the URL "
+                         f"and the server, or (a damaged SQLite file) delete it or pass another --storage") from err
 
 
 def _main(args: argparse.Namespace) -> int:
-    from .study import CalibrationStore, StorageMismatch, open_storage
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from sparge_core.params import ModelConfig
+
+    from .study import StorageMismatch
 
     plan = validate_args(args)
     layers_arg = parse_layers(args.layers)
+    _open_store(plan, f"sparge/{args.model}")  # before the model loads: a bad storage fails in seconds
     meta = ensure_capture(plan, layers_arg)
     layers = layers_arg or list(meta.layers)
     run = f"sparge/{meta.model}"
-    store = CalibrationStore(open_storage(plan.storage_url), run)
+    store = _open_store(plan, run)
     try:
         store.check_fingerprint(fingerprint(meta, plan, layers), create=not args.join)
     except StorageMismatch as err:
         raise InputError(str(err)) from err
+    except SQLAlchemyError as err:
+        raise InputError(f"cannot use the Optuna storage {plan.storage_url}: {str(err).splitlines()[0]}") from err
     done, search_s = run_search(plan, layers, run)
     if args.join:
         print(f"joined {plan.storage_url}: worked on layers {done}; every layer is finished")
         return 0
-    timing = {"search_s": search_s}
-    timing_file = plan.capture_dir / "timing.json"
-    if timing_file.exists():
-        timing.update(json.loads(timing_file.read_text()))
+    timing = {"search_s": search_s, **_read_timing(plan.capture_dir)}
     config = build_config(plan, meta, layers, run, timing)
+    config.save(plan.out)  # written before the hold-out check and the plot: a late error loses nothing
     holdout = validate_holdout(plan, meta, config) if args.holdout else {}
     if holdout:
         config.calibration["holdout_windows"] = args.holdout
         config.calibration["holdout_l1"] = {str(k): round(v["layer"], 6) for k, v in holdout.items()}
         config.calibration["holdout_l1_worst_head"] = {str(k): round(v["worst_head"], 6) for k, v in holdout.items()}
-    config.save(plan.out)
-    from sparge_core.params import ModelConfig
-
+        config.save(plan.out)
     ModelConfig.load(plan.out)  # what we wrote must load
     plot_layers(config, plan.out.with_suffix(".png"), holdout)
     print(summary(config, holdout))

@@ -2,7 +2,8 @@
 
 File layout (a contract other modules rely on)::
 
-    <dir>/meta.json                      model, shape, seq_len, samples, data name + sha256, dtype
+    <dir>/meta.json                      model (name, shape, architecture, weights fingerprint), seq_len,
+                                         samples, data (name, sha256, seed, window starts), dtype
     <dir>/L{layer:03d}/S{sample:03d}.safetensors
         q: (1, Hq, N, D)   k, v: (1, Hkv, N, D)   in the model's dtype
 
@@ -18,14 +19,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
-from sparge_core.params import write_json_atomic
+from sparge_core.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -50,22 +50,37 @@ class CaptureMeta:
     dtype: str
     layers: tuple[int, ...]
     window_starts: tuple[int, ...] = ()
+    seed: int | None = None  # the window choice's seed (None: first windows, or not recorded)
+    architecture: str | None = None  # transformers model_type of the captured model
+    fingerprint: str | None = None  # sparge_core.params.weights_fingerprint of the captured model
+    source: str = "text"  # "text" (a corpus, this module) or e.g. "dit" (evals.dit.capture)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "version": VERSION, "model": self.model, "num_layers": self.num_layers,
-                "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
-                "seq_len": self.seq_len, "samples": self.samples,
-                "data": {"name": self.data_name, "sha256": self.data_sha256, "window_starts": list(self.window_starts)},
-                "dtype": self.dtype, "layers": list(self.layers)}
+        d = {"format": FORMAT, "version": VERSION, "model": self.model, "num_layers": self.num_layers,
+             "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
+             "seq_len": self.seq_len, "samples": self.samples,
+             "data": {"name": self.data_name, "sha256": self.data_sha256, "seed": self.seed,
+                      "window_starts": list(self.window_starts)},
+             "dtype": self.dtype, "layers": list(self.layers), "source": self.source}
+        if self.architecture is not None:
+            d["architecture"] = self.architecture
+        if self.fingerprint is not None:
+            d["weights_fingerprint"] = self.fingerprint
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CaptureMeta:
-        if d.get("format") != FORMAT:
-            raise ValueError(f"not a sparge capture meta.json (format {d.get('format')!r}, expected {FORMAT!r})")
-        data = d["data"]
-        return cls(d["model"], d["num_layers"], d["num_heads"], d["num_kv_heads"], d["head_dim"], d["seq_len"],
-                   d["samples"], data["name"], data["sha256"], d["dtype"], tuple(d["layers"]),
-                   tuple(data.get("window_starts", ())))
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            got = d.get("format") if isinstance(d, dict) else type(d).__name__
+            raise ValueError(f"not a sparge capture meta.json (format {got!r}, expected {FORMAT!r})")
+        try:
+            data = d["data"]
+            return cls(d["model"], d["num_layers"], d["num_heads"], d["num_kv_heads"], d["head_dim"], d["seq_len"],
+                       d["samples"], data["name"], data["sha256"], d["dtype"], tuple(d["layers"]),
+                       tuple(data.get("window_starts", ())), data.get("seed"), d.get("architecture"),
+                       d.get("weights_fingerprint"), d.get("source", "text"))
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"capture meta.json lacks or misstates {err}") from err
 
 
 def layer_dir(out_dir: str | os.PathLike, layer: int) -> Path:
@@ -77,19 +92,11 @@ def sample_path(out_dir: str | os.PathLike, layer: int, sample: int) -> Path:
 
 
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """safetensors file through a temporary file in the same folder and an atomic rename."""
+    """A safetensors file, written atomically (``sparge_core.atomic``)."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 @dataclass(frozen=True)
@@ -98,14 +105,15 @@ class _Windows:
     name: str
     sha256: str
     starts: tuple[int, ...]
+    seed: int | None = None
 
 
 def _as_windows(source, corpus, seq_len, samples, seed) -> _Windows:
     """Token windows from a TokenWindows, an id tensor ``(N, L)`` or a tokenizer + corpus."""
-    from evals.data import TokenWindows, token_windows
+    from .data import TokenWindows, token_windows
 
     if isinstance(source, TokenWindows):
-        return _Windows(source.input_ids, source.corpus, source.sha256, source.starts)
+        return _Windows(source.input_ids, source.corpus, source.sha256, source.starts, source.seed)
     if isinstance(source, torch.Tensor):
         if source.ndim != 2 or source.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"token ids must be an integer tensor (samples, seq_len), got {source.dtype} "
@@ -117,7 +125,7 @@ def _as_windows(source, corpus, seq_len, samples, seed) -> _Windows:
     if seq_len is None or samples is None:
         raise ValueError("with a tokenizer, pass seq_len and samples (and corpus) to choose the windows")
     w = token_windows(source, corpus, seq_len, samples, seed=seed)
-    return _Windows(w.input_ids, w.corpus, w.sha256, w.starts)
+    return _Windows(w.input_ids, w.corpus, w.sha256, w.starts, w.seed)
 
 
 @torch.no_grad()
@@ -126,12 +134,14 @@ def capture_to_disk(model, tokenizer_or_windows, out_dir: str | os.PathLike, lay
                     seed: int | None = None, model_name: str | None = None) -> CaptureMeta:
     """Run the model on each window and write the Q, K, V of the chosen layers (all by default).
 
-    ``tokenizer_or_windows`` is an ``evals.data.TokenWindows``, an int tensor ``(samples, seq_len)``
+    ``tokenizer_or_windows`` is a ``calibrate.data.TokenWindows``, an int tensor ``(samples, seq_len)``
     of token ids, or a tokenizer (then ``corpus``, ``seq_len``, ``samples`` and ``seed`` pick the
-    windows with ``evals.data.token_windows``). Returns the metadata written to ``meta.json``.
+    windows with ``calibrate.data.token_windows``). Returns the metadata written to ``meta.json``.
     """
-    from evals.models import model_spec
     from sparge_core.integrations.transformers import capture_qkv
+    from sparge_core.params import weights_fingerprint
+
+    from .models import model_spec
 
     windows = _as_windows(tokenizer_or_windows, corpus, seq_len, samples, seed)
     spec = model_spec(model, model_name)
@@ -142,6 +152,9 @@ def capture_to_disk(model, tokenizer_or_windows, out_dir: str | os.PathLike, lay
     out_dir = Path(out_dir)
     if (out_dir / META_FILE).exists():
         raise FileExistsError(f"{out_dir} already holds a capture (meta.json); choose a new folder or delete it")
+    stale = remove_stale_temporaries(out_dir)
+    if stale:
+        logger.info("removed %d partial file(s) an interrupted capture left in %s", len(stale), out_dir)
     device = next(model.parameters()).device
     current = {"sample": 0}
 
@@ -156,16 +169,22 @@ def capture_to_disk(model, tokenizer_or_windows, out_dir: str | os.PathLike, lay
     meta = CaptureMeta(spec.name, spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim,
                        int(windows.input_ids.shape[1]), int(windows.input_ids.shape[0]), windows.name,
                        windows.sha256, str(next(model.parameters()).dtype).removeprefix("torch."), chosen,
-                       windows.starts)
+                       windows.starts, windows.seed, spec.model_type, weights_fingerprint(model))
     write_json_atomic(out_dir / META_FILE, meta.to_dict())
     return meta
 
 
 def read_meta(out_dir: str | os.PathLike) -> CaptureMeta:
+    """The capture's metadata; ``FileNotFoundError`` for an unfinished capture, ``ValueError`` for an
+    unreadable ``meta.json``."""
     path = Path(out_dir) / META_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: {out_dir} is not a finished capture")
-    return CaptureMeta.from_dict(json.loads(path.read_text()))
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); delete {out_dir} to capture again") from err
+    return CaptureMeta.from_dict(raw)
 
 
 def load_captured(out_dir: str | os.PathLike, layer: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -24,11 +24,10 @@ import logging
 import os
 import threading
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
-
-import warnings
 
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -124,12 +123,25 @@ class CalibrationStore:
                                                                      list(map(float, sparsity))])
 
     def record_evaluations(self, layer: int, evaluations: list[Evaluation], bound: float) -> None:
-        """Store evaluations as finished trials (one transaction per batch); ``bound`` is the L1 bound
-        of their stage (the constraint is the worst head's excess over it)."""
+        """Store evaluations as finished trials; ``bound`` is the L1 bound of their stage (the
+        constraint is the worst head's excess over it).
+
+        Optuna adds a batch trial by trial, so a worker killed mid-batch leaves part of it; the resumed
+        search evaluates that batch again (its simthreshd1 was not finished). Evaluations are
+        deterministic, so points already stored (same stage, step and per-head hyperparameters) are
+        skipped: a resumed batch completes the partial one instead of duplicating it."""
         if not evaluations:
             return
+        study = self.layer_study(layer)
+        stored = {_evaluation_key(t.params.get("stage"), t.params.get("step"), t.user_attrs)
+                  for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
         trials = []
         for ev in evaluations:
+            key = _evaluation_key(ev.stage, ev.step, {"simthreshd1": list(ev.simthreshd1), "budget": list(ev.budget),
+                                                      "pvthreshd": None if ev.pvthreshd is None else list(ev.pvthreshd)})
+            if key in stored:
+                continue
+            stored.add(key)
             excess = max(ev.l1) - bound
             trials.append(optuna.trial.create_trial(
                 params={"simthreshd1": float(ev.simthreshd1[0]), "stage": ev.stage, "step": ev.step},
@@ -140,7 +152,7 @@ class CalibrationStore:
                             "l1": list(ev.l1), "sparsity": list(ev.sparsity)},
                 constraints={"l1_excess": float(excess)},
             ))
-        self.layer_study(layer).add_trials(trials)
+        study.add_trials(trials)
 
     # ---------------------------------------------------------------- claims
     def _claims(self) -> optuna.Study:
@@ -200,6 +212,13 @@ class CalibrationStore:
         optuna.storages.fail_stale_trials(claims)
         return {t.user_attrs["layer"]: t.user_attrs.get("worker", "?")
                 for t in claims.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+
+
+def _evaluation_key(stage, step, attrs: dict) -> tuple:
+    """What identifies an evaluated point of a layer (its outcome follows from it)."""
+    pv = attrs.get("pvthreshd")
+    return (stage, step, tuple(map(float, attrs.get("simthreshd1") or ())), tuple(map(float, attrs.get("budget") or ())),
+            None if pv is None else tuple(map(float, pv)))
 
 
 def _pid_alive(pid: int) -> bool:

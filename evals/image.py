@@ -1,7 +1,6 @@
 """Image and video generation suites (t2i, t2v) and the token-order ablation (paper Table 4).
 
-Metrics (substitutes for the paper's, which need weights that do not exist offline; see
-shared/reference/offline-assets.md):
+Metrics (substitutes for the paper's, which need weights that do not exist offline):
 
 - ``FID (EfficientNet-Lite0 features)``: torchmetrics' ``FrechetInceptionDistance`` with a custom
   feature module, the globally pooled 1280-d features of the ImageNet EfficientNet-Lite0 shipped in
@@ -406,7 +405,8 @@ def _metrics(out: torch.Tensor, real: torch.Tensor, specs, captions, clip, video
     m: dict[str, Any] = {}
     if video:
         m["attribute_accuracy"] = data.attribute_accuracy(specs, data.read_video_attributes(out))
-        frames = lambda x: x.permute(0, 2, 1, 3, 4).reshape(-1, x.shape[1], *x.shape[3:])
+        def frames(x):
+            return x.permute(0, 2, 1, 3, 4).reshape(-1, x.shape[1], *x.shape[3:])
         m["fid_efficientnet_lite0"] = _safe(lambda: fid_efficientnet(data.to_unit(frames(real)),
                                                                      data.to_unit(frames(out)), device=device,
                                                                      resolution=fid_resolution))
@@ -577,10 +577,13 @@ def main(argv=None) -> int:
     """``python -m evals.image t2i|t2v|ablation ...`` (the project CLI ``python -m evals`` wraps the suites)."""
     import argparse
 
-    p = argparse.ArgumentParser(description="Image/video suites and the token-order ablation.")
+    from calibrate.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(description="Image/video suites and the token-order ablation.",
+                                formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     for name in ("t2i", "t2v"):
-        s = sub.add_parser(name)
+        s = sub.add_parser(name, formatter_class=HelpFormatter)
         s.add_argument("--ckpt", required=True)
         s.add_argument("--clip", default=None)
         s.add_argument("--methods", default="dense,minference,flexprefill",
@@ -593,7 +596,7 @@ def main(argv=None) -> int:
         s.add_argument("--fid-resolution", type=int, default=224)
         s.add_argument("--dtype", default="auto")
         s.add_argument("--batch", type=int, default=32 if name == "t2i" else 8)
-    a = sub.add_parser("ablation")
+    a = sub.add_parser("ablation", formatter_class=HelpFormatter)
     a.add_argument("--ckpt", required=True)
     a.add_argument("--out", required=True)
     a.add_argument("--bound", type=float, default=0.05)

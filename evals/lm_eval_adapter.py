@@ -2,7 +2,7 @@
 
 - ``sparge-hf`` is an lm-eval model (a subclass of ``lm_eval.models.huggingface.HFLM``, registered
   when ``model_class()`` is first called) built from a **loaded** model and tokenizer (or a name
-  ``evals.models.load_model`` knows), optionally with a sparge method or per-layer config applied
+  ``calibrate.models.load_model`` knows), optionally with a sparge method or per-layer config applied
   through ``sparge_core.integrations.transformers.apply`` and removed again by ``close()``.
 - ``evals/tasks/*.yaml`` are local task definitions that read JSONL files from a data folder
   (their ``data_files`` say ``__SPARGE_DATA_DIR__``, replaced at run time):
@@ -86,7 +86,7 @@ def _define_model_class() -> type:
         """lm-eval's HF model around a live causal LM, with an optional sparge method applied.
 
         Args:
-            pretrained: a loaded ``transformers`` model, or a name/path for ``evals.models.load_model``.
+            pretrained: a loaded ``transformers`` model, or a name/path for ``calibrate.models.load_model``.
             tokenizer: its tokenizer (required with a loaded model: nothing is fetched).
             method: ``None`` (evaluate the model's current attention), a method name (``"sparge"``,
                 ``"minference"``, ...), a per-layer config file/dict, or an ``AttentionMethod``.
@@ -137,7 +137,7 @@ def _define_model_class() -> type:
 def _load_named(name: str, tokenizer, device: str | None, dtype):
     import torch
 
-    from evals.models import load_model
+    from calibrate.models import load_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, loaded = load_model(name, device=device, dtype=dtype)
@@ -184,14 +184,15 @@ def corpus_documents(text: str, doc_chars: int, max_docs: int | None = None) -> 
 
 def export_corpus_jsonl(corpus: str | os.PathLike, path: str | os.PathLike, *, doc_chars: int = 4000,
                         max_docs: int | None = None) -> Path:
-    """Write ``{"text": ...}`` lines of consecutive documents of a corpus (``evals.data`` name or file)."""
-    from evals.data import load_corpus
+    """Write ``{"text": ...}`` lines of consecutive documents of a corpus (``calibrate.data`` name or file)."""
+    from calibrate.data import load_corpus
 
     loaded = load_corpus(corpus)
     docs = corpus_documents(loaded.text, doc_chars, max_docs)
+    from sparge_core.atomic import atomic_open
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w") as f:
         f.writelines(json.dumps({"text": doc, "corpus": loaded.name, "sha256": loaded.sha256, "index": i},
                                ensure_ascii=False) + "\n" for i, doc in enumerate(docs))
     logger.info("wrote %d documents of %s to %s", len(docs), loaded.name, path)

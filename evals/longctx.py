@@ -27,7 +27,7 @@ Metrics (``METRICS``): ``substring`` is 1 when any gold answer occurs in the out
 ``string_match_all``); ``qa_f1`` is the token F1 after lower-casing and removing punctuation and
 articles, maximised over gold answers. Scores are reported as 100 x the mean per task, and
 ``average`` is the unweighted mean over tasks, labelled ``LABEL``. Filler (``haystack``, for mv_niah,
-vt and qa) is the classic pass-key filler by default, or an ``evals.data`` corpus: SmolLM2-135M
+vt and qa) is the classic pass-key filler by default, or a ``calibrate.data`` corpus: SmolLM2-135M
 (dense, CPU, 2 items per task at 1K tokens) averaged 45.6 with the classic filler and 21.4 with
 pydoc, so the default leaves more room to see a sparse method lose accuracy. Words for cwe/fwe are
 pronounceable made-up words from a seeded syllable generator, so no word list is needed.
@@ -74,6 +74,7 @@ from evals.niah import (
     special_prefix,
     uses_chat,
 )
+from sparge_core.atomic import atomic_open
 
 logger = logging.getLogger(__name__)
 
@@ -418,7 +419,7 @@ def build_tasks(tokenizer, length: int, n_per_task: int, seed: int = 0, tasks: S
         n_per_task: items per task.
         seed: the same seed (tokenizer, length, haystack) gives the same items.
         tasks: a subset of ``TASKS``.
-        haystack: filler for mv_niah, vt and qa: ``"classic"`` or an ``evals.data`` corpus.
+        haystack: filler for mv_niah, vt and qa: ``"classic"`` or a ``calibrate.data`` corpus.
         chat: use the chat template (default: when the tokenizer has one).
     """
     tasks = list(TASKS if tasks is None else tasks)
@@ -516,8 +517,7 @@ def export_jsonl(items: Sequence[TaskItem], tokenizer, path: str | os.PathLike) 
     """One JSON line per item (``text``, ``answers``, ``metric``, ``task``, ``max_new_tokens``): the
     input of the lm-eval tasks ``sparge_longctx_<task>``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w") as f:
         for item in items:
             row = {"text": tokenizer.decode(item.input_ids.tolist(), skip_special_tokens=False),
                    "answers": item.answers, "metric": item.metric, "task": item.task, "length": item.length,

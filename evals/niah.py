@@ -10,7 +10,7 @@ of the answer):
 
 Haystacks: ``"classic"`` repeats the five short sentences of the classic pass-key test ("The grass
 is green. ..."), which SmolLM2-135M handles densely (pass-key accuracy 1.0/1.0/0.8 at 2K/4K/7.5K);
-a corpus name of ``evals.data`` (``pydoc``, ``austen``, ``shakespeare``) or a local file uses its
+a corpus name of ``calibrate.data`` (``pydoc``, ``austen``, ``shakespeare``) or a local file uses its
 sentences, starting at a seeded sentence (much harder for small models). Needles go between two
 haystack pieces (sentences, or pieces of at most ``MAX_PIECE_TOKENS`` tokens of longer ones), at
 the boundary nearest to ``depth`` x haystack tokens; each item records the achieved depth.
@@ -50,6 +50,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from sparge_core.atomic import atomic_open, atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +171,7 @@ def prompt_frame(tokenizer, instruction: str, question: str, answer_lead: str, c
 @functools.lru_cache(maxsize=4)
 def corpus_sentences(name_or_path: str) -> tuple[str, ...]:
     """The sentences of a corpus (whitespace collapsed), split after ``.``, ``!`` or ``?``."""
-    from evals.data import load_corpus
+    from calibrate.data import load_corpus
 
     text = load_corpus(name_or_path).text
     parts = re.split(r"(?<=[.!?])\s+", text)
@@ -331,7 +333,7 @@ def build_niah(tokenizer, lengths: Iterable[int], depths: Iterable[float], kinds
         depths: needle depths in [0, 1] (0 = start of the haystack, 1 = its end).
         kinds: ``"single"`` and/or ``"multikey"``.
         seed: the same seed (and tokenizer, haystack, words) gives the same items.
-        haystack: ``"classic"`` or an ``evals.data`` corpus name or local file.
+        haystack: ``"classic"`` or a ``calibrate.data`` corpus name or local file.
         repeats: items per grid cell (different needles and haystack starts).
         n_keys: needles in a ``multikey`` prompt (the asked one plus ``n_keys - 1`` distractors).
         words: key-word list for ``multikey`` (see ``word_list``).
@@ -593,8 +595,8 @@ def niah_heatmap(results: Sequence[dict[str, Any]], path: str | os.PathLike, tit
     fig.colorbar(image, ax=ax, label="accuracy")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=150, format=path.suffix.lstrip(".") or "png")
     return path
 
 
@@ -608,8 +610,7 @@ def export_jsonl(items: Sequence[NiahItem], tokenizer, path: str | os.PathLike) 
     lm-eval re-tokenizes ``text``, so its prompt length can differ from ``length`` by a few tokens.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w") as f:
         for item in items:
             row = {"text": tokenizer.decode(item.input_ids.tolist(), skip_special_tokens=False),
                    "answer": item.answer, "kind": item.kind, "length": item.length, "depth": item.depth,

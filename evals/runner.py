@@ -9,7 +9,8 @@ a fixed density (``density=0.5``), by bisection on each method's own budget knob
 (``sparge_core.methods.density.match_density``) on captured Q/K/V, so that every method runs the same
 kernel on masks of the same size and only the choice of blocks differs.
 
-Result files (schema in ``results/README.md``): ``results/<suite>/<model>/<label>.json``.
+Result files (schema in ``results/README.md``): ``<out>/<suite>/<model>/<label>.json`` (``python -m evals``
+writes to ``runs/`` unless ``--out`` says otherwise).
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ import datetime as _dt
 import hashlib
 import json
 import logging
-import platform
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+
+from .environment import environment
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class MethodSetting:
     config_path: str | None = None
     target: str | None = None  # "matched", a float as text, or None
     densities: dict[int, float] = field(default_factory=dict)  # per layer, measured on the capture
+    allow_other_model: bool = False  # apply config_path although it was calibrated for another model
 
     @property
     def is_dense(self) -> bool:
@@ -73,13 +75,32 @@ class MethodSetting:
         if self.per_layer is not None:
             handle = apply(model, self.per_layer, backend=backend, collect_stats=collect_stats)
         elif self.config_path is not None:
-            handle = apply(model, self.config_path, backend=backend, collect_stats=collect_stats)
+            handle = apply(model, self.config_path, backend=backend, collect_stats=collect_stats,
+                           allow_other_model=self.allow_other_model)
         else:
             handle = apply(model, self.method, backend=backend, collect_stats=collect_stats, **self.params)
         try:
             yield handle
         finally:
             remove(model)
+
+
+def parse_method_spec(text: str) -> tuple[str, dict[str, float]]:
+    """``NAME[:key=value,...]`` (e.g. ``sparge:cdfthreshd=0.9``) -> ``(NAME, {key: float(value)})``;
+    ``sdpa`` is the model's own dense attention (``evals.ppl.run_methods``)."""
+    name, _, rest = text.partition(":")
+    params = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"bad method spec {text!r}: expected NAME:key=value,...")
+        try:
+            params[key] = float(value)
+        except ValueError as err:
+            raise ValueError(f"bad method spec {text!r}: {key}={value!r} is not a number") from err
+    if not name:
+        raise ValueError(f"bad method spec {text!r}: the method name is missing")
+    return name, params
 
 
 def _jsonable(value):
@@ -114,7 +135,8 @@ def _density_of(method, q, k) -> float:
 
 
 def build_settings(methods: list[str], *, config: str | None = None, density: str | None = None,
-                   capture_dir: str | None = None, device: str = "cpu") -> list[MethodSetting]:
+                   capture_dir: str | None = None, device: str = "cpu",
+                   allow_other_model: bool = False) -> list[MethodSetting]:
     """The settings to compare. ``density``: None (each method's defaults), ``"matched"`` (per layer,
     the density of the calibrated ``config``) or a number (every layer at that density). Matching
     needs ``capture_dir`` (Q/K/V captured by calibration)."""
@@ -156,7 +178,8 @@ def build_settings(methods: list[str], *, config: str | None = None, density: st
             settings.append(MethodSetting(DENSE, DENSE))
             continue
         if name == "sparge" and cfg is not None:
-            s = MethodSetting("sparge", "sparge", config_path=str(config), target="calibrated")
+            s = MethodSetting("sparge", "sparge", config_path=str(config), target="calibrated",
+                              allow_other_model=allow_other_model)
             if captured:
                 s.densities = {lc.layer: _density_of(Sparge.from_layer_config(lc), *captured[lc.layer])
                                for lc in cfg.layers if lc.layer in captured and not lc.is_dense}
@@ -184,45 +207,6 @@ def build_settings(methods: list[str], *, config: str | None = None, density: st
 # --------------------------------------------------------------------------------------------
 # result files
 # --------------------------------------------------------------------------------------------
-def environment() -> dict[str, Any]:
-    import triton
-
-    env = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})",
-           "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__}}
-    for pkg in ("transformers", "optuna", "lm_eval", "datasets"):
-        try:
-            env["versions"][pkg] = __import__(pkg).__version__
-        except Exception:  # not installed: not part of this run
-            pass
-    repo = Path(__file__).resolve().parents[1]
-    env["git_commit"], env["git_dirty"] = git_state(repo)
-    return env
-
-
-def git_state(repo: Path) -> tuple[str | None, bool | None]:
-    """``(commit, dirty)`` of the checkout at ``repo``.
-
-    A wrapper that ships a copy of the tree to another host (e.g. a lent GPU, whose copy may carry
-    a stale or no git history) states the commit it shipped in ``repo/.tree-commit``
-    (``git rev-parse HEAD > .tree-commit``, untracked); that file wins, with ``dirty`` False (the
-    wrapper ships a committed tree). Otherwise git is asked.
-    """
-    marker = repo / ".tree-commit"
-    shipped = marker.read_text().strip() if marker.is_file() else ""
-    if shipped:
-        return shipped, False
-    try:
-        head = subprocess.run(["git", "rev-parse", "--verify", "--quiet", "HEAD"], cwd=repo, capture_output=True,
-                              text=True, check=False)
-        if head.returncode == 0 and head.stdout.strip():
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                                   capture_output=True, text=True, check=False).stdout.strip()
-            return head.stdout.strip(), bool(dirty)
-    except OSError:
-        pass
-    return None, None
-
-
 def file_sha256(path: str | Path | None) -> str | None:
     if not path:
         return None

@@ -95,8 +95,8 @@ def attention_ms(layers: dict[int, tuple], method_for_layer, device: torch.devic
 def run_speed(model, tokenizer, setting, lengths: list[int], corpus, *, backend: str = "auto", warmup: int = 2,
               repeats: int = 5) -> dict[str, Any]:
     """Prefill latency and per-layer attention time of one ``MethodSetting`` at each length."""
-    from evals.data import token_windows
-    from evals.models import model_spec
+    from calibrate.data import token_windows
+    from calibrate.models import model_spec
 
     device = next(model.parameters()).device
     spec = model_spec(model)

@@ -192,7 +192,7 @@ class Setting:
 def llama8b_model(device: torch.device, smoke: bool):
     """The random-weight Llama-3.1-8B-shaped model (bf16) or, with ``smoke``, tiny-llama (float32)."""
     if smoke:
-        from evals.models import load_model
+        from calibrate.models import load_model
 
         model, _ = load_model("tiny-llama")
         return model
@@ -207,8 +207,8 @@ def llama8b_model(device: torch.device, smoke: bool):
 
 def smollm2_model(device: torch.device, smoke: bool, config_path: Path):
     """SmolLM2 and its calibrated config (a path); with ``smoke`` tiny-qwen2 and a generated config."""
-    from evals.data import token_windows
-    from evals.models import load_model
+    from calibrate.data import token_windows
+    from calibrate.models import load_model
 
     if smoke:
         from sparge_core.params import LayerConfig, ModelConfig, ModelInfo

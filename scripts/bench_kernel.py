@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_info import CsvLog, bench_ms, gpu_name, gpu_slug, versions  # noqa: E402
+from calibrate.cli import HelpFormatter  # noqa: E402
+from evals.environment import CsvLog, bench_ms, gpu_name, gpu_slug, versions  # noqa: E402
 from sparge_core import block_sparse_attn, predict_block_mask, sparge_attn  # noqa: E402
+from sparge_core.atomic import atomic_path  # noqa: E402
 from sparge_core.ops import attention as A  # noqa: E402
 from sparge_core.ops import predict as P  # noqa: E402
 from sparge_core.ops import reference as R  # noqa: E402
@@ -252,11 +253,12 @@ def plot(csv_path: Path, png_path: Path) -> None:
     axes[0][0].legend(fontsize=7)
     fig.suptitle(rows[0]["gpu"])
     fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--n", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536])
     ap.add_argument("--d", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--causal", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="+", default=[False, True])

@@ -2,7 +2,7 @@
 
 Runs ``apt-get download r-cran-janeaustenr`` (run ``apt-get update`` once first), unpacks it with
 ``dpkg-deb -x`` and reads the R data files in pure Python (no R needed); the text is written to
-``$XDG_CACHE_HOME/sparge/corpora/austen.txt``. Same as ``python -m evals.data fetch austen``.
+``$XDG_CACHE_HOME/sparge/corpora/austen.txt``. Same as ``python -m calibrate.data fetch austen``.
 
     python scripts/fetch_austen.py [--from r-cran-janeaustenr_1.0.0-1_all.deb]
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evals.data import main  # noqa: E402
+from calibrate.data import main  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(main(["fetch", "austen", *sys.argv[1:]]))

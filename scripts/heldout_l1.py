@@ -22,14 +22,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from calibrate.capture import capture_to_disk, load_captured  # noqa: E402
+from calibrate.cli import HelpFormatter  # noqa: E402
+from calibrate.data import token_windows  # noqa: E402
+from calibrate.models import load_model  # noqa: E402
 from calibrate.search import config_window_errors  # noqa: E402
-from evals.data import token_windows  # noqa: E402
-from evals.models import load_model  # noqa: E402
 from sparge_core.params import ModelConfig, write_json_atomic  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--data", default="austen")

@@ -14,7 +14,6 @@ l1 on top of l1). ``--estimator`` picks the predictor's block estimator (default
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace
@@ -24,9 +23,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 from calibrate.capture import load_captured, read_meta  # noqa: E402
+from calibrate.cli import HelpFormatter  # noqa: E402
 from calibrate.search import LayerEvaluator, SearchSettings, search_layer  # noqa: E402
 from sparge_core.params import write_json_atomic  # noqa: E402
 
@@ -47,7 +46,7 @@ def settings_for(variant: str, l1: float, pv_l1: float, estimator: str = "keys")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--capture", required=True)
     ap.add_argument("--calib", type=int, default=5)
     ap.add_argument("--layers", type=int, nargs="+", default=None)

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_info import CsvLog, gpu_name, gpu_slug  # noqa: E402
+from calibrate.cli import HelpFormatter  # noqa: E402
+from evals.environment import CsvLog, gpu_name, gpu_slug  # noqa: E402
 from sparge_core import block_sparse_attn  # noqa: E402
 from sparge_core.ops import reference as R  # noqa: E402
 
@@ -35,7 +35,7 @@ def rel_l1(a, b) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--n", type=int, nargs="+", default=[1024, 4096, 8192, 16384, 32768])
     ap.add_argument("--d", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--heads", type=int, default=4)

@@ -6,7 +6,7 @@ median wall time (CUDA-synchronised) is reported, with the per-method sparsity o
     python scripts/latency_smollm2.py --lengths 2048 4096 8192 \\
         --out results/speed/smollm2/h100-prefill.json
 
-Methods use the syntax of scripts/ppl_smollm2.py (``sdpa``, ``sparge``, ``sparge:cdfthreshd=1``).
+Methods use ``evals.runner.parse_method_spec``'s syntax (``sdpa``, ``sparge``, ``sparge:cdfthreshd=1``).
 """
 
 from __future__ import annotations
@@ -16,22 +16,21 @@ import os
 import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
-from ppl_smollm2 import device_name, parse_method, versions  # noqa: E402
-
-from evals.data import load_corpus, token_windows  # noqa: E402
+from calibrate.cli import HelpFormatter  # noqa: E402
+from calibrate.data import load_corpus, token_windows  # noqa: E402
+from calibrate.models import load_model  # noqa: E402
+from evals.environment import device_name, versions  # noqa: E402
+from evals.runner import parse_method_spec  # noqa: E402
 from evals.speed import prefill_ms  # noqa: E402
-from evals.models import load_model  # noqa: E402
+from sparge_core.atomic import write_json_atomic  # noqa: E402
 from sparge_core.integrations.transformers import apply, handle_of, remove  # noqa: E402
-from sparge_core.params import write_json_atomic  # noqa: E402
 
 
 @torch.no_grad()
@@ -45,7 +44,7 @@ def sparsity_of(model, ids: torch.Tensor, name: str, params: dict, backend: str)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--corpus", default="pydoc")
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
@@ -58,14 +57,17 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
 
+    try:
+        methods = [(spec, *parse_method_spec(spec)) for spec in args.methods]
+    except ValueError as err:
+        parser.error(str(err))
     device = torch.device(args.device)
     model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
     corpus = load_corpus(args.corpus)
     rows = []
     for length in args.lengths:
         ids = token_windows(tokenizer, corpus, length, 1).input_ids.to(device)
-        for spec in args.methods:
-            name, params = parse_method(spec)
+        for spec, name, params in methods:
             if name != "sdpa":
                 apply(model, name, backend=args.backend, **params)
             try:
@@ -85,7 +87,7 @@ def main() -> None:
         "model": args.model, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "device": device_name(device), "backend": args.backend,
         "data": corpus.describe(), "warmup": args.warmup, "repeats": args.repeats,
-        "versions": versions(), "rows": rows,
+        "versions": versions(extra=("transformers",)), "rows": rows,
     }
     write_json_atomic(args.out, record)
     print(f"wrote {args.out}")

@@ -36,7 +36,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evals.data import corpus_cache_dir  # noqa: E402
+from calibrate.cli import HelpFormatter  # noqa: E402
+from calibrate.data import CORPORA, corpus_cache_dir, fetchable_corpora  # noqa: E402
+from sparge_core.atomic import atomic_open, atomic_path, write_text_atomic  # noqa: E402
 
 #: wheels the project needs beyond a stock PyTorch GPU image (transformers, accelerate, safetensors,
 #: tokenizers, numpy, pyyaml, tqdm, requests are there): GGUF reading and the Optuna search
@@ -104,16 +106,33 @@ def model_payload(model: str, work: Path, args) -> list[Payload]:
     raise SystemExit(f"--model must be one of {sorted(MODEL_WHEELS)}, a .gguf file or a model folder; got {model!r}")
 
 
+def choose_corpora(asked: list[str] | None) -> tuple[list[str], list[str]]:
+    """``(to bundle, left out)``. Asked for by name: each must be cached (else exit with how to fetch
+    it). Not asked (the default): every fetchable corpus that is cached; the rest is left out."""
+    fetchable = fetchable_corpora()
+    if asked is None:
+        cached = [n for n in fetchable if CORPORA.get(n).cached_path().is_file()]
+        return cached, [n for n in fetchable if n not in cached]
+    unknown = [n for n in asked if n not in fetchable]
+    if unknown:
+        raise SystemExit(f"--corpora: {unknown} are not fetched corpora; choose from {fetchable} (pydoc ships with "
+                         f"Python and needs no bundling)")
+    for name in asked:
+        src = CORPORA.get(name).cached_path()
+        if not src.is_file():
+            raise SystemExit(f"corpus {name} is not cached at {src}; run `python -m calibrate.data fetch {name}` "
+                             f"first, or leave --corpora out to bundle only the cached ones")
+    return list(asked), []
+
+
 def corpus_payload(names: list[str], work: Path) -> list[Payload]:
-    """Gzipped copies of the cached corpora (fetch them first with python -m evals.data fetch NAME)."""
+    """Gzipped copies of the cached corpora (``choose_corpora`` checked that they are there)."""
     out = []
     for name in names:
         src = corpus_cache_dir() / f"{name}.txt"
-        if not src.is_file():
-            raise SystemExit(f"corpus {name} is not cached at {src}; run `python -m evals.data fetch {name}` first")
         dst = work / "corpora" / f"{name}.txt.gz"
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        with open(src, "rb") as fin, gzip.GzipFile(dst, "wb", mtime=0) as fout:
+        with open(src, "rb") as fin, atomic_open(dst, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb",
+                                                                                   mtime=0) as fout:
             shutil.copyfileobj(fin, fout)
         out.append(Payload(dst, f"corpora/{dst.name}"))
     return out
@@ -121,7 +140,7 @@ def corpus_payload(names: list[str], work: Path) -> list[Payload]:
 
 def write_tar(payload: list[Payload], tar_path: Path) -> None:
     """An uncompressed tar with fixed metadata, so the same inputs give the same bytes."""
-    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
+    with atomic_open(tar_path, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for item in sorted(payload, key=lambda p: p.arcname):
             info = tarfile.TarInfo(item.arcname)
             info.size = item.source.stat().st_size
@@ -145,10 +164,11 @@ def split_into_parts(tar_path: Path, out: Path, max_part_bytes: int, bundle_text
             part = out / f"part-{i + 1:03d}"
             part.mkdir(parents=True)
             chunk = part / f"{CHUNK_PREFIX}{i:03d}"
-            with open(chunk, "wb") as g:
-                g.write(f.read(chunk_bytes))
-            (part / "SHA256SUMS").write_text(f"{sha256_file(chunk)}  {chunk.name}\n")
-            (part / "BUNDLE.txt").write_text(bundle_text.replace("@PARTS@", str(count)))
+            with atomic_path(chunk) as tmp:
+                tmp.write_bytes(f.read(chunk_bytes))
+            write_text_atomic(part / "BUNDLE.txt", bundle_text.replace("@PARTS@", str(count)))
+            # written last: a part with its SHA256SUMS is complete
+            write_text_atomic(part / "SHA256SUMS", f"{sha256_file(chunk)}  {chunk.name}\n")
             parts.append(part)
     return parts
 
@@ -161,10 +181,11 @@ def bundle_text(payload: list[Payload], tar_sha: str, tar_size: int, model: str)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", default="smollm2", help="smollm2, a .gguf file or a model folder")
-    parser.add_argument("--corpora", nargs="*", default=["austen", "shakespeare"],
-                        help="cached corpora to include (pydoc ships with Python)")
+    parser.add_argument("--corpora", nargs="*", default=None,
+                        help=f"cached corpora to include, of {fetchable_corpora()} (default: every one that is "
+                        "cached here; the others are named as left out; pydoc ships with Python)")
     parser.add_argument("--wheels", nargs="*", default=list(DEFAULT_WHEELS), help="requirements to bundle as wheels")
     parser.add_argument("--wheel-dir", type=Path, help="take wheels from this folder")
     parser.add_argument("--no-download", action="store_true", help="never run pip download (needs --wheel-dir)")
@@ -176,6 +197,7 @@ def main() -> None:
         parser.error("--no-download needs --wheel-dir")
     if args.out.exists() and any(args.out.iterdir()):
         parser.error(f"{args.out} is not empty; remove it or choose another --out")
+    corpora, left_out = choose_corpora(args.corpora)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -185,7 +207,7 @@ def main() -> None:
             wheels = pip_download(args.wheels, work / "wheels", args.python_version) if args.wheels else []
         payload = [Payload(w, f"wheels/{w.name}") for w in wheels]
         payload += model_payload(args.model, work, args)
-        payload += corpus_payload(args.corpora, work)
+        payload += corpus_payload(corpora, work)
         tar_path = work / "bundle.tar"
         write_tar(payload, tar_path)
         tar_sha = sha256_file(tar_path)
@@ -197,6 +219,10 @@ def main() -> None:
         print(f"{part}  {size / 1e6:.1f} MB")
     print(f"bundle {tar_sha[:16]}: {len(payload)} files in {len(parts)} part(s); install with "
           f"scripts/offline_install.sh [--stage DIR] [--target DIR] PART...")
+    print(f"corpora bundled: {', '.join(corpora) or 'none'}")
+    for name in left_out:
+        print(f"left out: corpus {name} (not cached here; `python -m calibrate.data fetch {name}` first to "
+              f"bundle it)")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ matched density, the kernel table and ``results/TABLES.md``.
 On a GPU the paper-size setting (calibration on 5 x 8192 tokens; suites at 2K-8K); on a CPU a
 reduced one (minutes, not hours; the numbers only show that the pipeline works).
 
-    python scripts/paper.py --model smollm2            # -> results/<suite>/smollm2/*.json, TABLES.md
+    python scripts/paper.py --model smollm2 --out results   # -> results/<suite>/smollm2/*.json, TABLES.md
+    python scripts/paper.py --model smollm2                 # the same into runs/paper/ (results/ untouched)
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from calibrate.__main__ import main as calibrate_main  # noqa: E402
+from calibrate.cli import HelpFormatter  # noqa: E402
 from evals.__main__ import main as evals_main  # noqa: E402
+from sparge_core.atomic import write_text_atomic  # noqa: E402
 
 GPU = {"calib": ["--samples", "5", "--seq-len", "8192"], "ppl": ["--lengths", "2048", "4096", "8192"],
        "niah": ["--lengths", "2048", "4096", "8192"], "longctx": ["--lengths", "4096", "8192"],
@@ -30,10 +33,10 @@ CPU = {"calib": ["--samples", "2", "--seq-len", "1024", "--thetas", "-1", "0.5",
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--data", default="pydoc", help="calibration corpus")
-    ap.add_argument("--out", default="results")
+    ap.add_argument("--out", default="runs/paper", help="results folder (`make paper` passes results)")
     ap.add_argument("--runs", default="runs", help="where the config, its capture and Optuna study go")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--suites", nargs="+", default=["ppl", "niah", "longctx", "speed"])
@@ -44,8 +47,8 @@ def main() -> int:
                          "--quiet", *setting["calib"]])
     if rc:
         return rc
-    Path(args.out, "calibration").mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "calibration" / f"{args.model}-{args.device.split(':')[0]}.json").write_text(config.read_text())
+    write_text_atomic(Path(args.out) / "calibration" / f"{args.model}-{args.device.split(':')[0]}.json",
+                      config.read_text())
     for suite in args.suites:
         rc = evals_main([suite, "--model", args.model, "--config", str(config), "--density", "matched",
                          "--device", args.device, "--out", args.out, "--quiet", *setting[suite]])

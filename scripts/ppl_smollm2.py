@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,42 +22,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evals.data import load_corpus, token_windows  # noqa: E402
-from evals.models import load_model, model_spec  # noqa: E402
+from calibrate.cli import HelpFormatter  # noqa: E402
+from calibrate.data import load_corpus, token_windows  # noqa: E402
+from calibrate.models import load_model, model_spec  # noqa: E402
+from evals.environment import device_name, versions  # noqa: E402
 from evals.ppl import run_methods  # noqa: E402
-from sparge_core.params import write_json_atomic  # noqa: E402
-
-
-def parse_method(text: str) -> tuple[str, dict]:
-    name, _, rest = text.partition(":")
-    params = {}
-    for item in filter(None, rest.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"bad method spec {text!r}: expected NAME:key=value,...")
-        params[key] = float(value)
-    return name, params
-
-
-def versions() -> dict:
-    import transformers
-
-    rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "--",
-                            "sparge_core", "evals", "calibrate", "scripts"], capture_output=True, text=True)
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "sparge_git": rev.stdout.strip() or None, "sparge_code_modified": bool(dirty.stdout.strip())}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "\
-           f"{torch.get_num_threads()})"
+from evals.runner import parse_method_spec  # noqa: E402
+from sparge_core.atomic import write_json_atomic  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--corpus", default="pydoc")
     parser.add_argument("--length", type=int, default=2048)
@@ -76,7 +49,10 @@ def main() -> None:
     model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
     corpus = load_corpus(args.corpus)
     windows = token_windows(tokenizer, corpus, args.length, args.count, seed=args.seed)
-    methods = [parse_method(m) for m in args.methods]
+    try:
+        methods = [parse_method_spec(m) for m in args.methods]
+    except ValueError as err:
+        parser.error(str(err))
     results = run_methods(model, windows.input_ids, methods, backend=args.backend)
     for r in results:
         print(f"{r.method:12s} ppl {r.ppl:8.4f}  sparsity {r.sparsity.get('total', {}).get('sparsity', 0.0):.4f}  "
@@ -91,7 +67,7 @@ def main() -> None:
         "device": device_name(device),
         "backend": args.backend,
         "data": {**corpus.describe(), **{k: v for k, v in windows.describe().items() if k != "corpus"}},
-        "versions": versions(),
+        "versions": versions(extra=("transformers",)),
         "results": [r.to_dict() for r in results],
     }
     write_json_atomic(args.out, record)

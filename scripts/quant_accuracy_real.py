@@ -18,10 +18,10 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 from calibrate.capture import load_captured, read_meta  # noqa: E402
-from gpu_info import CsvLog, gpu_name  # noqa: E402
+from calibrate.cli import HelpFormatter  # noqa: E402
+from evals.environment import CsvLog, gpu_name  # noqa: E402
 from sparge_core import block_sparse_attn  # noqa: E402
 from sparge_core.ops import reference as R  # noqa: E402
 
@@ -31,7 +31,7 @@ def rel_l1(a, b) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--capture", required=True)
     ap.add_argument("--samples", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

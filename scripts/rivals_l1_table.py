@@ -3,7 +3,7 @@ matched block densities (default 0.5 and 0.7, i.e. sparsity 0.5 / 0.3 as in the 
 all on the same block-sparse kernel.
 
 For every layer and sample (a ``calibrate.capture`` folder, or ``--synthetic`` inputs; see
-``scripts/crosscheck_minference.py`` for the input options) and every method and target density:
+``evals.rivals`` for the input options) and every method and target density:
 ``sparge_core.methods.density.match_density`` sets the method's own budget knob (sparge:
 ``cdfthreshd``; sparge-topk: ``topk``; minference: ``budget_ratio``; flexprefill: ``gamma``) so that its
 block map keeps the target fraction of the causal block pairs; the map is run by
@@ -22,7 +22,7 @@ table with ``*`` and listed under ``unreached`` in the JSON.
 
 Writes ``<out>.json`` (command, environment, every row, the tables), ``<out>.csv`` (rows) and
 ``<out>.md`` (the tables); prints the markdown. Default ``<out>``: ``$OUT/rivals_l1`` if ``$OUT`` is
-set, else ``results/rivals/rivals_l1``.
+set, else ``runs/rivals/rivals_l1``.
 
 Examples::
 
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import sys
 import time
@@ -43,9 +42,12 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from crosscheck_minference import (
-    ROOT,
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from calibrate.cli import HelpFormatter  # noqa: E402
+from evals.rivals import (  # noqa: E402
     add_input_args,
     default_out,
     dense_reference,
@@ -54,9 +56,9 @@ from crosscheck_minference import (
     rel_l1,
     run_info,
 )
-
-from sparge_core import block_sparse_attn
-from sparge_core.methods.density import match_density
+from sparge_core import block_sparse_attn  # noqa: E402
+from sparge_core.atomic import atomic_open, write_json_atomic, write_text_atomic  # noqa: E402
+from sparge_core.methods.density import match_density  # noqa: E402
 
 logger = logging.getLogger("rivals_l1_table")
 
@@ -163,7 +165,7 @@ def markdown(tables: dict, labels: list[str], targets: list[float], tol: float) 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=HelpFormatter
     )
     add_input_args(parser)
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="LABEL=NAME[:key=value,...]")
@@ -241,9 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
     }
     stem = args.out or default_out("rivals_l1")
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str) + "\n")
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+    write_json_atomic(stem.with_suffix(".json"), record, default=str)
+    with atomic_open(stem.with_suffix(".csv"), "w", newline="") as f:
         keys = [k for k in rows[0] if k != "params"] if rows else []
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"Command: `{info['command']}`  \nDevice: {info['device']}, backend {args.backend}, "
         f"sparge {info['versions']['sparge_git']}, torch {info['versions']['torch']}\n\n"
     )
-    stem.with_suffix(".md").write_text(header + text + "\n")
+    write_text_atomic(stem.with_suffix(".md"), header + text + "\n")
     print(text)
     print(f"wrote {stem.with_suffix('.json')}, .csv and .md (repository root {ROOT})")
     return record

@@ -22,16 +22,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 from calibrate.capture import load_captured, read_meta  # noqa: E402
+from calibrate.cli import HelpFormatter  # noqa: E402
 from calibrate.search import LayerEvaluator, SearchSettings, exhaustive_reference_sweep, search_layer  # noqa: E402
-from gpu_info import gpu_name  # noqa: E402
+from evals.environment import gpu_name  # noqa: E402
 from sparge_core.params import write_json_atomic  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--capture", required=True)
     ap.add_argument("--layers", type=int, nargs="+", default=None)
     ap.add_argument("--samples", type=int, default=5)

@@ -19,11 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from calibrate.cli import HelpFormatter  # noqa: E402
 from evals.dit.train import CLIP_PRESETS, TrainConfig, train_clip
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--preset", choices=sorted(CLIP_PRESETS), default="base")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=100000, help="maximum optimizer steps")
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     train = TrainConfig(steps=args.steps, minutes=args.minutes, batch=args.batch, lr=args.lr, seed=args.seed,
                         log_every=args.log_every, warmup=50)
-    train_clip(CLIP_PRESETS[args.preset], train, args.out, device=args.device, preset=args.preset)
+    train_clip(CLIP_PRESETS.get(args.preset), train, args.out, device=args.device, preset=args.preset)
     return 0
 
 

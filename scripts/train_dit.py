@@ -21,11 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from calibrate.cli import HelpFormatter  # noqa: E402
 from evals.dit.train import DIT_PRESETS, TrainConfig, preset_with, train_dit
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--preset", choices=sorted(DIT_PRESETS), default="image")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=100000, help="maximum optimizer steps")
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = preset_with(DIT_PRESETS[args.preset], dim=args.dim, depth=args.depth, heads=args.heads, size=args.size,
+    cfg = preset_with(DIT_PRESETS.get(args.preset), dim=args.dim, depth=args.depth, heads=args.heads, size=args.size,
                       frames=args.frames, patch=args.patch)
     batch = args.batch or (8 if "tiny" in args.preset else 32 if cfg.is_video else 128)
     train = TrainConfig(steps=args.steps, minutes=args.minutes, batch=batch, lr=args.lr, seed=args.seed,

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_info import CsvLog, bench_ms, gpu_name, gpu_slug  # noqa: E402
+from calibrate.cli import HelpFormatter  # noqa: E402
+from evals.environment import CsvLog, bench_ms, gpu_name, gpu_slug  # noqa: E402
 from sparge_core.ops import attention as A  # noqa: E402
 from sparge_core.ops import predict as P  # noqa: E402
 from sparge_core.ops import reference as R  # noqa: E402
@@ -27,7 +27,7 @@ COLUMNS = ["gpu", "n", "d", "heads", "causal", "density", "variant", "num_warps"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--n", type=int, nargs="+", default=[32768])
     ap.add_argument("--d", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--heads", type=int, default=32)

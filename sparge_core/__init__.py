@@ -1,6 +1,6 @@
 """sparge_core: training-free block-sparse attention (SpargeAttn) in Triton, with a PyTorch reference.
 
-Public API (DESIGN.md section 3)::
+Public API (docs/design.md, "Public API")::
 
     from sparge_core import sparge_attn, predict_block_mask, block_sparse_attn, BLOCK_Q, BLOCK_K
 

@@ -1,9 +1,13 @@
-"""Typed hyperparameters and the per-layer config file (DESIGN.md section 4).
+"""Typed hyperparameters and the per-layer config file (docs/design.md, "Config file").
 
 ``ModelConfig`` is what calibration writes and what integrations load: one ``LayerConfig`` per
 attention layer, each holding per-query-head ``simthreshd1``, ``cdfthreshd`` (or ``topk``) and
 ``pvthreshd``. Loading validates everything and names the offending field on error; writing is
 atomic (temporary file + rename).
+
+Format versions: 1 (the model section holds the shape only) and 2 (the model section also holds
+the model's identity, ``architecture`` and a weights ``fingerprint``, recorded at calibration and
+checked by ``check_identity`` before a config is applied). Both load; ``save`` writes version 2.
 """
 
 from __future__ import annotations
@@ -11,15 +15,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from .atomic import write_json_atomic, write_text_atomic  # noqa: F401  (write_text_atomic: older import path)
 from .ops.blocks import BLOCK_K, BLOCK_Q
 
 CONFIG_FORMAT = "sparge-config"
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2  # what save() writes
+CONFIG_VERSIONS = (1, 2)  # what load() reads
+#: how ``weights_fingerprint`` samples each parameter tensor
+FINGERPRINT_SAMPLES = 4096
+FINGERPRINT_SCHEME = "sha256-bf16-sample"
 
 
 class ConfigError(ValueError):
@@ -94,16 +102,47 @@ class LayerConfig:
 
 @dataclass(frozen=True)
 class ModelInfo:
+    """The model a config was calibrated for: its attention shape and (format 2) its identity."""
+
     name: str
     num_layers: int
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    architecture: str | None = None  # transformers model_type ("llama", "qwen2", ...), or e.g. "dit"
+    fingerprint: str | None = None  # weights_fingerprint() of the calibrated model
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def weights_fingerprint(model) -> str:
+    """A fingerprint of a model's weights that does not depend on device or floating dtype:
+    ``"sha256-bf16-sample:<hex>"``, the sha256 of every parameter's name and shape and of up to
+    ``FINGERPRINT_SAMPLES`` evenly spaced values of it, rounded to bfloat16 (so a model loaded in
+    float32 on a CPU and in bfloat16 on a GPU match, and models of one shape but other weights do
+    not). Costs one small gather per parameter tensor."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            digest.update(f"{name}:{tuple(param.shape)};".encode())
+            flat = param.detach().reshape(-1)
+            if flat.numel() > FINGERPRINT_SAMPLES:
+                steps = torch.arange(FINGERPRINT_SAMPLES, dtype=torch.int64, device=flat.device)
+                index = steps * (flat.numel() - 1) // (FINGERPRINT_SAMPLES - 1)  # exact in int64
+                flat = flat[index]
+            values = flat.to(torch.bfloat16).to(torch.float32).cpu() if flat.is_floating_point() else flat.cpu()
+            digest.update(values.contiguous().numpy().tobytes())
+    return f"{FINGERPRINT_SCHEME}:{digest.hexdigest()}"
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A whole calibrated model: the JSON document of DESIGN.md section 4."""
+    """A whole calibrated model: the config JSON document (docs/design.md, "Config file")."""
 
     model: ModelInfo
     layers: tuple[LayerConfig, ...]
@@ -123,7 +162,7 @@ class ModelConfig:
         return {
             "format": CONFIG_FORMAT,
             "version": CONFIG_VERSION,
-            "model": asdict(self.model),
+            "model": self.model.to_dict(),
             "kernel": {"block_q": self.block_q, "block_k": self.block_k},
             "l1": self.l1,
             "pv_l1": self.pv_l1,
@@ -141,13 +180,43 @@ class ModelConfig:
             data = json.loads(path.read_text())
         except FileNotFoundError as err:
             raise ConfigError(f"config file {path} does not exist") from err
+        except IsADirectoryError as err:
+            raise ConfigError(f"config path {path} is a folder; give the config JSON file inside it") from err
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {path} is not a text file ({err.reason})") from err
         except json.JSONDecodeError as err:
             raise ConfigError(f"config file {path} is not valid JSON: {err}") from err
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from err
         return cls.from_dict(data)
 
     @classmethod
     def from_dict(cls, data: Any) -> ModelConfig:
         return _parse_model_config(data)
+
+    def check_identity(self, *, architecture: str | None, fingerprint: str | Callable[[], str] | None,
+                       allow_other_model: bool = False, override_hint: str = "allow_other_model=True") -> None:
+        """Raise ConfigError if this config was calibrated for another model than the one described
+        by ``architecture`` and ``fingerprint`` (a ``weights_fingerprint`` string, or a function
+        computing it, called only when the config carries one). A format-1 config carries no
+        identity: nothing to compare. ``allow_other_model`` skips the check (deliberate reuse of a
+        config on a model of the same shape); ``override_hint`` names that switch in the message."""
+        if allow_other_model:
+            return
+        want = self.model
+        if want.architecture is not None and architecture is not None and want.architecture != architecture:
+            raise ConfigError(
+                f"the config was calibrated for {want.name!r}, a {want.architecture!r} model, but this model is a "
+                f"{architecture!r} model; calibrate this model (sparge-calibrate --model ...) or, to reuse the "
+                f"config deliberately, pass {override_hint}")
+        if want.fingerprint is None or fingerprint is None:
+            return
+        have = fingerprint() if callable(fingerprint) else fingerprint
+        if have != want.fingerprint:
+            raise ConfigError(
+                f"the config was calibrated for {want.name!r} whose weights differ from this model's (fingerprint "
+                f"{want.fingerprint[-12:]} in the config, {have[-12:]} here): calibrate this model "
+                f"(sparge-calibrate --model ...) or, to reuse the config deliberately, pass {override_hint}")
 
     def check_matches(self, *, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         """Raise ConfigError if this config was made for a model of another shape."""
@@ -159,35 +228,15 @@ class ModelConfig:
                                   f"calibrate this model (sparge-calibrate) or pick its config")
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write UTF-8 text through a temporary file in the same folder, fsync, and an atomic rename: a
-    reader sees the old file or the new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON (indented, newline-terminated) atomically (``write_text_atomic``)."""
-    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
-
-
 # --------------------------------------------------------------------------------------------
 # parsing with field-naming errors
 # --------------------------------------------------------------------------------------------
 _TOP_KEYS = {"format", "version", "model", "kernel", "l1", "pv_l1", "calibration", "layers"}
-_MODEL_KEYS = {"name", "num_layers", "num_heads", "num_kv_heads", "head_dim"}
-_LAYER_KEYS = {"layer", "simthreshd1", "cdfthreshd", "topk", "pvthreshd", "sparsity", "l1", "estimator"}
+#: per format version: the keys the model section must have, and those it may have
+_MODEL_REQUIRED = {"name", "num_layers", "num_heads", "num_kv_heads", "head_dim"}
+_MODEL_KEYS = {1: _MODEL_REQUIRED, 2: _MODEL_REQUIRED | {"architecture", "fingerprint"}}
+_LAYER_KEYS_V1 = {"layer", "simthreshd1", "cdfthreshd", "topk", "pvthreshd", "sparsity", "l1", "estimator"}
+_LAYER_KEYS = {1: _LAYER_KEYS_V1, 2: _LAYER_KEYS_V1}
 
 
 def _require_dict(value, where: str) -> dict:
@@ -240,13 +289,16 @@ def _parse_model_config(data: Any) -> ModelConfig:
     _check_keys(d, _TOP_KEYS, {"format", "version", "model", "layers", "l1", "pv_l1"}, "config")
     if d["format"] != CONFIG_FORMAT:
         raise ConfigError(f"format must be {CONFIG_FORMAT!r}, got {d['format']!r}")
-    if d["version"] != CONFIG_VERSION:
-        raise ConfigError(f"version must be {CONFIG_VERSION}, got {d['version']!r}")
+    version = d["version"]
+    if isinstance(version, bool) or version not in CONFIG_VERSIONS:
+        raise ConfigError(f"version must be one of {list(CONFIG_VERSIONS)}, got {version!r}")
     m = _require_dict(d["model"], "model")
-    _check_keys(m, _MODEL_KEYS, _MODEL_KEYS, "model")
-    if not isinstance(m["name"], str):
-        raise ConfigError(f"model.name must be a string, got {m['name']!r}")
-    info = ModelInfo(m["name"], *(_int(m[k], f"model.{k}") for k in ("num_layers", "num_heads", "num_kv_heads", "head_dim")))
+    _check_keys(m, _MODEL_KEYS[version], _MODEL_REQUIRED, "model")
+    for key in ("name", "architecture", "fingerprint"):
+        if key in m and not (isinstance(m[key], str) and m[key]):
+            raise ConfigError(f"model.{key} must be a non-empty string, got {m[key]!r}")
+    info = ModelInfo(m["name"], *(_int(m[k], f"model.{k}") for k in ("num_layers", "num_heads", "num_kv_heads", "head_dim")),
+                     architecture=m.get("architecture"), fingerprint=m.get("fingerprint"))
     if info.num_heads % info.num_kv_heads:
         raise ConfigError(f"model.num_heads ({info.num_heads}) must be a multiple of model.num_kv_heads ({info.num_kv_heads})")
     kernel = _require_dict(d.get("kernel", {"block_q": BLOCK_Q, "block_k": BLOCK_K}), "kernel")
@@ -266,7 +318,7 @@ def _parse_model_config(data: Any) -> ModelConfig:
     for i, raw in enumerate(d["layers"]):
         where = f"layers[{i}]"
         ld = _require_dict(raw, where)
-        _check_keys(ld, _LAYER_KEYS, {"layer", "simthreshd1", "pvthreshd"}, where)
+        _check_keys(ld, _LAYER_KEYS[version], {"layer", "simthreshd1", "pvthreshd"}, where)
         idx = _int(ld["layer"], f"{where}.layer", low=0)
         if idx >= info.num_layers:
             raise ConfigError(f"{where}.layer is {idx} but the model has {info.num_layers} layers")

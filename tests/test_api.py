@@ -6,11 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import rand_qkv, rel_l1
 from sparge_core import BLOCK_K, BLOCK_Q, block_sparse_attn, predict_block_mask, sparge_attn
 from sparge_core.ops import reference as R
 from sparge_core.synthetic import structured_qkv
-
-from helpers import rand_qkv, rel_l1
 
 BACKENDS = ["triton", "reference"]
 

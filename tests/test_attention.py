@@ -3,10 +3,9 @@
 import pytest
 import torch
 
+from helpers import assert_within_lowp_rule, rand_qkv, random_block_mask, rel_l1
 from sparge_core import block_sparse_attn
 from sparge_core.ops import reference as R
-
-from helpers import assert_within_lowp_rule, rand_qkv, random_block_mask, rel_l1
 
 SHAPES = [
     # b, hq, hkv, nq, nk, d

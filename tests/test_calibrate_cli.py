@@ -121,7 +121,7 @@ def test_kill_9_mid_run_then_resume_matches_a_clean_run(reference_run, tmp_path)
     "extra,fragment",
     [
         (["--model", "no-such-model"], "no model named 'no-such-model'"),
-        (["--l1", "0"], "--l1 must be > 0"),
+        (["--l1", "0"], "--l1 must be a finite number > 0"),
         (["--pv-l1", "0.1"], "--pv-l1 (0.1) must be >= --l1 (0.3)"),
         (["--seq-len", "100000"], "beyond tiny-llama's context"),
         (["--samples", "0"], "--samples must be >= 1"),

@@ -11,8 +11,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from calibrate.capture import capture_to_disk, load_captured, read_meta, sample_path  # noqa: E402
-from evals.data import token_windows  # noqa: E402
-from evals.models import build_tiny_model, byte_tokenizer  # noqa: E402
+from calibrate.data import token_windows  # noqa: E402
+from calibrate.models import build_tiny_model, byte_tokenizer  # noqa: E402
 from sparge_core.integrations.capture import QKVRecorder  # noqa: E402
 from sparge_core.integrations.transformers import capture_qkv, handle_of  # noqa: E402
 

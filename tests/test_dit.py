@@ -274,9 +274,9 @@ def test_tokenizer():
 def test_training_loop_smoke(tmp_path):
     from evals.dit.train import DIT_PRESETS, TrainConfig, train_dit
 
-    info = train_dit(DIT_PRESETS["image-tiny"], TrainConfig(steps=2, batch=2, log_every=1), tmp_path / "t.pt",
+    info = train_dit(DIT_PRESETS.get("image-tiny"), TrainConfig(steps=2, batch=2, log_every=1), tmp_path / "t.pt",
                      eval_samples=2, eval_steps=2)
     assert info["steps"] == 2 and (tmp_path / "t.pt").stat().st_size < 50e6
     assert (tmp_path / "t.pt.samples.png").read_bytes()[:4] == b"\x89PNG"
     m, saved = load_checkpoint(tmp_path / "t.pt")
-    assert saved["steps"] == 2 and m.cfg == DIT_PRESETS["image-tiny"]
+    assert saved["steps"] == 2 and m.cfg == DIT_PRESETS.get("image-tiny")

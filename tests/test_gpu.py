@@ -8,11 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import assert_within_lowp_rule, rand_qkv, random_block_mask, rel_l1
 from sparge_core import block_sparse_attn, sparge_attn
 from sparge_core.ops import reference as R
 from sparge_core.synthetic import structured_qkv
-
-from helpers import assert_within_lowp_rule, rand_qkv, random_block_mask, rel_l1
 
 pytestmark = pytest.mark.gpu
 

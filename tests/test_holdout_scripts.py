@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from calibrate.capture import capture_to_disk
-from evals.data import token_windows
-from evals.models import build_tiny_model, byte_tokenizer
+from calibrate.data import token_windows
+from calibrate.models import build_tiny_model, byte_tokenizer
 from sparge_core.params import LayerConfig, ModelConfig, ModelInfo
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"

@@ -14,9 +14,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from evals.models import build_tiny_model, load_model, tiny_config  # noqa: E402
-from sparge_core.integrations.transformers import (  # noqa: E402
-    DEFAULT_METHOD, apply, default_config, handle_of, remove)
+from calibrate.models import build_tiny_model, load_model, tiny_config  # noqa: E402
+from sparge_core.integrations.transformers import DEFAULT_METHOD, apply, default_config, handle_of, remove  # noqa: E402
 from sparge_core.ops.blocks import allowed_block_count  # noqa: E402
 
 TINY_ATOL = 1e-4
@@ -192,7 +191,9 @@ def test_compile_fullgraph_equals_eager(tiny_llama, compiler):
 
 def test_forward_reads_nothing_on_the_host(tiny_llama, monkeypatch):
     """A prefill without a padding mask: sparge_core code calls no .item/.tolist/bool()/int()/nonzero
-    on a tensor (each would wait for the GPU and forbid CUDA-graph capture), statistics included."""
+    on a tensor (each would wait for the GPU and forbid CUDA-graph capture), statistics included. The
+    Triton executor is the path a GPU runs (here under the interpreter); the reference executor is a
+    float32 oracle that checks its inputs for non-finite values on the host."""
     calls = []
 
     def counting(name, original):
@@ -204,7 +205,8 @@ def test_forward_reads_nothing_on_the_host(tiny_llama, monkeypatch):
         return wrapper
 
     ids = _ids(10, 333)
-    handle = apply(tiny_llama, "sparge-topk", simthreshd1=[-0.1, 0.1, 0.2, 0.3], topk=0.4, collect_stats=True)
+    handle = apply(tiny_llama, "sparge-topk", simthreshd1=[-0.1, 0.1, 0.2, 0.3], topk=0.4, collect_stats=True,
+                   backend="triton")
     try:
         _logits(tiny_llama, ids)  # warms the device-value cache
         for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero"):

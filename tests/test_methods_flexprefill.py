@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from helpers import rand_qkv, rel_l1
 
+from helpers import rand_qkv, rel_l1
 from sparge_core import block_sparse_attn
 from sparge_core.methods import _blockmaps as bm
 from sparge_core.methods import get_method, method_names

@@ -1,4 +1,4 @@
-"""evals.models: tiny random models, local folders, errors, import hygiene; smollm2 (marked)."""
+"""calibrate.models: tiny random models, local folders, errors, import hygiene; smollm2 (marked)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from evals import models as M  # noqa: E402
+from calibrate import models as M  # noqa: E402
 from helpers import needs_smollm2  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ def _ids(seed: int, n: int, batch: int = 1) -> torch.Tensor:
 
 
 def test_import_pulls_no_heavy_or_eval_only_dependency():
-    code = ("import sys, evals.models; "
+    code = ("import sys, calibrate.models; "
             "print(sorted(m for m in ('pandas', 'datasets', 'lm_eval', 'torchmetrics', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -14,8 +14,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from calibrate.models import load_model
 from evals import niah
-from evals.models import load_model
 from helpers import needs_smollm2
 
 LENGTHS = [512, 777]

@@ -100,3 +100,31 @@ def test_refuses_non_empty_output(bundle):
     cmd = [sys.executable, str(BUNDLE), "--model", str(gguf), "--corpora", "--wheels", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert done.returncode != 0 and "not empty" in done.stderr
+
+
+@pytest.mark.parametrize("cached", [[], ["austen"]])
+def test_default_corpora_are_what_is_cached_and_the_rest_is_named(tmp_path, cached):
+    """A fresh machine has no fetched corpus: the default bundles what is there and says what it left out."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    corpora = tmp_path / "cache" / "sparge" / "corpora"
+    corpora.mkdir(parents=True)
+    for name in cached:
+        (corpora / f"{name}.txt").write_text("Some text.\n" * 20, encoding="utf-8")
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _make_wheel(wheels)
+    gguf = tmp_path / "toy.gguf"
+    gguf.write_bytes(os.urandom(1000))
+    out = tmp_path / "bundle"
+    cmd = [sys.executable, str(BUNDLE), "--model", str(gguf), "--wheels", "fakepkg==1.0", "--wheel-dir", str(wheels),
+           "--no-download", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    text = (out / "part-001" / "BUNDLE.txt").read_text()
+    for name in ("austen", "shakespeare"):
+        assert (f"corpora/{name}.txt.gz" in text) == (name in cached)
+        assert (f"left out: corpus {name}" in done.stdout) == (name not in cached)
+    # a corpus asked for by name must be there
+    missing = subprocess.run([*cmd[:-2], "--corpora", "shakespeare", "--out", str(tmp_path / "b2")],
+                             capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert missing.returncode != 0 and "python -m calibrate.data fetch shakespeare" in missing.stderr

@@ -3,12 +3,11 @@
 import pytest
 import torch
 
+from helpers import rand_qkv
 from sparge_core import predict_block_mask
 from sparge_core.ops import predict as P
 from sparge_core.ops import reference as R
 from sparge_core.synthetic import structured_qkv
-
-from helpers import rand_qkv
 
 CASES = [
     # b, hq, hkv, nq, nk, d, causal

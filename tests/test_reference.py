@@ -6,9 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparge_core.ops import reference as R
-
 from helpers import rand_qkv, rel_l1
+from sparge_core.ops import reference as R
 
 
 def test_block_mean_pool_divides_partial_block_by_true_length():

@@ -1,6 +1,6 @@
 """CPU smoke tests of ``scripts/crosscheck_minference.py`` and ``scripts/rivals_l1_table.py`` on tiny
 synthetic inputs (ours only: the minference package needs CUDA), plus hand-checked values of the
-cross-check's token/block accounting helpers."""
+cross-check's token/block accounting helpers (``evals.minference_package``)."""
 
 import importlib.util
 import json
@@ -30,7 +30,15 @@ def cc():
     return _load("crosscheck_minference")
 
 
-def test_block_pair_counts_hand_checked(cc):
+@pytest.fixture(scope="module")
+def acct():
+    from evals import minference_package
+
+    return minference_package
+
+
+def test_block_pair_counts_hand_checked(acct):
+    cc = acct
     counts = cc.block_pair_counts(256, 256, "cpu")
     # query block 0 (rows 0-127): key block 0 -> sum_{i<64}(i+1) + 64*64,
     # key block 1 -> sum_{i=64}^{127}(i-63)
@@ -38,7 +46,8 @@ def test_block_pair_counts_hand_checked(cc):
     assert counts.sum().item() == 256 * 257 // 2
 
 
-def test_token_accounting_hand_checked(cc):
+def test_token_accounting_hand_checked(acct):
+    cc = acct
     touched = torch.zeros(1, 1, 4, 256, dtype=torch.bool)
     touched[0, 0, 0, :64] = True  # row block 0 (rows 0-63) computes keys 0-63
     touched[0, 0, 3, 10] = True  # row block 3 (rows 192-255) computes key 10
@@ -53,7 +62,8 @@ def test_token_accounting_hand_checked(cc):
     assert cc.token_density_of_blocks(mask, 256, 256) == pytest.approx(6176 / (256 * 257 / 2))
 
 
-def test_mask_overlap_and_jaccard(cc):
+def test_mask_overlap_and_jaccard(acct):
+    cc = acct
     allowed = torch.ones(2, 2, dtype=torch.bool)
     a = torch.tensor([[True, True], [False, False]])[None, None]
     b = torch.tensor([[True, False], [True, False]])[None, None]

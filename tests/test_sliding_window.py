@@ -4,11 +4,10 @@ predictor against the reference, and the block counts on the host against the bl
 import pytest
 import torch
 
+from helpers import assert_within_lowp_rule, rand_qkv, random_block_mask
 from sparge_core import block_sparse_attn, predict_block_mask, sparge_attn
 from sparge_core.ops import blocks as B
 from sparge_core.ops import reference as R
-
-from helpers import assert_within_lowp_rule, rand_qkv, random_block_mask
 
 CASES = [
     # b, hq, hkv, nq, nk, d, window

@@ -27,14 +27,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from sparge_core.atomic import atomic_path, write_json_atomic
 from sparge_core.integrations.dit import QKVCapture, install
-from sparge_core.params import write_json_atomic
 
 from . import data
 from .model import DiT, SamplerConfig, sample
@@ -62,17 +60,9 @@ class SafetensorsSink:
 
     def __call__(self, layer: int, sample_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         path = sample_path(self.root, layer, sample_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.to("cpu", self.dtype).contiguous() for name, t in (("q", q), ("k", k), ("v", v))}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            self._save(tensors, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_path(path) as tmp:
+            self._save(tensors, str(tmp))
         self.written.add((layer, sample_id))
 
 
@@ -159,9 +149,12 @@ def main(argv=None) -> int:
     """``python -m evals.dit.capture --ckpt evals/dit/checkpoints/t2i.pt --out captures/t2i ...``"""
     import argparse
 
+    from calibrate.cli import HelpFormatter
+
     from .model import load_checkpoint
 
-    p = argparse.ArgumentParser(description="Capture a DiT's Q/K/V per (prompt, denoising step) for calibration.")
+    p = argparse.ArgumentParser(description="Capture a DiT's Q/K/V per (prompt, denoising step) for calibration.",
+                                formatter_class=HelpFormatter)
     p.add_argument("--ckpt", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--prompts", type=int, default=5, help="number of captions (spread over the attributes)")
@@ -176,7 +169,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     model, _ = load_checkpoint(args.ckpt, device=args.device)
-    ints = lambda text: [int(x) for x in text.split(",")] if text else None
+    def ints(text):
+        return [int(x) for x in text.split(",")] if text else None
     meta = capture_dit(model, default_prompts(model.cfg.is_video, args.prompts), args.out,
                        sampler=SamplerConfig(args.sampler_steps, args.cfg_scale), seed=args.seed,
                        steps=ints(args.keep_steps), layers=ints(args.layers), order=args.order, batch=args.batch,

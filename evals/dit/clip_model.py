@@ -30,6 +30,8 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from sparge_core.atomic import atomic_path
+
 from . import data
 
 logger = logging.getLogger(__name__)
@@ -106,11 +108,10 @@ def contrastive_loss(model, images: torch.Tensor, text: torch.Tensor, keys: list
 
 
 def save_clip(model, cfg: ClipConfig, path: str | Path, info: dict | None = None) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().half() if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}
-    torch.save({"format": "sparge-clip", "version": 1, "config": asdict(cfg), "state_dict": state,
-                "info": info or {}}, path)
+    with atomic_path(path) as tmp:
+        torch.save({"format": "sparge-clip", "version": 1, "config": asdict(cfg), "state_dict": state,
+                    "info": info or {}}, tmp)
 
 
 def load_clip(path: str | Path, device="cpu") -> tuple[torch.nn.Module, ClipConfig, dict]:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparge_core.atomic import atomic_path
 from sparge_core.integrations.dit import TokenLayout
 
 from . import data
@@ -336,12 +337,11 @@ class Checkpoint:
 
 
 def save_checkpoint(model: DiT, path: str | Path, info: dict | None = None) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.cpu()
              for k, v in model.state_dict().items()}
-    torch.save({"format": "sparge-dit", "version": 1, "config": asdict(model.cfg), "state_dict": state,
-                "info": info or {}}, path)
+    with atomic_path(path) as tmp:
+        torch.save({"format": "sparge-dit", "version": 1, "config": asdict(model.cfg), "state_dict": state,
+                    "info": info or {}}, tmp)
 
 
 def load_checkpoint(path: str | Path, device="cpu", dtype=torch.float32) -> tuple[DiT, dict]:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from sparge_core.atomic import write_bytes_atomic
+
 
 def _chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
@@ -23,8 +25,7 @@ def write_png(path: str | Path, image01: torch.Tensor, scale: int = 1) -> None:
     rows = img.permute(1, 2, 0).contiguous().numpy()
     raw = b"".join(b"\x00" + rows[i].tobytes() for i in range(h))
     header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 6))
+    write_bytes_atomic(path, b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 6))
                            + _chunk(b"IEND", b""))
 
 

@@ -13,7 +13,6 @@ and ``video`` (16 frames x 16 x 16, patch 1: 4096 visual tokens + 8 text tokens)
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -22,6 +21,9 @@ from pathlib import Path
 
 import torch
 
+from sparge_core.atomic import write_json_atomic
+from sparge_core.registry import Registry
+
 from . import data
 from .clip_model import ClipConfig, build_clip, contrastive_loss, prepare_images, save_clip, visible_key
 from .model import DiT, DiTConfig, SamplerConfig, rectified_flow_loss, sample, save_checkpoint
@@ -29,18 +31,16 @@ from .png import image_grid, video_grid, write_png
 
 logger = logging.getLogger(__name__)
 
-DIT_PRESETS: dict[str, DiTConfig] = {
-    "image": DiTConfig(frames=1, size=32, patch=1, dim=256, depth=6, heads=4),
-    "video": DiTConfig(frames=16, size=16, patch=1, dim=256, depth=6, heads=4),
-    "image-small": DiTConfig(frames=1, size=32, patch=1, dim=128, depth=4, heads=2),
-    "image-tiny": DiTConfig(frames=1, size=16, patch=1, dim=64, depth=2, heads=2),
-    "video-tiny": DiTConfig(frames=4, size=8, patch=1, dim=64, depth=2, heads=2),
-}
-CLIP_PRESETS: dict[str, ClipConfig] = {
-    "base": ClipConfig(),
-    "tiny": ClipConfig(embed_dim=32, vision_layers=1, vision_width=64, transformer_width=32, transformer_heads=2,
-                       transformer_layers=1),
-}
+DIT_PRESETS: Registry[DiTConfig] = Registry("DiT preset")
+DIT_PRESETS.add("image", DiTConfig(frames=1, size=32, patch=1, dim=256, depth=6, heads=4))
+DIT_PRESETS.add("video", DiTConfig(frames=16, size=16, patch=1, dim=256, depth=6, heads=4))
+DIT_PRESETS.add("image-small", DiTConfig(frames=1, size=32, patch=1, dim=128, depth=4, heads=2))
+DIT_PRESETS.add("image-tiny", DiTConfig(frames=1, size=16, patch=1, dim=64, depth=2, heads=2))
+DIT_PRESETS.add("video-tiny", DiTConfig(frames=4, size=8, patch=1, dim=64, depth=2, heads=2))
+CLIP_PRESETS: Registry[ClipConfig] = Registry("CLIP preset")
+CLIP_PRESETS.add("base", ClipConfig())
+CLIP_PRESETS.add("tiny", ClipConfig(embed_dim=32, vision_layers=1, vision_width=64, transformer_width=32,
+                                    transformer_heads=2, transformer_layers=1))
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def train_dit(model_cfg: DiTConfig, train: TrainConfig, out: str | Path, device:
             "history": history, "torch": str(torch.__version__)}
     info["eval"] = _quick_eval(ema, dev, Path(out), n=eval_samples, steps=eval_steps)
     save_checkpoint(ema, out, info)
-    Path(str(out) + ".json").write_text(json.dumps(info, indent=1) + "\n")
+    write_json_atomic(str(out) + ".json", info)
     logger.info("saved %s after %d steps in %.0f s: %s", out, step, seconds, info["eval"])
     return info
 
@@ -210,7 +210,7 @@ def train_clip(cfg: ClipConfig, train: TrainConfig, out: str | Path, device: str
             "train": asdict(train), "params": params, "history": history, "torch": str(torch.__version__),
             "eval": clip_zero_shot_accuracy(model, dev)}
     save_clip(model, cfg, out, info)
-    Path(str(out) + ".json").write_text(json.dumps(info, indent=1) + "\n")
+    write_json_atomic(str(out) + ".json", info)
     logger.info("saved %s after %d steps: %s", out, step, info["eval"])
     return info
 

@@ -5,7 +5,7 @@
     from sparge_core.integrations.transformers import apply, remove
 
     handle = apply(model, "sparge", cdfthreshd=0.9)       # one method for every layer
-    handle = apply(model, "results/configs/smollm2.json")  # calibrated, per layer (DESIGN.md section 4)
+    handle = apply(model, "runs/smollm2.json")  # calibrated, per layer (docs/design.md, "Config file")
     handle = apply(model, "sparge", collect_stats=True)    # ...and count skipped blocks per layer
     logits = model(input_ids).logits
     print(handle.sparsity_report())
@@ -66,7 +66,7 @@ from ..api import QUANT_MODES, Selection, _sparge_attn_impl, parse_pvthreshd, re
 from ..methods import AttentionMethod, get_method, method_names
 from ..ops.blocks import BLOCK_Q, allowed_block_count
 from ..ops.reference import causal_token_mask
-from ..params import ModelConfig
+from ..params import ModelConfig, weights_fingerprint
 from ..validation import check_choice, resolve_scale
 from .capture import QKVRecorder
 
@@ -180,7 +180,8 @@ def handle_of(model) -> SpargeAttention | None:
 # apply / remove
 # --------------------------------------------------------------------------------------------
 def apply(model, config: str | os.PathLike | dict | ModelConfig | AttentionMethod, *, backend: str = "auto",
-          quant: str = "auto", collect_stats: bool = False, **method_params) -> SpargeAttention:
+          quant: str = "auto", collect_stats: bool = False, allow_other_model: bool = False,
+          **method_params) -> SpargeAttention:
     """Route the model's attention through sparge.
 
     Args:
@@ -192,6 +193,8 @@ def apply(model, config: str | os.PathLike | dict | ModelConfig | AttentionMetho
             layers marked dense and layers without an entry run dense SDPA).
         backend, quant: passed to the kernels (see ``sparge_core.block_sparse_attn``).
         collect_stats: count skipped blocks per layer (``handle.sparsity_report()``).
+        allow_other_model: apply a config calibrated for another model of the same shape (its
+            recorded architecture or weights fingerprint differ; ``ModelConfig.check_identity``).
 
     Returns the ``SpargeAttention`` handle (also reachable as ``handle_of(model)``). Applying again
     replaces the previous routing; ``remove(model)`` restores the original implementation.
@@ -201,17 +204,18 @@ def apply(model, config: str | os.PathLike | dict | ModelConfig | AttentionMetho
         remove(model)
     handle = _build_handle(model.config, config, method_params, num_layers=len(layers),
                            original=model.config._attn_implementation, backend=backend, quant=quant,
-                           collect_stats=collect_stats)
+                           collect_stats=collect_stats, model=model, allow_other_model=allow_other_model)
     _install(model, layers, handle)
     return handle
 
 
 def _build_handle(model_config, config, method_params: dict, *, num_layers: int, original: str, backend: str,
-                  quant: str, collect_stats: bool) -> SpargeAttention:
+                  quant: str, collect_stats: bool, model=None, allow_other_model: bool = False) -> SpargeAttention:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     check_choice("quant", quant, QUANT_MODES)  # the name now; what "auto" means is decided per device
-    methods, description = _resolve_methods(model_config, config, method_params, num_layers=num_layers)
+    methods, description = _resolve_methods(model_config, config, method_params, num_layers=num_layers, model=model,
+                                            allow_other_model=allow_other_model)
     return SpargeAttention(methods=methods, original_implementation=original, backend=backend, quant=quant,
                            collect_stats=collect_stats, description=description,
                            windows=layer_windows(model_config, num_layers))
@@ -353,7 +357,8 @@ def layer_windows(model_config, num_layers: int) -> dict[int, int | None]:
             for i in range(num_layers)}
 
 
-def _resolve_methods(model_config, config, method_params: dict, *, num_layers: int):
+def _resolve_methods(model_config, config, method_params: dict, *, num_layers: int, model=None,
+                     allow_other_model: bool = False):
     """``({layer: method or None}, description)`` for the accepted kinds of ``config``."""
     if isinstance(config, Mapping) and config and all(isinstance(k, int) for k in config):
         _no_params(method_params, "a per-layer mapping of methods")
@@ -385,6 +390,9 @@ def _resolve_methods(model_config, config, method_params: dict, *, num_layers: i
                         f"{type(config).__name__}")
     _no_params(method_params, "a ModelConfig")
     config.check_matches(**_model_shape(model_config))
+    config.check_identity(architecture=getattr(_text_config(model_config), "model_type", None),
+                          fingerprint=None if model is None else (lambda: weights_fingerprint(model)),
+                          allow_other_model=allow_other_model)
     return _methods_from_config(config, num_layers), f"config for {config.model.name}"
 
 

@@ -3,7 +3,7 @@ density matching.
 
 Everything here works on whole ``(B, H, ...)`` tensors, without Python loops over batch or heads.
 
-Coordinates. Causal attention with ``Nq != Nk`` is bottom-right aligned (DESIGN.md section 3): query
+Coordinates. Causal attention with ``Nq != Nk`` is bottom-right aligned (docs/design.md, "Public API"): query
 row ``i`` sits at key position ``p(i) = i + Nk - Nq``. A *vertical* line is a key column ``j``; a
 *slash* line is a fixed distance ``d = p(i) - j`` between a query's position and a key (``d = 0`` is
 the main diagonal, ``d > 0`` the past). Distances range over ``[1 - Nq, Nk - 1]`` and are stored on an

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from .. import validation
-from . import get_method, method_class
 from . import _blockmaps as bm
+from . import get_method, method_class
 from .base import AttentionMethod
 
 logger = logging.getLogger(__name__)

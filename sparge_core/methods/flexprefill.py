@@ -3,8 +3,8 @@ maps for the shared block-sparse kernel.
 
 Sources: the FlexPrefill paper (section 3: query-aware pattern determination, cumulative-attention
 index selection) and the FlexPrefill op as shipped in the ``minference`` 0.1.6.0 sdist
-(``modules/flexprefill.py``, ``get_active_blocks`` / ``flex_prefill_attention``); defaults from
-``shared/reference/peers.md`` section 2. A re-implementation, not a copy.
+(``modules/flexprefill.py``, ``get_active_blocks`` / ``flex_prefill_attention``), with that code's
+defaults. A re-implementation, not a copy.
 
 Algorithm, per (batch, head), with FlexPrefill's block size ``b = 128``:
 

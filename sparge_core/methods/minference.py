@@ -3,9 +3,8 @@ shared block-sparse kernel.
 
 Sources: the MInference paper (section 3, appendix C) and its code as shipped in the ``minference``
 0.1.6.0 sdist (``modules/minference_forward.py``: the per-head prefill kernel and its index estimation;
-``ops/block_sparse_flash_attention.py``: the block-sparse index; ``ops/streaming_kernel.py``: A-shape);
-defaults as summarised in ``shared/reference/peers.md`` section 1. This is a re-implementation, not a
-copy.
+``ops/block_sparse_flash_attention.py``: the block-sparse index; ``ops/streaming_kernel.py``: A-shape),
+with that code's defaults. This is a re-implementation, not a copy.
 
 Patterns (``pattern=``; per head when a MInference config is loaded):
 

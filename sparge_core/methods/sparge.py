@@ -10,8 +10,15 @@ from typing import Any
 
 import torch
 
-from ..api import (DEFAULT_CDFTHRESHD, DEFAULT_PVTHRESHD, DEFAULT_SIMTHRESHD1, Selection, parse_pvthreshd,
-                   predict_block_mask, sparge_attn)
+from ..api import (
+    DEFAULT_CDFTHRESHD,
+    DEFAULT_PVTHRESHD,
+    DEFAULT_SIMTHRESHD1,
+    Selection,
+    parse_pvthreshd,
+    predict_block_mask,
+    sparge_attn,
+)
 from ..ops.blocks import ESTIMATORS
 from ..params import LayerConfig
 from ..validation import check_choice

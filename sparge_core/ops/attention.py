@@ -183,6 +183,11 @@ def _sparge_attn_fwd_kernel(
             do_pv = True
             if PV_SKIP:
                 diff = tl.where(m_m & (m_local > float("-inf")), m_local - m_i, float("-inf"))
+                # non-finite inputs (reference.masked_attention): a NaN logit must reach its row, so the
+                # block is computed; a row whose sum is already NaN no longer votes
+                row_nan = tl.max((b_s != b_s).to(tl.int32), axis=1) > 0
+                diff = tl.where(m_m & row_nan, float("inf"), diff)
+                diff = tl.where((l_i != l_i) | (diff != diff), float("-inf"), diff)
                 do_pv = tl.max(diff, axis=0) > neg_lambda
             if do_pv:
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)

@@ -1,8 +1,8 @@
 """Plain-PyTorch reference of every SpargeAttn piece: the ground truth for all tests.
 
 Written for clarity, not speed: every step is the formula of the paper (arXiv 2502.18137, sections
-3.2-3.5) as DESIGN.md section 3 pins it down. The Triton code in ``predict.py``/``attention.py`` must
-compute the same functions; the tests compare them on random inputs.
+3.2-3.5) as docs/design.md (sections 5 and 6) pins it down. The Triton code in ``predict.py`` and
+``attention.py`` must compute the same functions; the tests compare them on random inputs.
 
 Shapes: ``q`` is ``(B, Hq, Nq, D)``, ``k``/``v`` are ``(B, Hkv, Nk, D)`` with ``Hq % Hkv == 0``
 (grouped-query attention: query head ``h`` reads key/value head ``h // (Hq // Hkv)``). Block maps are
@@ -208,7 +208,7 @@ def select_blocks(
     scores: torch.Tensor | None = None,
     window: int | None = None,
 ) -> torch.Tensor:
-    """The block map from pooled Q/K blocks (DESIGN.md section 3, "Predictor semantics").
+    """The block map from pooled Q/K blocks (docs/design.md, "Predictor semantics").
 
     ``simthreshd1`` and ``cdfthreshd`` / ``topk`` are per-query-head 1-D tensors ``(Hq,)``; exactly one
     of ``cdfthreshd`` / ``topk`` is given. Returns bool ``(B, Hq, nqb, nkb)``. ``scores`` (``(B, Hq, nqb,
@@ -339,13 +339,21 @@ def masked_attention(
     blocks before it (a skipped block cannot raise it). The first block a row sees is never skipped
     (its running max is -inf). Skipped blocks simply drop out of numerator and denominator.
 
+    Non-finite inputs propagate as in dense attention over the computed blocks. A NaN or +inf logit
+    (from Q or K) reaches exactly the rows that attend that key (their output is NaN), and stage 2
+    never skips a block in which a real row has a NaN logit; a row whose output is already NaN (it
+    computed a NaN or +inf logit) no longer takes part in the skip decisions. A non-finite value in V
+    reaches every row of the query blocks that compute its key block, causally visible or not (P.V is a
+    block product and ``0 * NaN`` is NaN, as in a dense kernel); key blocks a query block does not
+    compute (outside the mask, or skipped) never touch its rows.
+
     Returns the output in ``q.dtype`` and the block counts. Work is chunked over query blocks so that
     long sequences fit in memory.
     """
     bsz, num_q_heads, nq, head_dim = q.shape
     num_kv_heads, nk = k.shape[1], k.shape[2]
     group = num_q_heads // num_kv_heads
-    nqb, nkb = num_blocks(nq, BLOCK_Q), num_blocks(nk, BLOCK_K)
+    nkb = num_blocks(nk, BLOCK_K)
     allowed_blocks = allowed_block_mask(nq, nk, is_causal, device=q.device, window=window)
     kept = mask & allowed_blocks
 
@@ -358,6 +366,8 @@ def masked_attention(
     pv_skipped = torch.zeros(bsz, num_q_heads, dtype=torch.long, device=q.device)
     if pvthreshd is not None:
         lam = _per_head(pvthreshd.to(dtype), 4)  # (1, Hq, 1, 1)
+    # one check per call: the exact non-finite-V product below is only needed when V has such values
+    v_finite = bool(torch.isfinite(vd).all())
 
     rows_per_chunk = max(1, max_chunk_elements // max(1, bsz * num_q_heads * nk_pad * BLOCK_Q)) * BLOCK_Q
     for r0 in range(0, nq, rows_per_chunk):
@@ -378,16 +388,21 @@ def masked_attention(
                 token_ok = token_ok & (key_pos[None, :] > row_pos + (nk - nq) - window)
         s.masked_fill_(~token_ok, -math.inf)
 
+        computed = kept[:, :, qb0:qb1]  # (B, Hq, qb, nkb): the key blocks each query block computes
         if pvthreshd is not None:
-            skip = _pv_skip_blocks(blocks.amax(dim=-1), kept[:, :, qb0:qb1], lam)  # (B, Hq, qb, nkb)
+            skip = _pv_skip_blocks(blocks, computed, lam)  # (B, Hq, qb, nkb)
             pv_skipped += skip.sum(dim=(2, 3))
             blocks.masked_fill_(skip[:, :, :, None, :, None], -math.inf)
+            computed = computed & ~skip
 
         row_max = s.amax(dim=-1, keepdim=True)
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
         p = torch.exp2(s - row_max)
         denom = p.sum(dim=-1, keepdim=True)
-        pv = (p.reshape(bsz, num_kv_heads, group, rows, nk_pad) @ vd[:, :, None]).reshape(bsz, num_q_heads, rows, -1)
+        if v_finite:
+            pv = (p.reshape(bsz, num_kv_heads, group, rows, nk_pad) @ vd[:, :, None]).reshape(bsz, num_q_heads, rows, -1)
+        else:
+            pv = _pv_non_finite_v(p, vd, computed)
         out[:, :, r0:r1] = (pv / torch.where(denom > 0, denom, torch.ones_like(denom)))[:, :, : r1 - r0]
 
     counts = BlockCounts(
@@ -398,14 +413,51 @@ def masked_attention(
     return out.to(q.dtype), counts
 
 
-def _pv_skip_blocks(block_max: torch.Tensor, kept: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """Which kept blocks stage 2 skips. ``block_max``: per query row, the max masked base-2 logit in
-    each key block, ``(B, H, qb, BLOCK_Q, nkb)`` (-inf where the row sees no key of the block, and for
-    padding rows); ``kept``: ``(B, H, qb, nkb)``."""
+def _pv_non_finite_v(p: torch.Tensor, v: torch.Tensor, computed: torch.Tensor) -> torch.Tensor:
+    """``P @ V`` where V holds NaN/Inf: each query block sums only over the key blocks it computes
+    (``computed``: ``(B, Hq, qb, nkb)``), with IEEE products for those (``0 * inf`` is NaN), and
+    nothing at all from the others. ``p``: ``(B, Hq, qb * BLOCK_Q, Nk_pad)``; ``v``: ``(B, Hkv, Nk_pad, D)``."""
+    bsz, num_q_heads, rows, nk_pad = p.shape
+    vq = _expand_kv_heads(v, num_q_heads)  # (B, Hq, Nk_pad, D)
+    live = computed.repeat_interleave(BLOCK_Q, dim=2).repeat_interleave(BLOCK_K, dim=3)  # (B, Hq, rows, Nk_pad)
+    finite_v = torch.isfinite(vq)
+    pv = torch.where(live, p, torch.zeros_like(p)) @ torch.where(finite_v, vq, torch.zeros_like(vq))
+
+    def count(weights: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+        return weights.to(p.dtype) @ which.to(p.dtype)
+
+    nan_terms = count(live, torch.isnan(vq)) + count(live & (p == 0), torch.isinf(vq)) + \
+        count(live & torch.isnan(p), ~finite_v)
+    positive = live & (p > 0)
+    pos, neg = count(positive, torch.isposinf(vq)), count(positive, torch.isneginf(vq))
+    inf = torch.full_like(pv, math.inf)
+    pv = torch.where(pos > 0, pv + inf, pv)
+    pv = torch.where(neg > 0, pv - inf, pv)  # +inf - inf: NaN, as in the dense sum
+    return torch.where(nan_terms > 0, torch.full_like(pv, math.nan), pv)
+
+
+def _pv_skip_blocks(blocks: torch.Tensor, kept: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """Which kept blocks stage 2 skips. ``blocks``: the masked base-2 logits viewed per block,
+    ``(B, H, qb, BLOCK_Q, nkb, BLOCK_K)`` (-inf where a row sees no key, and for padding rows);
+    ``kept``: ``(B, H, qb, nkb)``.
+
+    Each real row votes ``rowmax_block - running_max`` (-inf if it sees no key of the block); a row
+    with a NaN logit in the block votes +inf (its NaN must reach the output, as in dense attention);
+    a row that already computed a NaN or +inf logit in an earlier kept block votes -inf (its output
+    is NaN whatever follows). The block is skipped when the largest vote is <= -pvthreshd."""
+    block_max = blocks.amax(dim=-1)  # (B, H, qb, BLOCK_Q, nkb); NaN where the row has a NaN logit
+    row_nan = torch.isnan(block_max)
+    if bool(row_nan.any()):  # only then: the largest non-NaN logit of those rows
+        block_max = blocks.masked_fill(torch.isnan(blocks), -math.inf).amax(dim=-1)
     running = torch.cummax(block_max, dim=-1).values
     before = torch.cat([torch.full_like(running[..., :1], -math.inf), running[..., :-1]], dim=-1)
-    diff = block_max - before  # +inf where the row saw nothing before; nan if nothing now either
-    diff = torch.where(torch.isfinite(block_max), diff, torch.full_like(diff, -math.inf))
+    diff = block_max - before  # +inf where the row saw nothing before
+    diff = torch.where(block_max == -math.inf, torch.full_like(diff, -math.inf), diff)
+    diff = torch.where(row_nan, torch.full_like(diff, math.inf), diff)
+    # a NaN or +inf logit in a kept block (never skipped: it votes +inf) makes the row's sum NaN
+    poisons = (row_nan | (block_max == math.inf)) & kept[:, :, :, None, :]
+    poisoned = (torch.cumsum(poisons.to(torch.int32), dim=-1) - poisons.to(torch.int32)) > 0
+    diff = torch.where(poisoned | torch.isnan(diff), torch.full_like(diff, -math.inf), diff)
     worst = diff.amax(dim=3)  # (B, H, qb, nkb): the row that most wants this block
     return kept & (worst <= -lam)
 

