@@ -1,7 +1,10 @@
 """Public functions: ``sparge_attn``, ``predict_block_mask``, ``block_sparse_attn``.
 
 Backends are a string registry: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``),
-``"reference"`` (plain PyTorch, float32) and ``"auto"`` (Triton on CUDA, the reference on CPU).
+``"reference"`` (plain PyTorch, float32), ``"fa4"`` (FlashAttention-4's block-sparse kernel, optional
+extra ``sparge[fa4]``, sm90, exact attention only) and ``"auto"`` (FA4 when installed, on sm90, for an
+exact call: ``pvthreshd=None``, no quantization, no window; otherwise Triton on CUDA, the reference
+on CPU).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 
 from . import validation
 from .ops import attention as triton_attention
+from .ops import fa4
 from .ops import predict as triton_predict
 from .ops import reference
 from .ops.blocks import BLOCK_K, BLOCK_Q, BlockCounts
@@ -63,13 +67,17 @@ def _reference_attend(q, k, v, mask, *, is_causal, scale, pvthreshd, quant, wind
 BACKENDS: Registry[Backend] = Registry("backend")
 BACKENDS.add("reference", Backend("reference", _reference_predict, _reference_attend))
 BACKENDS.add("triton", Backend("triton", triton_predict.predict_block_mask, triton_attention.block_sparse_attn))
+BACKENDS.add("fa4", Backend("fa4", triton_predict.predict_block_mask, fa4.attend))
 
 
-def resolve_backend(backend: str, device: torch.device) -> Backend:
-    """The backend object for a name (``"auto"``: Triton on CUDA, the reference elsewhere)."""
+def resolve_backend(backend: str, device: torch.device, *, fa4_ok: bool = False) -> Backend:
+    """The backend object for a name (``"auto"``: FA4 when ``fa4_ok`` (see ``fa4.auto_eligible``),
+    else Triton on CUDA, the reference elsewhere)."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend == "auto":
+        if device.type == "cuda" and fa4_ok:
+            return BACKENDS.get("fa4")
         return BACKENDS.get("triton" if device.type == "cuda" else "reference")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {['auto', *BACKENDS.names()]}")
@@ -215,7 +223,8 @@ def block_sparse_attn(
         pvthreshd: stage-2 skip threshold (lambda = -pvthreshd, base-2 units), float or per head;
             None turns stage 2 off. 50 (the default) almost never skips.
         quant: "auto" | "int8" | "none" (see ``resolve_quant``).
-        backend: "auto" | "triton" | "reference".
+        backend: "auto" | "triton" | "reference" | "fa4" (see the module docstring; "auto" picks FA4 only
+            for exact calls, ``pvthreshd=None``, when it is installed and the GPU is sm90).
         return_stats: also return a ``SparsityStats``.
         window: a causal sliding window (query at position p sees keys p - window < j <= p), or None.
 
@@ -229,8 +238,8 @@ def block_sparse_attn(
     nqb, nkb = reference.num_blocks(q.shape[2], BLOCK_Q), reference.num_blocks(k.shape[2], BLOCK_K)
     mask = validation.check_block_mask(mask, (q.shape[0], q.shape[1], nqb, nkb), q.device)
     pv = _pv_threshold(pvthreshd, q.shape[1], q.device)
-    impl = resolve_backend(backend, q.device)
     variant = resolve_quant(quant, q.device)
+    impl = resolve_backend(backend, q.device, fa4_ok=fa4.auto_eligible(q, pvthreshd=pv, quant=variant, window=window))
     _note_fp32(q.dtype, q.device)
     out, counts = impl.attend(q, k, v, mask, is_causal=is_causal, scale=sm_scale, pvthreshd=pv, quant=variant,
                               window=window)
@@ -270,8 +279,8 @@ def sparge_attn(
     validation.check_choice("estimator", estimator, reference.ESTIMATORS)
     sel = _selection(q.shape[1], q.device, simthreshd1, cdfthreshd, topk)
     pv = _pv_threshold(pvthreshd, q.shape[1], q.device)
-    impl = resolve_backend(backend, q.device)
     variant = resolve_quant(quant, q.device)
+    impl = resolve_backend(backend, q.device, fa4_ok=fa4.auto_eligible(q, pvthreshd=pv, quant=variant, window=window))
     _note_fp32(q.dtype, q.device)
 
     quantized = None
