@@ -239,7 +239,8 @@ def block_sparse_attn(
     mask = validation.check_block_mask(mask, (q.shape[0], q.shape[1], nqb, nkb), q.device)
     pv = _pv_threshold(pvthreshd, q.shape[1], q.device)
     variant = resolve_quant(quant, q.device)
-    impl = resolve_backend(backend, q.device, fa4_ok=fa4.auto_eligible(q, pvthreshd=pv, quant=variant, window=window))
+    fa4_ok = fa4.auto_eligible(q, pvthreshd=pv, quant=variant, window=window)
+    impl = resolve_backend(backend, q.device, fa4_ok=fa4_ok)
     _note_fp32(q.dtype, q.device)
     out, counts = impl.attend(q, k, v, mask, is_causal=is_causal, scale=sm_scale, pvthreshd=pv, quant=variant,
                               window=window)
@@ -280,7 +281,8 @@ def sparge_attn(
     sel = _selection(q.shape[1], q.device, simthreshd1, cdfthreshd, topk)
     pv = _pv_threshold(pvthreshd, q.shape[1], q.device)
     variant = resolve_quant(quant, q.device)
-    impl = resolve_backend(backend, q.device, fa4_ok=fa4.auto_eligible(q, pvthreshd=pv, quant=variant, window=window))
+    fa4_ok = fa4.auto_eligible(q, pvthreshd=pv, quant=variant, window=window)
+    impl = resolve_backend(backend, q.device, fa4_ok=fa4_ok)
     _note_fp32(q.dtype, q.device)
 
     quantized = None

@@ -102,8 +102,8 @@ def test_fa4_matches_the_reference_on_the_same_map(b, hq, hkv, nq, nk, d, causal
         pytest.skip("FA4 runs 128x64 maps on sm90 only")
     q, k, v = rand_qkv(b, hq, hkv, nq, nk, d, dtype=dtype, device="cuda", seed=nq + d)
     mask = random_block_mask(b, hq, nq, nk, 0.4, seed=nk, device="cuda")
-    out, stats = block_sparse_attn(q, k, v, mask, is_causal=causal, window=window, pvthreshd=None, backend="fa4",
-                                   return_stats=True)
+    out, stats = block_sparse_attn(q, k, v, mask, is_causal=causal, window=window, pvthreshd=None,
+                                   backend="fa4", return_stats=True)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert_within_lowp_rule(out, q, k, v, mask, is_causal=causal, scale=d ** -0.5, window=window)
     _, counts = R.masked_attention(q, k, v, mask, is_causal=causal, scale=d ** -0.5, window=window)

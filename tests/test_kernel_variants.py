@@ -135,7 +135,12 @@ def test_kernel_config_rejects_unknown_variants():
         A.KernelConfig(3, 2)
     with pytest.raises(ValueError, match="num_stages"):
         A.KernelConfig(4, 0)
-    assert A.KernelConfig(8, 3, "prefetch", "descriptor").name == "w8s3-prefetch-descriptor"
+    cfg = A.KernelConfig(8, 3, "prefetch", "descriptor")
+    assert cfg.name == "w8s3-prefetch-descriptor" and A.KernelConfig.from_name(cfg.name) == cfg
+    with pytest.raises(ValueError, match="looks like 'w8s2-select-pointer'"):
+        A.KernelConfig.from_name("fast")
+    with pytest.raises(ValueError, match="pv_check must be one of"):
+        A.KernelConfig.from_name("w8s2-hoist-pointer")
 
 
 def test_descriptor_loads_refuse_misaligned_layouts(device):

@@ -70,6 +70,7 @@ under the interpreter.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -128,6 +129,15 @@ class KernelConfig:
     def name(self) -> str:
         """Short label, e.g. ``w4s2-select-descriptor`` (tuning tables, benchmark rows)."""
         return f"w{self.num_warps}s{self.num_stages}-{self.pv_check}-{self.tile_loads}"
+
+    @classmethod
+    def from_name(cls, name: str) -> KernelConfig:
+        """Inverse of ``name``: ``"w8s2-select-pointer"`` -> ``KernelConfig(8, 2, "select", "pointer")``."""
+        m = re.fullmatch(r"w(\d+)s(\d+)-([a-z]+)-([a-z]+)", name)
+        if m is None:
+            raise ValueError(f"a kernel config name looks like 'w8s2-select-pointer' "
+                             f"(w<warps>s<stages>-<{'|'.join(PV_CHECKS)}>-<{'|'.join(TILE_LOADS)}>), got {name!r}")
+        return cls(int(m.group(1)), int(m.group(2)), m.group(3), m.group(4))
 
 
 def default_kernel_config(head_dim: int, device: torch.device, quant: str = "none") -> KernelConfig:

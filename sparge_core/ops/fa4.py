@@ -61,8 +61,9 @@ def supported(device: torch.device, head_dim: int, dtype: torch.dtype) -> str | 
         return f"backend 'fa4' runs on CUDA GPUs only, got {device}"
     major, minor = _capability(device.index if device.index is not None else torch.cuda.current_device())
     if major not in FA4_BLOCK_GEOMETRY:
-        return (f"backend 'fa4' runs 128x64 block maps exactly only on sm90 (Hopper); this GPU is sm{major}{minor}, "
-                f"where FA4's block-sparse forward needs 256x128 blocks (a 128x64 map is never widened)")
+        return (f"backend 'fa4' runs 128x64 block maps exactly only on sm90 (Hopper); this GPU is "
+                f"sm{major}{minor}, where FA4's block-sparse forward needs 256x128 blocks (a 128x64 map is "
+                f"never widened)")
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"backend 'fa4' takes float16/bfloat16 (or float32, computed in bfloat16), got {dtype}"
     if head_dim % HEAD_DIM_ALIGNMENT or not 8 <= head_dim <= 256:
@@ -127,19 +128,21 @@ def attend(q, k, v, mask, *, is_causal, scale, pvthreshd, quant, window=None, qu
     bsz, num_q_heads, nq, _ = q.shape
     nk = k.shape[2]
     count, indices = block_lists(mask, nq, nk, is_causal, window)
-    sparse = BlockSparseTensorsTorch(mask_block_cnt=count, mask_block_idx=indices, block_size=(BLOCK_Q, BLOCK_K))
+    sparse = BlockSparseTensorsTorch(mask_block_cnt=count, mask_block_idx=indices,
+                                     block_size=(BLOCK_Q, BLOCK_K))
     in_dtype = q.dtype
     if in_dtype == torch.float32:
         q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
     window_size = (window - 1, 0) if window is not None else (None, None)
-    out, _ = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
-                             causal=is_causal, window_size=window_size, block_sparse_tensors=sparse)
+    out, _ = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                             softmax_scale=scale, causal=is_causal, window_size=window_size,
+                             block_sparse_tensors=sparse)
     out = out.transpose(1, 2)
     if in_dtype == torch.float32:
         out = out.to(torch.float32)
     counts = BlockCounts(
-        allowed=torch.full((bsz, num_q_heads), allowed_block_count(nq, nk, is_causal, window), dtype=torch.long,
-                           device=q.device),
+        allowed=torch.full((bsz, num_q_heads), allowed_block_count(nq, nk, is_causal, window),
+                           dtype=torch.long, device=q.device),
         computed=count.sum(dim=-1, dtype=torch.long),
         pv_skipped=torch.zeros(bsz, num_q_heads, dtype=torch.long, device=q.device),
     )
