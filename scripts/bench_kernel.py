@@ -9,8 +9,10 @@ densities 1 / 0.5 / 0.2 / 0.1 (diagonal blocks always kept), rows:
 - ``flex``          FlexAttention (torch.compile'd) on the same map
 - ``sparge``        ``block_sparse_attn(q, k, v, mask, is_causal=...)``: every other argument at its
                     shipped default (the headline row)
-- ``sparge-nopv``   the same with ``pvthreshd=None`` (stage 2 off): ``sparge`` / ``sparge-nopv`` at
-                    density 1 is the cost of the stage-2 decision
+- ``sparge-nopv``   the same with ``pvthreshd=None`` (stage 2 off) on the same Triton kernel
+                    (``backend="triton"``: with FA4 installed, ``auto`` hands an exact call to FA4, which
+                    is the ``fa4`` row): ``sparge`` / ``sparge-nopv`` at density 1 is the cost of the
+                    stage-2 decision
 - ``sparge-exact``  the fastest exact variant (16-bit operands, stage 2 off) over the candidate
                     ``KernelConfig``s (``--exact-configs``, or the best ones of a tuning CSV)
 - ``sparge-quant``  the fastest INT8-QK^T variant (16-bit P.V, stage 2 off, quantization included)
@@ -276,7 +278,7 @@ def run(args) -> None:
                         rows.append(("sparge", lambda m=mask: block_sparse_attn(*nxt(), m, is_causal=causal)))
                     if "sparge-nopv" in args.methods:
                         rows.append(("sparge-nopv", lambda m=mask: block_sparse_attn(
-                            *nxt(), m, is_causal=causal, pvthreshd=None)))
+                            *nxt(), m, is_causal=causal, pvthreshd=None, backend="triton")))
                     for name, fn in rows:
                         record(n, d, causal, dens, name, timed(fn), err_of(fn, target))
                     variants = (("sparge-exact", exact, "none"), ("sparge-quant", quant, "int8"),
