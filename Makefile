@@ -14,7 +14,7 @@ else
 SETUP :=
 endif
 
-.PHONY: install test test-gpu bench demo tables paper corpora bundle dit-train clean
+.PHONY: install test test-gpu bench tune kernel-table demo tables paper corpora bundle dit-train clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,15 @@ test-gpu: $(SETUP)
 
 bench: $(SETUP)
 	$(PYTHON) scripts/bench_kernel.py
+
+# every kernel variant (KernelConfig) timed on the GPU: results/kernel/tune-<gpu>.csv
+tune: $(SETUP)
+	$(PYTHON) scripts/tune_kernel.py --compile-workers 8 --recommend
+
+# README's kernel table from a committed benchmark CSV: make kernel-table CSV=results/kernel/h200.csv
+CSV ?=
+kernel-table: $(SETUP)
+	$(PYTHON) scripts/bench_kernel.py --update-readme $(CSV)
 
 demo: $(SETUP)
 	$(PYTHON) scripts/demo.py

@@ -231,8 +231,8 @@ def run(args) -> None:
 
     for n in args.n:
         for d in args.d:
-            exact = args.exact_configs or _tuned_configs(args.tune_csv, d, "none", 3) or DEFAULT_EXACT
-            quant = args.quant_configs or _tuned_configs(args.tune_csv, d, "int8", 3) or DEFAULT_QUANT
+            exact = args.exact_configs or _tuned_configs(args.tune_csv, d, "none", 2) or DEFAULT_EXACT
+            quant = args.quant_configs or _tuned_configs(args.tune_csv, d, "int8", 2) or DEFAULT_QUANT
             for causal in args.causal:
                 t_shape = time.time()
                 sets = [tuple(torch.randn(1, heads, n, d, device=device, generator=gen).to(dtype)
@@ -404,7 +404,7 @@ def main() -> None:
     ap.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.5, 0.2, 0.1])
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--exact-configs", nargs="+", default=None,
-                    help="KernelConfig names for sparge-exact (default: the 3 best of --tune-csv, "
+                    help="KernelConfig names for sparge-exact (default: the 2 best of --tune-csv, "
                          "else a fixed set)")
     ap.add_argument("--quant-configs", nargs="+", default=None, help="the same for sparge-quant(-fp8)")
     ap.add_argument("--tune-csv", default=None, help="a scripts/tune_kernel.py CSV to take candidates from")
