@@ -49,6 +49,7 @@ header() {
 pack() { cp "$RUNS"/* "$DIR/" 2>/dev/null; tar czf "$OUT/$1.tgz" -C "$OUT" "$1" && rm -rf "${OUT:?}/$1"; ls -la "$OUT"; }
 
 cmd=${1:?tests-tune|accuracy|fa4-bench|bench-large}; shift
+case "$cmd" in tests-tune|accuracy|fa4-bench|bench-large) ;; *) echo "unknown call $cmd (tests-tune|accuracy|fa4-bench|bench-large)" >&2; exit 2 ;; esac
 DIR=$OUT/$cmd; mkdir -p "$DIR"
 for part in "$@"; do bash scripts/stage_wheels.sh receive "$part" | tee -a "$DIR/stage.log"; done
 header "$cmd"
