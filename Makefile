@@ -16,7 +16,7 @@ else
 SETUP :=
 endif
 
-.PHONY: install test test-gpu lint bench bench-predictor bench-e2e demo tables paper corpora bundle dit-train clean
+.PHONY: install test test-gpu lint bench bench-predictor bench-e2e tune kernel-table demo tables paper corpora bundle dit-train clean
 
 install: $(VENV)/.installed
 
@@ -52,6 +52,15 @@ bench-predictor: $(SETUP)
 E2E_ARGS ?=
 bench-e2e: $(SETUP)
 	$(PYTHON) scripts/bench_e2e.py $(E2E_ARGS)
+
+# every kernel variant (KernelConfig) timed on the GPU: results/kernel/tune-<gpu>.csv
+tune: $(SETUP)
+	$(PYTHON) scripts/tune_kernel.py --compile-workers 8 --recommend
+
+# README's kernel table from a committed benchmark CSV: make kernel-table CSV=results/kernel/h200.csv
+CSV ?=
+kernel-table: $(SETUP)
+	$(PYTHON) scripts/bench_kernel.py --update-readme $(CSV)
 
 demo: $(SETUP)
 	$(PYTHON) scripts/demo.py

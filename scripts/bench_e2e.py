@@ -66,6 +66,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from calibrate.cli import HelpFormatter  # noqa: E402
 from sparge_core.params import write_text_atomic  # noqa: E402
 
 COLUMNS = ["gpu", "model", "n", "method", "sparsity", "ms", "speedup", "ideal_speedup"]
@@ -416,7 +417,7 @@ def _pv(value: str):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--parts", nargs="+", default=list(PARTS), help=f"any of {list(PARTS)}")
     ap.add_argument("--lengths", type=int, nargs="+", default=None,
                     help=f"part llama8b (default {DEFAULT_LLAMA_LENGTHS})")

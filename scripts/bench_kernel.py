@@ -1,47 +1,78 @@
-"""Kernel benchmark: block-sparse attention vs the fastest dense kernels and FlexAttention.
+"""Kernel benchmark: what users run (``block_sparse_attn`` at its shipped defaults) against the dense
+kernels and the block-sparse peers on the same block map, in one run on one card.
 
-For each N, D and causal setting (B=1, H=32, bf16), random block masks at the given densities
-(diagonal blocks kept) and the predicted mask of ``sparge_attn``'s defaults on structured inputs,
-timed in the same run:
+For N in {8192, 32768, 131072}, D in {64, 128}, causal and not (B=1, H=32, bf16), random block maps at
+densities 1 / 0.5 / 0.2 / 0.1 (diagonal blocks always kept), rows:
 
-- ``sparge``        block_sparse_attn, bf16 P.V (includes building the block index list)
-- ``sparge-quant``  block_sparse_attn(quant="int8"): INT8 QK^T (+ FP8 P.V on sm89+), quantization included
-- ``sparge-quant-kernel``  the same kernel on pre-quantized Q/K/V (attention alone)
-- ``flex``          FlexAttention (torch.compile'd) on the same block mask, kept blocks marked full
-- ``sdpa-cudnn``, ``sdpa-flash``   dense SDPA backends (density 1.0 rows; flat lines in the plot)
-- ``predict``       the predictor alone (sparge_attn defaults), on structured inputs
-- ``sparge-pipeline``  the whole sparge_attn (predict + quantize + attend) at topk=0.5
+- ``sdpa-cudnn``, ``sdpa-flash``  dense SDPA backends (density 1 rows; the baselines)
+- ``fa4``           FlashAttention-4 block-sparse (``backend="fa4"``) on the same map, when installed
+- ``flex``          FlexAttention (torch.compile'd) on the same map
+- ``sparge``        ``block_sparse_attn(q, k, v, mask, is_causal=...)``: every other argument at its
+                    shipped default (the headline row)
+- ``sparge-nopv``   the same with ``pvthreshd=None`` (stage 2 off) on the same Triton kernel
+                    (``backend="triton"``: with FA4 installed, ``auto`` hands an exact call to FA4, which
+                    is the ``fa4`` row): ``sparge`` / ``sparge-nopv`` at density 1 is the cost of the
+                    stage-2 decision
+- ``sparge-exact``  the fastest exact variant (16-bit operands, stage 2 off) over the candidate
+                    ``KernelConfig``s (``--exact-configs``, or the best ones of a tuning CSV)
+- ``sparge-quant``  the fastest INT8-QK^T variant (16-bit P.V, stage 2 off, quantization included)
+- ``sparge-quant-fp8``  INT8 QK^T + FP8 P.V (``quant="int8-fp8"``), extra row: faster, less accurate
 
-Times are ``triton.testing.do_bench`` medians (CUDA events, warm-up first) over rotating input
-buffers. ``tops`` is dense-equivalent: 4 n^2 d heads / time, halved for causal.
+Times are ``triton.testing.do_bench`` medians (CUDA events, warm-up first) over rotating input sets.
+``tops`` is dense-equivalent: 4 N^2 D H / time, halved for causal. ``rel_l1`` is each row's relative L1
+error against a float64 reference at N <= 8192 and density 1 (empty elsewhere). Which candidate won
+``sparge-exact`` / ``sparge-quant`` is printed in the log.
 
-    python scripts/bench_kernel.py                      # the full grid -> results/kernel/<gpu>.csv + .png
-    python scripts/bench_kernel.py --n 32768 --d 128    # a subset
+Outputs: ``results/kernel/<gpu>.csv`` (columns ``gpu,n,d,heads,causal,density,method,ms,tops,rel_l1``),
+``.png`` (TOPS vs sparsity at the largest N) and ``.log`` (the command, versions and every row).
+
+    python scripts/bench_kernel.py                                  # the full grid (GPU)
+    python scripts/bench_kernel.py --n 131072 --append              # add rows to an existing CSV
+    python scripts/bench_kernel.py --smoke --out /tmp/smoke.csv     # CPU plumbing check (interpreter)
+    python scripts/bench_kernel.py --readme-table results/kernel/h200.csv   # README's kernel table
+    python scripts/bench_kernel.py --update-readme results/kernel/h200.csv  # ... written into README.md
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+import os
+import shlex
 import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if "--smoke" in sys.argv:  # the CPU plumbing check runs the Triton kernels under the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from calibrate.cli import HelpFormatter  # noqa: E402
-from evals.environment import CsvLog, bench_ms, gpu_name, gpu_slug, versions  # noqa: E402
-from sparge_core import block_sparse_attn, predict_block_mask, sparge_attn  # noqa: E402
-from sparge_core.atomic import atomic_path  # noqa: E402
+from evals.environment import gpu_name, gpu_slug, versions  # noqa: E402
+from sparge_core import block_sparse_attn  # noqa: E402
+from sparge_core.atomic import atomic_path, write_text_atomic  # noqa: E402
 from sparge_core.ops import attention as A  # noqa: E402
-from sparge_core.ops import predict as P  # noqa: E402
+from sparge_core.ops import fa4 as FA4  # noqa: E402
 from sparge_core.ops import reference as R  # noqa: E402
-from sparge_core.synthetic import structured_qkv  # noqa: E402
 
-COLUMNS = ["gpu", "n", "d", "heads", "causal", "density", "method", "ms", "tops", "mask"]
+COLUMNS = ["gpu", "n", "d", "heads", "causal", "density", "method", "ms", "tops", "rel_l1"]
+METHODS = ["sdpa-cudnn", "sdpa-flash", "fa4", "flex", "sparge", "sparge-nopv", "sparge-exact", "sparge-quant",
+           "sparge-quant-fp8"]
+# candidates for sparge-exact / sparge-quant without a tuning CSV (stage 2 off: pv_check plays no part)
+DEFAULT_EXACT = ["w4s2-select-pointer", "w8s2-select-pointer", "w8s2-select-descriptor",
+                 "w8s3-select-descriptor"]
+DEFAULT_QUANT = ["w4s3-select-pointer", "w8s2-select-pointer", "w8s2-select-descriptor",
+                 "w8s3-select-descriptor"]
 ROTATE = 3
+REL_L1_MAX_N = 8192
+README_BEGIN = "<!-- kernel-table:begin (generated by scripts/bench_kernel.py --update-readme) -->"
+README_END = "<!-- kernel-table:end -->"
 
 
 def dense_flops(n: int, d: int, heads: int, causal: bool) -> float:
@@ -49,25 +80,12 @@ def dense_flops(n: int, d: int, heads: int, causal: bool) -> float:
     return f / 2 if causal else f
 
 
-def random_mask(heads: int, n: int, density: float, causal: bool, gen) -> torch.Tensor:
-    """Random block map with about ``density`` of the allowed pairs kept, diagonal blocks always kept."""
+def random_mask(heads: int, n: int, density: float, gen, device) -> torch.Tensor:
+    """Random block map keeping about ``density`` of the block pairs, diagonal blocks always kept (the
+    executors drop causal fully-future blocks themselves)."""
     nqb, nkb = R.num_blocks(n, R.BLOCK_Q), R.num_blocks(n, R.BLOCK_K)
-    mask = torch.rand(1, heads, nqb, nkb, device="cuda", generator=gen) < density
-    mask |= R.causal_diagonal_block_mask(n, n, R.BLOCK_Q, R.BLOCK_K, device="cuda")
-    return mask & R.allowed_block_mask(n, n, causal, device="cuda")
-
-
-def band_mask(heads: int, n: int, density: float, causal: bool) -> torch.Tensor:
-    """Each query block keeps a contiguous band of key blocks around its diagonal (the shape real
-    predicted masks often have), about ``density`` of the allowed pairs."""
-    nqb, nkb = R.num_blocks(n, R.BLOCK_Q), R.num_blocks(n, R.BLOCK_K)
-    width = max(1, round(density * nkb * (0.5 if causal else 1.0)))
-    centre = (torch.arange(nqb, device="cuda") * R.BLOCK_Q // R.BLOCK_K)[:, None]
-    cols = torch.arange(nkb, device="cuda")[None, :]
-    lo = (centre - (width if causal else width // 2)).clamp(min=0)
-    mask = (cols >= lo) & (cols < lo + width + (2 if causal else 0))
-    mask = mask | R.causal_diagonal_block_mask(n, n, R.BLOCK_Q, R.BLOCK_K, device="cuda")
-    return (mask & R.allowed_block_mask(n, n, causal, device="cuda")).expand(1, heads, -1, -1)
+    mask = torch.rand(1, heads, nqb, nkb, device=device, generator=gen) < density
+    return mask | R.causal_diagonal_block_mask(n, n, R.BLOCK_Q, R.BLOCK_K, device=device)
 
 
 def measured_density(mask: torch.Tensor, n: int, causal: bool) -> float:
@@ -75,84 +93,154 @@ def measured_density(mask: torch.Tensor, n: int, causal: bool) -> float:
     return (mask & allowed).sum().item() / (allowed.sum().item() * mask.shape[0] * mask.shape[1])
 
 
+# --------------------------------------------------------------------------------------------
+# FlexAttention on a block map
+# --------------------------------------------------------------------------------------------
+def _causal_mask_mod(b, h, q_idx, kv_idx):
+    return kv_idx <= q_idx
+
+
+def flex_block_mask(mask: torch.Tensor, n: int, causal: bool):
+    """The BLOCK_Q x BLOCK_K map as a FlexAttention ``BlockMask`` (Nq = Nk = n): kept blocks wholly
+    inside the causal triangle (all of them when not causal) are "full" blocks, the kept diagonal
+    blocks are "partial" ones whose tokens the causal ``mask_mod`` masks. The sparsity lives in the
+    block lists only, so the mask_mod is one module-level function: a new map never recompiles."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    kept = mask & R.allowed_block_mask(n, n, causal, device=mask.device)
+    if causal:
+        first_q = torch.arange(kept.shape[2], device=mask.device) * R.BLOCK_Q
+        last_k = (torch.arange(kept.shape[3], device=mask.device) + 1) * R.BLOCK_K - 1
+        full_region = last_k[None, :] <= first_q[:, None]
+    else:
+        full_region = torch.ones(kept.shape[2:], dtype=torch.bool, device=mask.device)
+    full, partial = kept & full_region, kept & ~full_region
+
+    def lists(m):
+        order = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return m.sum(-1, dtype=torch.int32), order
+
+    kv_num, kv_idx = lists(partial)
+    full_num, full_idx = lists(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(R.BLOCK_Q, R.BLOCK_K),
+                                    mask_mod=_causal_mask_mod if causal else None, seq_lengths=(n, n))
+
+
 class Flex:
-    """FlexAttention on a block map (kept blocks full; causal diagonal blocks partial)."""
+    """Compiled FlexAttention with tiles that divide the 128x64 blocks."""
 
     def __init__(self):
         from torch.nn.attention.flex_attention import flex_attention
 
-        # every block map brings a new mask_mod closure, hence a recompile; past dynamo's default limit
-        # flex would silently fall back to eager (materialising the whole score matrix)
-        torch._dynamo.config.recompile_limit = 10_000
-        torch._dynamo.config.accumulated_recompile_limit = 100_000
+        torch._dynamo.config.recompile_limit = 1000
+        torch._dynamo.config.accumulated_recompile_limit = 10_000
         self.fn = torch.compile(flex_attention, dynamic=False)
 
-    @staticmethod
-    def block_mask(mask: torch.Tensor, n: int, causal: bool):
-        from torch.nn.attention.flex_attention import BlockMask
-
-        if causal:
-            first_q = torch.arange(mask.shape[2], device=mask.device) * R.BLOCK_Q
-            last_k = (torch.arange(mask.shape[3], device=mask.device) + 1) * R.BLOCK_K - 1
-            full_region = last_k[None, :] <= first_q[:, None]
-        else:
-            full_region = torch.ones(mask.shape[2:], dtype=torch.bool, device=mask.device)
-        full = mask & full_region
-        partial = mask & ~full_region
-        def lists(m):
-            return m.sum(-1, dtype=torch.int32), torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-        kv_num, kv_idx = lists(partial)
-        full_num, full_idx = lists(full)
-        dense_map = mask
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            keep = dense_map[b, h, q_idx // R.BLOCK_Q, kv_idx // R.BLOCK_K]
-            return keep & (kv_idx <= q_idx) if causal else keep
-
-        return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(R.BLOCK_Q, R.BLOCK_K),
-                                        mask_mod=mask_mod, seq_lengths=(n, n), compute_q_blocks=False)
-
     def __call__(self, q, k, v, block_mask):
-        # flex's own tiles must divide the 128x64 blocks
-        return self.fn(q, k, v, block_mask=block_mask, kernel_options={"BLOCK_M": R.BLOCK_Q, "BLOCK_N": R.BLOCK_K})
+        return self.fn(q, k, v, block_mask=block_mask,
+                       kernel_options={"BLOCK_M": R.BLOCK_Q, "BLOCK_N": R.BLOCK_K})
 
 
-def sdpa_backend(name: str):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+# --------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------
+class Log:
+    """Rows to the CSV as they come (a cut-off run keeps what it measured), lines to stdout and .log;
+    both files are rewritten atomically after every row or line (``sparge_core.atomic``)."""
 
-    return sdpa_kernel({"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name])
+    def __init__(self, csv_path: Path, append: bool, header: str):
+        self.csv_path = csv_path
+        self.log_path = csv_path.with_suffix(".log")
+        keep = append and csv_path.exists()
+        self.csv_text = io.StringIO()
+        if keep:
+            self.csv_text.write(csv_path.read_text())
+        else:
+            csv.writer(self.csv_text).writerow(COLUMNS)
+        self.log_text = self.log_path.read_text() if keep and self.log_path.exists() else ""
+        write_text_atomic(self.csv_path, self.csv_text.getvalue())
+        self.say(header)
+
+    def say(self, line: str) -> None:
+        print(line, flush=True)
+        self.log_text += line + "\n"
+        write_text_atomic(self.log_path, self.log_text)
+
+    def row(self, **row) -> None:
+        csv.writer(self.csv_text).writerow([row.get(c, "") for c in COLUMNS])
+        write_text_atomic(self.csv_path, self.csv_text.getvalue())
+
+
+def _timer(device: str):
+    if device == "cuda":
+        import triton.testing
+
+        return lambda fn: float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+    def host_ms(fn, reps: int = 1):  # the smoke run: plumbing, not a benchmark
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / reps
+
+    return host_ms
+
+
+def _tuned_configs(path: str | None, d: int, quant: str, top: int) -> list[str]:
+    """The ``top`` configs with the lowest total time over a tuning CSV's stage-2-off rows of (d, quant)."""
+    if not path or not Path(path).exists():
+        return []
+    total, count = {}, {}
+    for r in csv.DictReader(open(path)):
+        if int(r["d"]) != d or r["quant"] != quant or r["pv"] != "off" or r["density"] == "structured":
+            continue
+        total[r["config"]] = total.get(r["config"], 0.0) + float(r["ms"])
+        count[r["config"]] = count.get(r["config"], 0) + 1
+    full = max(count.values(), default=0)
+    ranked = sorted((t, c) for c, t in total.items() if count[c] == full)
+    return [c for _, c in ranked[:top]]
 
 
 def run(args) -> None:
-    gpu, slug = gpu_name(), gpu_slug()
-    out_csv = Path(args.out or f"results/kernel/{slug}.csv")
-    log = CsvLog(out_csv, COLUMNS)
+    device = "cpu" if args.smoke else "cuda"
+    gpu = gpu_name() if device == "cuda" else "cpu-interpreter"
+    out_csv = Path(args.out or f"results/kernel/{gpu_slug()}.csv")
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    log = Log(out_csv, args.append,
+              f"# {command}\n# {gpu} {versions()} heads={args.heads} dtype={args.dtype}")
+    dtype = getattr(torch, args.dtype)
     heads = args.heads
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    flex = Flex() if "flex" in args.methods else None
-    print(f"# {gpu} {versions()} heads={heads} dtype=bf16", flush=True)
+    timed_ms = _timer(device)
+    flex = Flex() if "flex" in args.methods and device == "cuda" else None
+    fa4_ok = device == "cuda" and FA4.installed() and FA4.supported(torch.device("cuda"), 128, dtype) is None
+    if "fa4" in args.methods and not fa4_ok:
+        log.say("# fa4: not installed or this GPU cannot run 128x64 maps exactly: no fa4 rows")
+    gen = torch.Generator(device=device).manual_seed(0)
 
     def timed(fn):
         try:
-            return bench_ms(fn)
+            return timed_ms(fn)
         except Exception as err:  # keep going: one failing method must not lose the rest of the run
-            print(f"  failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}", flush=True)
+            log.say(f"  failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
             return None
 
-    def record(n, d, causal, density, method, ms, kind="dense"):
+    def record(n, d, causal, density, method, ms, err=None, note=""):
         if ms is None:
             return
         tops = dense_flops(n, d, heads, causal) / (ms * 1e-3) / 1e12
-        log.add(gpu=gpu, n=n, d=d, heads=heads, causal=causal, density=f"{density:.4f}", method=method,
-                ms=f"{ms:.4f}", tops=f"{tops:.1f}", mask=kind)
-        print(f"{n:>6} {d:>4} {str(causal):>5} {density:>6.3f} {method:<20} {ms:>9.3f} ms {tops:>7.1f} TOPS {kind}",
-              flush=True)
+        log.row(gpu=gpu, n=n, d=d, heads=heads, causal=causal, density=f"{density:.4f}", method=method,
+                ms=f"{ms:.4f}", tops=f"{tops:.1f}", rel_l1="" if err is None else f"{err:.3e}")
+        log.say(f"{n:>6} {d:>4} {str(causal):>5} {density:>6.3f} {method:<18} {ms:>9.3f} ms {tops:>7.1f} TOPS"
+                + ("" if err is None else f"  rel_l1 {err:.2e}") + (f"  {note}" if note else ""))
 
     for n in args.n:
         for d in args.d:
+            exact = args.exact_configs or _tuned_configs(args.tune_csv, d, "none", 2) or DEFAULT_EXACT
+            quant = args.quant_configs or _tuned_configs(args.tune_csv, d, "int8", 2) or DEFAULT_QUANT
             for causal in args.causal:
                 t_shape = time.time()
-                sets = [tuple(torch.randn(1, heads, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+                sets = [tuple(torch.randn(1, heads, n, d, device=device, generator=gen).to(dtype)
                               for _ in range(3)) for _ in range(ROTATE)]
                 it = [0]
 
@@ -160,92 +248,100 @@ def run(args) -> None:
                     it[0] = (it[0] + 1) % ROTATE
                     return sets[it[0]]
 
-                for name in ("cudnn", "flash"):
-                    if f"sdpa-{name}" in args.methods:
-                        with sdpa_backend(name):
-                            ms = timed(lambda: F.scaled_dot_product_attention(*nxt(), is_causal=causal))
-                        record(n, d, causal, 1.0, f"sdpa-{name}", ms)
+                ref = None
+                if n <= REL_L1_MAX_N and 1.0 in args.densities:
+                    # float64 inputs, so the reference output is not rounded back to 16 bits
+                    ref = R.dense_attention(*(t.double() for t in sets[0]), is_causal=causal, scale=d ** -0.5)
 
-                # structured inputs: predictor, predicted masks, whole pipeline
-                sq, sk, sv = structured_qkv(1, heads, heads, n, d, dtype=torch.bfloat16, device="cuda", seed=n + d)
-                pred = predict_block_mask(sq, sk, is_causal=causal)
-                masks = [("random", random_mask(heads, n, dens, causal, gen)) for dens in args.densities]
-                masks.append(("band", band_mask(heads, n, 0.5, causal)))
-                masks.append(("predicted", pred))
-                masks = [(kind, measured_density(m, n, causal), m) for kind, m in masks]
-                if "predict" in args.methods:
-                    ms = timed(lambda: predict_block_mask(sq, sk, is_causal=causal))
-                    record(n, d, causal, masks[-1][1], "predict", ms, "predicted")
-                if "sparge-pipeline" in args.methods:
-                    _, st = sparge_attn(sq, sk, sv, is_causal=causal, topk=0.5, quant="int8", return_stats=True)
-                    ms = timed(lambda: sparge_attn(sq, sk, sv, is_causal=causal, topk=0.5, quant="int8"))
-                    record(n, d, causal, st.density, "sparge-pipeline", ms, "predicted-topk0.5")
-                    _, st = sparge_attn(sq, sk, sv, is_causal=causal, topk=0.5, quant="none", return_stats=True)
-                    ms = timed(lambda: sparge_attn(sq, sk, sv, is_causal=causal, topk=0.5, quant="none"))
-                    record(n, d, causal, st.density, "sparge-pipeline-bf16", ms, "predicted-topk0.5")
-                del sq, sk, sv
+                def err_of(fn, density):
+                    if ref is None or density != 1.0:
+                        return None
+                    it[0] = ROTATE - 1  # the next call reads sets[0]
+                    out = fn()
+                    out = out[0] if isinstance(out, tuple) else out
+                    return ((out.double() - ref).abs().sum() / ref.abs().sum()).item()
 
-                for kind, density, mask in masks:
-                    if "sparge" in args.methods:
-                        ms = timed(lambda: block_sparse_attn(*nxt(), mask, is_causal=causal, pvthreshd=None,
-                                                             quant="none"))
-                        record(n, d, causal, density, "sparge", ms, kind)
-                    if "sparge-quant" in args.methods:
-                        ms = timed(lambda: block_sparse_attn(*nxt(), mask, is_causal=causal, pvthreshd=None,
-                                                             quant="int8"))
-                        record(n, d, causal, density, "sparge-quant", ms, kind)
-                    if "sparge-quant-kernel" in args.methods:
-                        pre = []
-                        for q, k, v in sets:
-                            _, qi, qs = P.pool_and_similarity(q, R.BLOCK_Q, smooth=False,
-                                                              quant_multiplier=d ** -0.5 * R.LOG2E)
-                            _, ki, ks = P.pool_and_similarity(k, R.BLOCK_K, smooth=True, quant_multiplier=1.0)
-                            pre.append((q, k, v, (qi, qs, ki, ks)))
-                        j = [0]
+                for name, backend in (("cudnn", "CUDNN_ATTENTION"), ("flash", "FLASH_ATTENTION")):
+                    if f"sdpa-{name}" in args.methods and device == "cuda":
+                        from torch.nn.attention import SDPBackend, sdpa_kernel
 
-                        def quant_kernel():
-                            j[0] = (j[0] + 1) % ROTATE
-                            q, k, v, qq = pre[j[0]]
-                            return A.block_sparse_attn(q, k, v, mask, is_causal=causal, scale=d ** -0.5,
-                                                       pvthreshd=None, quant=args.quant_variant, quantized=qq)
+                        with sdpa_kernel(getattr(SDPBackend, backend)):
+                            fn = lambda: F.scaled_dot_product_attention(*nxt(), is_causal=causal)  # noqa: E731
+                            record(n, d, causal, 1.0, f"sdpa-{name}", timed(fn), err_of(fn, 1.0))
 
-                        record(n, d, causal, density, "sparge-quant-kernel", timed(quant_kernel), kind)
-                        del pre
+                for target in args.densities:
+                    mask = random_mask(heads, n, target, gen, device)
+                    dens = measured_density(mask, n, causal)
+                    rows = []
+                    if "fa4" in args.methods and fa4_ok:
+                        rows.append(("fa4", lambda m=mask: block_sparse_attn(*nxt(), m, is_causal=causal,
+                                                                           pvthreshd=None, backend="fa4")))
                     if flex is not None:
-                        bm = Flex.block_mask(mask, n, causal)
-                        ms = timed(lambda: flex(*nxt(), bm))
-                        record(n, d, causal, density, "flex", ms, kind)
-                del sets, masks
-                torch.cuda.empty_cache()
-                print(f"# shape done in {time.time() - t_shape:.1f}s", flush=True)
+                        bm = flex_block_mask(mask, n, causal)
+                        rows.append(("flex", lambda bm=bm: flex(*nxt(), bm)))
+                    if "sparge" in args.methods:  # the public API, every other argument at its default
+                        rows.append(("sparge", lambda m=mask: block_sparse_attn(*nxt(), m, is_causal=causal)))
+                    if "sparge-nopv" in args.methods:
+                        rows.append(("sparge-nopv", lambda m=mask: block_sparse_attn(
+                            *nxt(), m, is_causal=causal, pvthreshd=None, backend="triton")))
+                    for name, fn in rows:
+                        record(n, d, causal, dens, name, timed(fn), err_of(fn, target))
+                    variants = (("sparge-exact", exact, "none"), ("sparge-quant", quant, "int8"),
+                                ("sparge-quant-fp8", quant, "int8-fp8"))
+                    for method, names, variant in variants:
+                        if method not in args.methods or (variant == "int8-fp8" and device != "cuda"):
+                            continue
+                        best = None
+                        for cfg_name in names:
+                            cfg = A.KernelConfig.from_name(cfg_name)
+
+                            def fn(m=mask, cfg=cfg, variant=variant):
+                                return A.block_sparse_attn(*nxt(), m, is_causal=causal, scale=d ** -0.5,
+                                                           pvthreshd=None, quant=variant, config=cfg)
+
+                            ms = timed(fn)
+                            if ms is not None and (best is None or ms < best[0]):
+                                best = (ms, cfg_name, fn)
+                        if best is not None:
+                            record(n, d, causal, dens, method, best[0], err_of(best[2], target), note=best[1])
+                sets = ref = None  # free the inputs before the next shape
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                log.say(f"# shape done in {time.time() - t_shape:.1f}s")
     if args.plot:
         plot(out_csv, out_csv.with_suffix(".png"))
 
 
-def plot(csv_path: Path, png_path: Path) -> None:
-    """TOPS vs density per (D, causal) at the largest N, dense kernels as flat lines (paper Fig. 10)."""
-    import csv
+# --------------------------------------------------------------------------------------------
+# plot and README table from a CSV
+# --------------------------------------------------------------------------------------------
+def _rows(csv_path: Path) -> list[dict]:
+    return list(csv.DictReader(open(csv_path)))
 
+
+def plot(csv_path: Path, png_path: Path) -> None:
+    """TOPS vs sparsity per (D, causal) at the largest N, dense kernels as flat lines (paper Fig. 10)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = list(csv.DictReader(open(csv_path)))
+    rows = _rows(csv_path)
     if not rows:
         return
     n_max = max(int(r["n"]) for r in rows)
     combos = sorted({(int(r["d"]), r["causal"]) for r in rows})
     fig, axes = plt.subplots(1, len(combos), figsize=(5 * len(combos), 4), squeeze=False)
     for ax, (d, causal) in zip(axes[0], combos):
-        sel = [r for r in rows if int(r["n"]) == n_max and int(r["d"]) == d and r["causal"] == causal
-               and r.get("mask", "random") in ("random", "dense")]
-        for method in sorted({r["method"] for r in sel}):
+        sel = [r for r in rows if int(r["n"]) == n_max and int(r["d"]) == d and r["causal"] == causal]
+        for method in [m for m in METHODS if any(r["method"] == m for r in sel)]:
             pts = sorted((1 - float(r["density"]), float(r["tops"])) for r in sel if r["method"] == method)
             if method.startswith("sdpa"):
-                ax.axhline(pts[0][1], linestyle="--", label=method, color="gray" if "flash" in method else "black")
-            elif method not in ("predict",):
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+                ax.axhline(pts[0][1], linestyle="--", label=method,
+                           color="gray" if "flash" in method else "black")
+            else:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method,
+                        linewidth=2.5 if method == "sparge" else 1.2)
         ax.set_title(f"N={n_max} D={d} causal={causal}")
         ax.set_xlabel("sparsity (1 - density)")
         ax.set_ylabel("dense-equivalent TOPS")
@@ -257,25 +353,94 @@ def plot(csv_path: Path, png_path: Path) -> None:
         fig.savefig(tmp, dpi=110, format="png")
 
 
+def readme_table(csv_path: Path, n: int = 32768, d: int = 128, extra_n: int = 8192) -> str:
+    """README's kernel table from a benchmark CSV: speed-up over ``sdpa-cudnn`` of the same run at N=n,
+    D=d, every density, causal or not, plus N=extra_n at density 0.5; ``sparge`` is the public API at
+    its shipped defaults."""
+    rows = _rows(csv_path)
+    gpu = rows[0]["gpu"] if rows else "?"
+    cols = ["sparge", "sparge-quant", "sparge-exact", "fa4", "flex"]
+
+    def speedups(nn, causal):
+        sel = [r for r in rows if int(r["n"]) == nn and int(r["d"]) == d and r["causal"] == str(causal)]
+        base = [float(r["ms"]) for r in sel if r["method"] == "sdpa-cudnn"]
+        if not base:
+            return {}
+        table = {}
+        for r in sel:
+            if r["method"] in cols:
+                table.setdefault(round(float(r["density"]), 1), {})[r["method"]] = base[0] / float(r["ms"])
+        return table
+
+    lines = [f"Kernel benchmark ({gpu}; `make bench`, one run, `{csv_path.as_posix()}`), B=1, H=32, "
+             f"D={d}, bf16, speed-up over `sdpa-cudnn` in the same run (random block maps, diagonal kept); "
+             "`sparge` is `block_sparse_attn` at its shipped defaults:", "",
+             "| N | causal | density | " + " | ".join(cols) + " |", "|" + " --- |" * (3 + len(cols))]
+    for nn, causal, only in [(n, False, None), (n, True, None), (extra_n, False, 0.5), (extra_n, True, 0.5)]:
+        table = speedups(nn, causal)
+        for dens in sorted(table, reverse=True):
+            if only is not None and dens != only:
+                continue
+            cells = [f"{table[dens][c]:.2f}x" if c in table[dens] else "-" for c in cols]
+            lines.append(f"| {nn} | {'yes' if causal else 'no'} | {dens:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(csv_path: Path, readme: Path = ROOT / "README.md") -> None:
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"{readme} has no {README_BEGIN!r} ... {README_END!r} block to replace")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    write_text_atomic(readme, head + README_BEGIN + "\n" + readme_table(csv_path) + README_END + tail)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("--n", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536])
+    ap.add_argument("--n", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--d", type=int, nargs="+", default=[64, 128])
-    ap.add_argument("--causal", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="+", default=[False, True])
+    ap.add_argument("--causal", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="+",
+                    default=[False, True])
     ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.5, 0.2, 0.1])
-    ap.add_argument("--methods", nargs="+", default=["sdpa-cudnn", "sdpa-flash", "sparge", "sparge-quant",
-                                                     "sparge-quant-kernel", "flex", "predict", "sparge-pipeline"])
-    ap.add_argument("--quant-variant", default="int8", help="kernel variant for sparge-quant-kernel")
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--exact-configs", nargs="+", default=None,
+                    help="KernelConfig names for sparge-exact (default: the 2 best of --tune-csv, "
+                         "else a fixed set)")
+    ap.add_argument("--quant-configs", nargs="+", default=None, help="the same for sparge-quant(-fp8)")
+    ap.add_argument("--tune-csv", default=None, help="a scripts/tune_kernel.py CSV to take candidates from")
     ap.add_argument("--out", default=None, help="CSV path (default results/kernel/<gpu>.csv)")
+    ap.add_argument("--append", action="store_true", help="add rows to an existing CSV and log")
     ap.add_argument("--no-plot", dest="plot", action="store_false")
     ap.add_argument("--plot-only", default=None, help="only draw the plot of an existing CSV")
+    ap.add_argument("--readme-table", default=None, help="print README's kernel table from a CSV")
+    ap.add_argument("--update-readme", default=None, help="write README's kernel table from a CSV")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU plumbing check: tiny shapes under the Triton interpreter, host timer "
+                         "(not a benchmark)")
     args = ap.parse_args()
     if args.plot_only:
         plot(Path(args.plot_only), Path(args.plot_only).with_suffix(".png"))
         return
+    if args.readme_table:
+        print(readme_table(Path(args.readme_table)), end="")
+        return
+    if args.update_readme:
+        update_readme(Path(args.update_readme))
+        return
+    for name in (args.exact_configs or []) + (args.quant_configs or []):
+        try:
+            A.KernelConfig.from_name(name)
+        except ValueError as err:
+            ap.error(str(err))
+    if args.smoke:
+        if args.out is None:
+            ap.error("--smoke needs --out (a smoke run never writes results/)")
+        return run(args)
     if not torch.cuda.is_available():
-        sys.exit("bench_kernel.py needs a CUDA GPU (the CPU path is the Triton interpreter: not a benchmark)")
+        sys.exit("bench_kernel.py needs a CUDA GPU (the CPU path is the Triton interpreter: use --smoke "
+                 "for a plumbing check, not a benchmark)")
     run(args)
 
 

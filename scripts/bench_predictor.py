@@ -37,6 +37,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from calibrate.cli import HelpFormatter  # noqa: E402
 from sparge_core import predict_block_mask, sparge_attn  # noqa: E402
 from sparge_core.ops.reference import allowed_block_mask  # noqa: E402
 from sparge_core.params import write_text_atomic  # noqa: E402
@@ -146,7 +147,7 @@ def run(args) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--n", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--causal", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="+",

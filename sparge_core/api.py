@@ -1,7 +1,10 @@
 """Public functions: ``sparge_attn``, ``predict_block_mask``, ``block_sparse_attn``.
 
 Backends are a string registry: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``),
-``"reference"`` (plain PyTorch, float32) and ``"auto"`` (Triton on CUDA, the reference on CPU).
+``"reference"`` (plain PyTorch, float32), ``"fa4"`` (FlashAttention-4's block-sparse kernel, optional
+extra ``sparge[fa4]``, sm90, exact attention only) and ``"auto"`` (FA4 when installed, on sm90, for an
+exact call: ``pvthreshd=None``, no quantization, no window; otherwise Triton on CUDA, the reference
+on CPU). ``resolve_backend`` is the one place that chooses.
 
 The hot path does no host synchronisation: arguments are checked in plain Python (hyperparameters
 given as numbers or lists, or pre-validated ``validation.PerHead`` values as the methods hold them),
@@ -21,8 +24,8 @@ import torch
 
 from . import validation
 from .ops import attention as triton_attention
+from .ops import fa4, reference
 from .ops import predict as triton_predict
-from .ops import reference
 from .ops.blocks import BLOCK_K, BLOCK_Q, LOG2E, BlockCounts
 from .registry import Registry
 from .stats import SparsityStats
@@ -82,13 +85,17 @@ BACKENDS.add("reference", Backend("reference", _reference_predict, _reference_at
 BACKENDS.add("triton", Backend("triton", triton_predict.predict_block_mask,
                                triton_attention.block_sparse_attn,
                                predict_quantized=triton_predict.predict_and_quantize))
+BACKENDS.add("fa4", Backend("fa4", triton_predict.predict_block_mask, fa4.attend))
 
 
-def resolve_backend(backend: str, device: torch.device) -> Backend:
-    """The backend object for a name (``"auto"``: Triton on CUDA, the reference elsewhere)."""
+def resolve_backend(backend: str, device: torch.device, *, fa4_ok: bool = False) -> Backend:
+    """The backend object for a name (``"auto"``: FA4 when ``fa4_ok`` (see ``fa4.auto_eligible``),
+    else Triton on CUDA, the reference elsewhere)."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend == "auto":
+        if device.type == "cuda" and fa4_ok:
+            return BACKENDS.get("fa4")
         return BACKENDS.get("triton" if device.type == "cuda" else "reference")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {['auto', *BACKENDS.names()]}")
@@ -310,7 +317,8 @@ def block_sparse_attn(
         pvthreshd: stage-2 skip threshold (lambda = -pvthreshd, base-2 units), float or per head;
             None turns stage 2 off. 50 (the default) almost never skips.
         quant: "auto" | "int8" | "none" (see ``resolve_quant``).
-        backend: "auto" | "triton" | "reference".
+        backend: "auto" | "triton" | "reference" | "fa4" (see the module docstring; "auto" picks FA4 only
+            for exact calls, ``pvthreshd=None``, when it is installed and the GPU is sm90).
         return_stats: also return a ``SparsityStats``.
         window: a causal sliding window (query at position p sees keys p - window < j <= p), or None.
 
@@ -324,8 +332,9 @@ def block_sparse_attn(
     nqb, nkb = reference.num_blocks(q.shape[2], BLOCK_Q), reference.num_blocks(k.shape[2], BLOCK_K)
     mask = validation.check_block_mask(mask, (q.shape[0], q.shape[1], nqb, nkb), q.device)
     pv = _pv_values(pvthreshd, q.shape[1])
-    backend = resolve_backend(backend, q.device).name
     variant = resolve_quant(quant, q.device)
+    fa4_ok = fa4.auto_eligible(q, pvthreshd=pv, quant=variant, window=window)
+    backend = resolve_backend(backend, q.device, fa4_ok=fa4_ok).name
     kw = dict(is_causal=is_causal, scale=sm_scale, pvthreshd=pv, quant=variant, window=window,
               backend=backend)
     if _compiling():
@@ -371,8 +380,9 @@ def sparge_attn(
     sel = Selection.parse(simthreshd1, cdfthreshd, topk)
     theta, budget = sel.for_heads(q.shape[1])
     pv = _pv_values(pvthreshd, q.shape[1])
-    backend = resolve_backend(backend, q.device).name
     variant = resolve_quant(quant, q.device)
+    fa4_ok = fa4.auto_eligible(q, pvthreshd=pv, quant=variant, window=window)
+    backend = resolve_backend(backend, q.device, fa4_ok=fa4_ok).name
     kw = dict(is_causal=is_causal, scale=sm_scale, simthreshd1=theta, budget=budget, topk_mode=sel.topk_mode,
               pvthreshd=pv, quant=variant, estimator=estimator, window=window, backend=backend)
     if _compiling():

@@ -13,7 +13,23 @@ every block. Per kept block:
    ``max over the block's real query rows of (rowmax_block - rowmax_running) <= -pvthreshd`` the
    block's exp, row-sum update and P.V are skipped (every P entry is below 2^-pvthreshd of its row's
    running max). Decided per 128-row block of queries, as the official CUDA kernel's per-CTA mode;
-4. otherwise the usual rescale, ``exp2``, row sum and ``acc += P V``.
+4. otherwise the usual rescale, ``exp2`` (of ``s * scale - m``: one FMA per score), row sum and
+   ``acc += P V``.
+
+How stage 2 is applied is a code-shape variant (``KernelConfig.pv_check``), because in Triton a
+data-dependent branch around the V load and the P.V dot takes both out of the software pipeline (the
+load is no longer prefetched, the tensor-core op no longer kept in flight; that, not the decision,
+is what made stage 2 cost 1.35-1.6x on an H200 when nothing was skipped): ``"branch"`` (the V load
+inside the branch), ``"prefetch"`` (the next kept block's V tile loaded one iteration ahead, exp and
+P.V inside the branch) and ``"select"`` (no branch: a skipped block's probabilities are exactly zero
+through its row maxima; the loop keeps the stage-2-off shape plus one cross-warp max per block, and a
+skip saves nothing). The official sm90 kernel decides the same way per CTA (one 64-row warpgroup: a
+warp-shuffle max, then a shared-memory exchange and a barrier) but its V tile arrives by an
+asynchronous bulk copy issued before the decision, so its branch costs nothing. All variants make the
+same decisions, so the reference (``reference.masked_attention``) simulates every one of them.
+
+K/V tiles are read through pointers or, with ``KernelConfig.tile_loads="descriptor"``, through tensor
+descriptors (TMA bulk copies on sm90; out-of-bounds rows and channels arrive as zeros).
 
 The causal mask (and a sliding window) is applied to the block map before the index list is built
 (fully-future blocks and blocks wholly before the window are dropped), so only blocks on an edge pay
@@ -36,13 +52,14 @@ Deviations from the paper / official kernel:
 - The PV skip test applies to every kept block after a row's first; the official CUDA kernel always
   computes the last two kept blocks. Ours skips more, and the reference simulates ours exactly.
 
-Measured alternative, not kept: gathering two kept 64-key blocks into one 128-key tile (to feed
-Hopper's tensor cores larger tiles) ran slower on an H100 (bf16 438 vs 448, INT8 549 vs 600 dense-
-equivalent TFLOPS at N=32K, D=128), see results/kernel/NOTES.md.
 - Stage 2 is decided per 128-row query block (the official released build's per-CTA mode), not per
   warp as the paper describes.
 - Query rows that see no key (causal with Nq > Nk, or an empty row of the block map) get zeros; the
   official kernel leaves them uninitialised.
+
+Measured alternative, not kept: gathering two kept 64-key blocks into one 128-key tile (to feed
+Hopper's tensor cores larger tiles) ran slower on an H100 (bf16 438 vs 448, INT8 549 vs 600 dense-
+equivalent TFLOPS at N=32K, D=128), see results/kernel/NOTES.md.
 
 Limits: head dim up to 256 (64 and 128 native; others are zero-padded inside the tile to the next
 power of two); fp16/bf16 in and out; fp32 inputs are computed with bf16 operands on GPU (fp32 under
@@ -53,6 +70,7 @@ under the interpreter.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -64,23 +82,117 @@ from .blocks import BLOCK_K, BLOCK_Q, LOG2E, BlockCounts, allowed_block_count, n
 
 FP8_E4M3_MAX = 448.0
 
+#: How the stage-2 decision is applied (see ``KernelConfig``): a branch around the V load, exp and P.V;
+#: a branch around exp and P.V with the next block's V tile loaded one iteration ahead; or no branch.
+PV_CHECKS = ("branch", "prefetch", "select")
+#: How the main loop reads K and V tiles: pointer arithmetic with masks, or tensor descriptors (TMA
+#: bulk copies on sm90+, zero-filled out of bounds).
+TILE_LOADS = ("pointer", "descriptor")
+
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Launch geometry of the attention kernel. BLOCK_M/BLOCK_N equal the predictor's blocks."""
+    """Launch geometry and code-shape variant of the attention kernel (BLOCK_M x BLOCK_N always equals
+    the predictor's BLOCK_Q x BLOCK_K, so every variant runs the same block map exactly).
+
+    - ``num_warps``, ``num_stages``: Triton's launch width and software-pipelining depth.
+    - ``pv_check``: how the stage-2 decision is applied (only matters when ``pvthreshd`` is given):
+      ``"branch"`` (the V load, exp and P.V inside a data-dependent branch: Triton's software pipeline
+      then neither prefetches V nor keeps the P.V tensor-core op in flight), ``"prefetch"`` (exp and
+      P.V inside the branch, the next kept block's V tile loaded into registers one iteration ahead
+      with plain loads, so its latency hides behind the current block) or ``"select"`` (no branch: a
+      skipped block's probabilities are zeroed through its row maxima, so the loop keeps the exact
+      shape of the stage-2-off kernel and costs one cross-warp max per block, but a skip saves
+      nothing). All three make the same decisions, produce the same output and count the same
+      skipped blocks. (Hoisting the V load above the branch is not a fourth variant: Triton 3.6 only
+      pipelines loads that feed a dot outside any branch, so a hoisted load stays synchronous.)
+    - ``tile_loads``: ``"pointer"`` or ``"descriptor"`` (K/V tiles through tensor descriptors; needs
+      16-byte aligned strides and base pointers; on CPU the interpreter emulates them).
+    """
 
     num_warps: int
     num_stages: int
+    pv_check: str = "select"
+    tile_loads: str = "pointer"
+
+    def __post_init__(self):
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"KernelConfig.num_warps must be one of 1, 2, 4, 8, 16, got {self.num_warps!r}")
+        if not isinstance(self.num_stages, int) or isinstance(self.num_stages, bool) or self.num_stages < 1:
+            raise ValueError(f"KernelConfig.num_stages must be an integer >= 1, got {self.num_stages!r}")
+        if self.pv_check not in PV_CHECKS:
+            raise ValueError(f"KernelConfig.pv_check must be one of {PV_CHECKS}, got {self.pv_check!r}")
+        if self.tile_loads not in TILE_LOADS:
+            raise ValueError(f"KernelConfig.tile_loads must be one of {TILE_LOADS}, got {self.tile_loads!r}")
+
+    @property
+    def name(self) -> str:
+        """Short label, e.g. ``w4s2-select-descriptor`` (tuning tables, benchmark rows)."""
+        return f"w{self.num_warps}s{self.num_stages}-{self.pv_check}-{self.tile_loads}"
+
+    @classmethod
+    def from_name(cls, name: str) -> KernelConfig:
+        """Inverse of ``name``: ``"w8s2-select-pointer"`` -> ``KernelConfig(8, 2, "select", "pointer")``."""
+        m = re.fullmatch(r"w(\d+)s(\d+)-([a-z]+)-([a-z]+)", name)
+        if m is None:
+            raise ValueError(f"a kernel config name looks like 'w8s2-select-pointer' "
+                             f"(w<warps>s<stages>-<{'|'.join(PV_CHECKS)}>-<{'|'.join(TILE_LOADS)}>), got {name!r}")
+        return cls(int(m.group(1)), int(m.group(2)), m.group(3), m.group(4))
 
 
 def default_kernel_config(head_dim: int, device: torch.device, quant: str = "none") -> KernelConfig:
     """Launch config chosen by measurement (``scripts/tune_kernel.py`` on an H100, N=32K, dense and 0.3
-    density, causal or not; results/kernel/tune-h100-80gb-hbm3.csv): the best or within 3% of it."""
+    density, causal or not; results/kernel/tune-h100-80gb-hbm3.csv): the best or within 3% of it.
+    ``pv_check="select"`` and pointer loads are the choice before the H200 sweep over the new variants
+    (``results/kernel/NOTES.md``): the only stage-2 shape whose loop compiles like the stage-2-off one."""
     if device.type != "cuda":
         return KernelConfig(num_warps=4, num_stages=1)
     if head_dim > 64:
         return KernelConfig(num_warps=4, num_stages=2 if quant == "none" else 3)
     return KernelConfig(num_warps=8, num_stages=3)
+
+
+@triton.jit
+def _softmax_pv_update(acc, l_i, m_i, m_new, b_s, s_scale, b_v, keep,  #
+                       FP8_PV: tl.constexpr, UPCAST_PV: tl.constexpr, SELECT: tl.constexpr):
+    """One online-softmax step: rescale by the new row maxima, ``p = exp2(s * s_scale - m)``, row sums
+    and ``acc += p v``. ``b_s`` holds raw (unscaled) scores. With ``SELECT`` and ``keep`` false every p is
+    exactly 0 (the block contributes nothing; the caller guarantees ``m_new == m_i`` on real rows, so
+    the rescale factors are exactly 1)."""
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_safe)
+    m_exp = m_safe
+    if SELECT:
+        m_exp = tl.where(keep, m_safe, float("inf"))
+    b_p = tl.math.exp2(b_s * s_scale - m_exp[:, None])  # one FMA per score before the exp
+    l_i = l_i * alpha + tl.sum(b_p, axis=1)
+    acc = acc * alpha[:, None]
+    if FP8_PV:
+        acc += tl.dot((b_p * 448.0).to(tl.float8e4nv), b_v)
+    elif UPCAST_PV:
+        acc += tl.dot(b_p, b_v.to(tl.float32))
+    else:
+        acc += tl.dot(b_p.to(b_v.dtype), b_v)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _load_v_tile(V, v_base, i_b, i_hk, kb, o_k, m_k, o_d, m_vd, stride_vn, stride_vd,  #
+                 MASKED: tl.constexpr, DESC: tl.constexpr, FP8_PV: tl.constexpr,  #
+                 BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
+    """The V tile ``[BLOCK_N, D_PAD]`` of key block ``kb`` (a descriptor load zero-fills out of bounds)."""
+    if DESC:
+        if FP8_PV:  # channel-major storage
+            b_v = tl.trans(V.load([i_b, i_hk, 0, kb * BLOCK_N]).reshape(D_PAD, BLOCK_N))
+        else:
+            b_v = V.load([i_b, i_hk, kb * BLOCK_N, 0]).reshape(BLOCK_N, D_PAD)
+    else:
+        v_ptrs = v_base + o_k[:, None] * stride_vn + o_d[None, :] * stride_vd
+        if MASKED:
+            b_v = tl.load(v_ptrs, mask=m_k[:, None] & m_vd[None, :], other=0.0)
+        else:
+            b_v = tl.load(v_ptrs)
+    return b_v
 
 
 @triton.jit
@@ -95,10 +207,15 @@ def _sparge_attn_fwd_kernel(
     qk_scale,  #
     HEAD_DIM: tl.constexpr, QK_DIM: tl.constexpr, D_PAD: tl.constexpr,  #
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
-    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PV_SKIP: tl.constexpr,  #
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PV_SKIP: tl.constexpr, PV_CHECK: tl.constexpr,  #
     QUANT_QK: tl.constexpr, FP8_PV: tl.constexpr, UPCAST_QK: tl.constexpr, UPCAST_PV: tl.constexpr,  #
-    EVEN_QK: tl.constexpr, EVEN_V: tl.constexpr,  #
+    EVEN_QK: tl.constexpr, EVEN_V: tl.constexpr, DESC: tl.constexpr, V_DESC: tl.constexpr,  #
 ):
+    # PV_CHECK: 0 = "branch", 1 = "prefetch", 2 = "select" (see KernelConfig). DESC: K is a tensor
+    # descriptor ([B, Hkv, Nk, QK_DIM] in blocks of [1, 1, BLOCK_N, D_PAD]); V_DESC: V too ([B, Hkv, Nk, D]
+    # in the same blocks, or for FP8 P.V the channel-major [B, Hkv, D_PAD, Nk_pad] in blocks of
+    # [1, 1, D_PAD, BLOCK_N]); the prefetch variant reads V through pointers (a descriptor load waits
+    # for its copy where it is issued, so it cannot run one iteration ahead).
     i_m = tl.program_id(0)
     if IS_CAUSAL:
         i_m = n_qblocks - 1 - i_m  # heaviest query blocks first
@@ -119,8 +236,12 @@ def _sparge_attn_fwd_kernel(
                   mask=m_m[:, None] & m_qkd[None, :], other=0.0)  # [BLOCK_M, D_PAD]
     if UPCAST_QK:
         b_q = b_q.to(tl.float32)
-    k_base = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
-    v_base = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+    k_base = K  # descriptors carry their own geometry
+    v_base = V
+    if not DESC:
+        k_base = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
+    if not V_DESC:
+        v_base = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
     row = i_bh.to(tl.int64) * n_qblocks + i_m
     lut_row = LUT + row * n_kblocks
     n_kept = tl.load(COUNT + row)
@@ -128,6 +249,7 @@ def _sparge_attn_fwd_kernel(
     n_low = 0
     if HAS_WINDOW:
         n_low = tl.load(NLOW + row)
+    s_scale = qk_scale
     if QUANT_QK:
         q_scale = tl.load(Q_SCALE + row)
         k_scale_row = K_SCALE + (i_b.to(tl.int64) * (n_q_heads // group) + i_hk) * n_kblocks
@@ -153,35 +275,58 @@ def _sparge_attn_fwd_kernel(
         else:
             lo = n_low + n_full
             hi = n_kept
+        masked = stage != 1
+        if PV_SKIP and PV_CHECK == 1:
+            # the first V tile of the run (zeros when the run is empty; the LUT read stays in bounds)
+            kb0 = tl.load(lut_row + tl.minimum(lo, n_kblocks - 1))
+            o_k0 = kb0 * BLOCK_N + o_n
+            m_k0 = (o_k0 < n_k) & (tl.full([BLOCK_N], lo, tl.int32) < hi)
+            b_v_next = tl.load(v_base + o_k0[:, None] * stride_vn + o_d[None, :] * stride_vd,
+                               mask=m_k0[:, None] & m_vd[None, :], other=0.0)
         for it in range(lo, hi):
             kb = tl.load(lut_row + it)
             o_k = kb * BLOCK_N + o_n
             m_k = o_k < n_k
-            # -- s = q k^T in base-2 units
-            k_ptrs = k_base + o_k[None, :] * stride_kn + o_d[:, None] * stride_kd
-            if stage == 1 and EVEN_QK:
-                b_k = tl.load(k_ptrs)  # [D_PAD, BLOCK_N]
+            if PV_SKIP and PV_CHECK == 1:
+                # V of this block arrived during the previous one; ask for the next one's now (the
+                # last block of a run reloads itself: an in-bounds, unmasked-safe read)
+                b_v = b_v_next
+                kb_n = tl.load(lut_row + tl.minimum(it + 1, hi - 1))
+                o_kn = kb_n * BLOCK_N + o_n
+                b_v_next = _load_v_tile(V, v_base, i_b, i_hk, kb_n, o_kn, o_kn < n_k, o_d, m_vd, stride_vn,
+                                        stride_vd, masked or not EVEN_V, False, False, BLOCK_N, D_PAD)
+            # -- K tile [D_PAD, BLOCK_N]
+            if DESC:
+                b_k = tl.trans(K.load([i_b, i_hk, kb * BLOCK_N, 0]).reshape(BLOCK_N, D_PAD))
             else:
-                b_k = tl.load(k_ptrs, mask=m_qkd[:, None] & m_k[None, :], other=0.0)
+                k_ptrs = k_base + o_k[None, :] * stride_kn + o_d[:, None] * stride_kd
+                if not masked and EVEN_QK:
+                    b_k = tl.load(k_ptrs)
+                else:
+                    b_k = tl.load(k_ptrs, mask=m_qkd[:, None] & m_k[None, :], other=0.0)
+            # -- V tile [BLOCK_N, D_PAD], loaded before the decision unless the branch variant defers it
+            if not (PV_SKIP and PV_CHECK != 2):
+                b_v = _load_v_tile(V, v_base, i_b, i_hk, kb, o_k, m_k, o_d, m_vd, stride_vn, stride_vd,
+                                   masked or not EVEN_V, V_DESC, FP8_PV, BLOCK_N, D_PAD)
+            # -- raw scores; base-2 logits are b_s * s_scale
             if QUANT_QK:
-                k_scale = tl.load(k_scale_row + kb)
-                b_s = tl.dot(b_q, b_k, out_dtype=tl.int32).to(tl.float32) * (q_scale * k_scale)
+                s_scale = q_scale * tl.load(k_scale_row + kb)
+                b_s = tl.dot(b_q, b_k, out_dtype=tl.int32).to(tl.float32)
             else:
                 if UPCAST_QK:
                     b_k = b_k.to(tl.float32)
-                b_s = tl.dot(b_q, b_k) * qk_scale  # [BLOCK_M, BLOCK_N]
-            if stage != 1:
+                b_s = tl.dot(b_q, b_k)  # [BLOCK_M, BLOCK_N]
+            if masked:
                 m_s = m_k[None, :]
                 if IS_CAUSAL:
                     m_s = m_s & (o_k[None, :] <= o_m[:, None] + causal_offset)
                 if HAS_WINDOW:
                     m_s = m_s & (o_k[None, :] > o_m[:, None] + causal_offset - window)
                 b_s = tl.where(m_s, b_s, float("-inf"))
-            m_local = tl.max(b_s, axis=1)
+            m_local = tl.max(b_s, axis=1) * s_scale  # max commutes with the positive scale
             m_new = tl.maximum(m_i, m_local)
-            # -- stage 2: skip P.V when every real row's block max is far below its running max
-            do_pv = True
             if PV_SKIP:
+                # -- stage 2: skip P.V when every real row's block max is far below its running max
                 diff = tl.where(m_m & (m_local > float("-inf")), m_local - m_i, float("-inf"))
                 # non-finite inputs (reference.masked_attention): a NaN logit must reach its row, so the
                 # block is computed; a row whose sum is already NaN no longer votes
@@ -189,26 +334,20 @@ def _sparge_attn_fwd_kernel(
                 diff = tl.where(m_m & row_nan, float("inf"), diff)
                 diff = tl.where((l_i != l_i) | (diff != diff), float("-inf"), diff)
                 do_pv = tl.max(diff, axis=0) > neg_lambda
-            if do_pv:
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.math.exp2(m_i - m_safe)
-                b_p = tl.math.exp2(b_s - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(b_p, axis=1)
-                acc = acc * alpha[:, None]
-                v_ptrs = v_base + o_k[:, None] * stride_vn + o_d[None, :] * stride_vd
-                if stage == 1 and EVEN_V:
-                    b_v = tl.load(v_ptrs)  # [BLOCK_N, D_PAD]
-                else:
-                    b_v = tl.load(v_ptrs, mask=m_k[:, None] & m_vd[None, :], other=0.0)
-                if FP8_PV:
-                    acc += tl.dot((b_p * 448.0).to(tl.float8e4nv), b_v)
-                elif UPCAST_PV:
-                    acc += tl.dot(b_p, b_v.to(tl.float32))
-                else:
-                    acc += tl.dot(b_p.to(b_v.dtype), b_v)
-                m_i = m_new
+                n_skipped += 1 - do_pv.to(tl.int32)
+                if PV_CHECK == 2:
+                    # no branch: a skipped block's p are exactly 0 (its real rows' maxima do not move)
+                    acc, l_i, m_i = _softmax_pv_update(acc, l_i, m_i, m_new, b_s, s_scale, b_v, do_pv,
+                                                       FP8_PV, UPCAST_PV, True)
+                elif do_pv:
+                    if PV_CHECK == 0:
+                        b_v = _load_v_tile(V, v_base, i_b, i_hk, kb, o_k, m_k, o_d, m_vd, stride_vn,
+                                           stride_vd, masked or not EVEN_V, V_DESC, FP8_PV, BLOCK_N, D_PAD)
+                    acc, l_i, m_i = _softmax_pv_update(acc, l_i, m_i, m_new, b_s, s_scale, b_v, True,
+                                                       FP8_PV, UPCAST_PV, False)
             else:
-                n_skipped += 1
+                acc, l_i, m_i = _softmax_pv_update(acc, l_i, m_i, m_new, b_s, s_scale, b_v, True,
+                                                   FP8_PV, UPCAST_PV, False)
 
     # -- epilogue: normalise; rows that saw no key stay zero
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -320,6 +459,26 @@ def quantize_v_fp8(v: torch.Tensor, block_n: int = BLOCK_K) -> tuple[torch.Tenso
     return vt.transpose(-1, -2), scale_pad  # (B, Hkv, N_pad, D_PAD) with stride 1 along tokens
 
 
+def descriptor_ready(t: torch.Tensor) -> bool:
+    """Whether ``t`` (4-D) can be read through a tensor descriptor: last dim contiguous, the other strides
+    and the base address 16-byte aligned (the TMA rules)."""
+    size = t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all((st * size) % 16 == 0 for st in t.stride()[:-1]))
+
+
+def _tile_descriptor(t: torch.Tensor, block_shape: list[int], name: str):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if not descriptor_ready(t):
+        raise ValueError(
+            f"KernelConfig(tile_loads='descriptor') needs {name} with a contiguous last dimension and "
+            f"16-byte aligned strides and base pointer (got strides {tuple(t.stride())}, dtype {t.dtype}); "
+            f"use tile_loads='pointer' for this layout"
+        )
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block_shape)
+
+
 def block_sparse_attn(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -379,17 +538,28 @@ def block_sparse_attn(
     pv_count = torch.zeros(bsz, num_q_heads, nqb, device=q.device, dtype=torch.int32) if pv_on else dummy
     cfg = config or default_kernel_config(head_dim, q.device, quant)
     upcast = interp and (cdtype == torch.bfloat16)
+    k_arg, v_arg = k_in, v_in
+    use_desc = cfg.tile_loads == "descriptor"
+    v_desc = use_desc and not (pv_on and cfg.pv_check == "prefetch")
+    if use_desc:
+        k_arg = _tile_descriptor(k_in, [1, 1, BLOCK_K, d_pad], "K")
+    if v_desc:
+        if quant == "int8-fp8":  # channel-major storage: tokens contiguous per channel
+            v_arg = _tile_descriptor(v_in.transpose(-1, -2), [1, 1, d_pad, BLOCK_K], "V")
+        else:
+            v_arg = _tile_descriptor(v_in, [1, 1, BLOCK_K, d_pad], "V")
 
     _sparge_attn_fwd_kernel[(nqb, bsz * num_q_heads)](
-        q_in, k_in, v_in, out, q_scale, k_scale, v_scale,
+        q_in, k_arg, v_arg, out, q_scale, k_scale, v_scale,
         lut.indices, lut.count, lut.n_low, lut.n_unmasked, pv_thresh, pv_count,
         *q_in.stride(), *k_in.stride(), *v_in.stride(), *out.stride(),
         num_q_heads, num_q_heads // num_kv_heads, nq, nk, nk - nq, nqb, nkb, window or 0,
         qk_scale,
         HEAD_DIM=head_dim, QK_DIM=qk_dim, D_PAD=d_pad, BLOCK_M=BLOCK_Q, BLOCK_N=BLOCK_K,
-        IS_CAUSAL=is_causal, HAS_WINDOW=window is not None, PV_SKIP=pv_on, QUANT_QK=quant != "none", FP8_PV=quant == "int8-fp8",
+        IS_CAUSAL=is_causal, HAS_WINDOW=window is not None, PV_SKIP=pv_on,
+        PV_CHECK=PV_CHECKS.index(cfg.pv_check), QUANT_QK=quant != "none", FP8_PV=quant == "int8-fp8",
         UPCAST_QK=upcast and quant == "none", UPCAST_PV=upcast,
-        EVEN_QK=qk_dim == d_pad, EVEN_V=head_dim == d_pad,
+        EVEN_QK=qk_dim == d_pad, EVEN_V=head_dim == d_pad, DESC=use_desc, V_DESC=v_desc,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     allowed = allowed_block_count(nq, nk, is_causal, window)

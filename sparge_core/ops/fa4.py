@@ -1,0 +1,149 @@
+"""FlashAttention-4 (the CuTe-DSL kernels of the ``flash-attn-4`` package) as a block-sparse executor.
+
+Optional: ``pip install 'sparge[fa4]'`` (``flash-attn-4`` and ``nvidia-cutlass-dsl`` with its CUDA 13
+libraries). Nothing here imports it at module level; ``attend`` imports it on first use.
+
+What it runs: exact softmax attention restricted to the kept blocks of a BLOCK_Q x BLOCK_K (128 x 64)
+map, with FA4's ``flash_attn_func(..., block_sparse_tensors=BlockSparseTensorsTorch(...))``. The map is
+handed over as FA4's "mask block" lists: per (batch, query head, query block) the ascending kept key
+blocks and their count, i.e. exactly the index list the Triton kernel reads (``build_block_lut``:
+causal fully-future blocks and blocks wholly before a sliding window are dropped first). FA4 applies
+the causal (and window) token mask itself on every listed block and masks the end of K.
+
+Block geometry (read from FA4 4.0.0b36's ``interface.py`` / ``block_sparsity.py``): on sm90 (Hopper)
+FA4 shrinks its tiles to the sparse block (tile 128 x 64 for a (128, 64) block size, any head dim up to
+256 divisible by 8), so a 128 x 64 map runs exactly. On sm100/sm110 (Blackwell) its forward uses
+``q_stage = 2`` query tiles of 128 rows and 128-key tiles, so sparse blocks must be multiples of
+256 x 128: a 128 x 64 map would have to be widened, which this backend never does silently. It refuses
+those GPUs (``supported`` says why); the predictor would have to produce 256 x 128 maps first.
+
+Not supported here, refused with a message: the stage-2 PV skip (FA4 is exact: pass
+``pvthreshd=None``), quantized operands (``quant`` must be "none"), CPU tensors. float32 inputs are
+computed with bf16 operands and returned in float32, as on the Triton path. The stage-2 statistic is
+reported as zero skipped blocks.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+from .blocks import BLOCK_K, BLOCK_Q, BlockCounts, allowed_block_count
+
+#: The block sizes FA4 can run exactly, per compute-capability major version.
+FA4_BLOCK_GEOMETRY = {9: (BLOCK_Q, BLOCK_K)}
+#: FA4 needs 16-byte aligned head dims: 8 elements of a 16-bit type.
+HEAD_DIM_ALIGNMENT = 8
+
+
+@functools.lru_cache(maxsize=1)
+def installed() -> bool:
+    """Whether ``flash-attn-4`` (``flash_attn.cute``) and the CuTe DSL (``cutlass``) can be imported
+    (looked up without importing them)."""
+    try:
+        return (importlib.util.find_spec("flash_attn.cute") is not None
+                and importlib.util.find_spec("cutlass") is not None)
+    except (ImportError, ValueError):  # a regular `flash_attn` (FA2) package without the cute part
+        return False
+
+
+@functools.lru_cache(maxsize=16)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def supported(device: torch.device, head_dim: int, dtype: torch.dtype) -> str | None:
+    """None when FA4 can run a BLOCK_Q x BLOCK_K map exactly on ``device`` for this head dim and dtype,
+    otherwise the reason it cannot (host-side checks only, cached: no device work)."""
+    if device.type != "cuda":
+        return f"backend 'fa4' runs on CUDA GPUs only, got {device}"
+    major, minor = _capability(device.index if device.index is not None else torch.cuda.current_device())
+    if major not in FA4_BLOCK_GEOMETRY:
+        return (f"backend 'fa4' runs 128x64 block maps exactly only on sm90 (Hopper); this GPU is "
+                f"sm{major}{minor}, where FA4's block-sparse forward needs 256x128 blocks (a 128x64 map is "
+                f"never widened)")
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"backend 'fa4' takes float16/bfloat16 (or float32, computed in bfloat16), got {dtype}"
+    if head_dim % HEAD_DIM_ALIGNMENT or not 8 <= head_dim <= 256:
+        return f"backend 'fa4' needs a head dim in 8..256 divisible by {HEAD_DIM_ALIGNMENT}, got {head_dim}"
+    return None
+
+
+def auto_eligible(q: torch.Tensor, *, pvthreshd, quant: str, window: int | None) -> bool:
+    """Whether ``backend="auto"`` may pick FA4 for this call: installed, a GPU where the map fits
+    (sm90), exact attention asked for (``pvthreshd=None``, ``quant`` resolved to "none") and no
+    sliding window (FA4's block-sparse local mode is not part of what auto relies on)."""
+    if pvthreshd is not None or quant != "none" or window is not None or q.device.type != "cuda":
+        return False
+    return installed() and supported(q.device, q.shape[-1], q.dtype) is None
+
+
+def block_lists(mask: torch.Tensor, nq: int, nk: int, is_causal: bool, window: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """FA4's mask-block lists for a bool block map ``(B, Hq, nqb, nkb)``: ``(count (B, Hq, nqb) int32,
+    indices (B, Hq, nqb, nkb) int32)``, ascending kept key blocks first (the tail is unspecified; FA4
+    reads ``indices[..., :count]`` only). Causal fully-future blocks and blocks wholly before a window
+    are dropped. One small Triton kernel (the same index list the Triton executor reads)."""
+    from .attention import build_block_lut
+
+    lut = build_block_lut(mask, nq, nk, is_causal, window)
+    return lut.count, lut.indices
+
+
+def block_lists_reference(mask: torch.Tensor, nq: int, nk: int, is_causal: bool, window: int | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch ``block_lists`` (for tests): the kept and allowed blocks of each row in ascending
+    order, then -1 padding."""
+    from .reference import allowed_block_mask
+
+    kept = mask & allowed_block_mask(nq, nk, is_causal, device=mask.device, window=window)
+    count = kept.sum(dim=-1, dtype=torch.int32)
+    cols = torch.arange(kept.shape[-1], device=mask.device, dtype=torch.int32).expand_as(kept)
+    order = torch.argsort((~kept).to(torch.int8), dim=-1, stable=True)  # kept columns first, ascending
+    indices = torch.gather(cols, -1, order)
+    indices = torch.where(torch.arange(kept.shape[-1], device=mask.device) < count[..., None], indices, -1)
+    return count, indices.to(torch.int32)
+
+
+def attend(q, k, v, mask, *, is_causal, scale, pvthreshd, quant, window=None, quantized=None):
+    """The registry's ``attend`` for FA4 (inputs already validated; ``mask`` expanded to (B, Hq, ...)).
+    Returns the output in ``q``'s layout (a (B, Hq, N, D) view of FA4's (B, N, Hq, D) result) and the
+    block counts."""
+    if pvthreshd is not None:
+        raise ValueError("backend 'fa4' computes exact attention and has no stage-2 PV skip: pass "
+                         "pvthreshd=None, or use backend='triton' for stage 2")
+    if quant != "none" or quantized is not None:
+        raise ValueError(f"backend 'fa4' computes with 16-bit operands; quant must be 'none', got {quant!r}")
+    reason = supported(q.device, q.shape[-1], q.dtype)
+    if reason is not None:
+        raise ValueError(reason)
+    if not installed():
+        raise ImportError("backend 'fa4' needs FlashAttention-4: pip install 'sparge[fa4]' "
+                          "(flash-attn-4, nvidia-cutlass-dsl and its CUDA 13 libraries)")
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+    from flash_attn.cute.interface import flash_attn_func
+
+    bsz, num_q_heads, nq, _ = q.shape
+    nk = k.shape[2]
+    count, indices = block_lists(mask, nq, nk, is_causal, window)
+    sparse = BlockSparseTensorsTorch(mask_block_cnt=count, mask_block_idx=indices,
+                                     block_size=(BLOCK_Q, BLOCK_K))
+    in_dtype = q.dtype
+    if in_dtype == torch.float32:
+        q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    window_size = (window - 1, 0) if window is not None else (None, None)
+    out, _ = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                             softmax_scale=scale, causal=is_causal, window_size=window_size,
+                             block_sparse_tensors=sparse)
+    out = out.transpose(1, 2)
+    if in_dtype == torch.float32:
+        out = out.to(torch.float32)
+    counts = BlockCounts(
+        allowed=torch.full((bsz, num_q_heads), allowed_block_count(nq, nk, is_causal, window),
+                           dtype=torch.long, device=q.device),
+        computed=count.sum(dim=-1, dtype=torch.long),
+        pv_skipped=torch.zeros(bsz, num_q_heads, dtype=torch.long, device=q.device),
+    )
+    return out, counts

@@ -1,0 +1,122 @@
+"""The FlashAttention-4 executor backend: the block-map conversion (CPU: against a plain-torch
+conversion and the reference's allowed blocks), how ``backend="auto"`` chooses and what the backend
+refuses; on a GPU with FA4 installed, its output against the float64 reference on the same map."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from helpers import assert_within_lowp_rule, rand_qkv, random_block_mask
+from sparge_core import block_sparse_attn
+from sparge_core.api import BACKENDS, resolve_backend
+from sparge_core.ops import fa4
+from sparge_core.ops import reference as R
+
+HAS_FA4 = importlib.util.find_spec("cutlass") is not None and fa4.installed()
+
+
+@pytest.mark.parametrize("nq,nk,causal,window", [
+    (1000, 1000, False, None), (1000, 1000, True, None), (333, 700, True, None), (700, 333, True, None),
+    (900, 900, True, 200), (129, 500, True, 97), (64, 64, True, 1),
+])
+def test_block_lists_match_the_plain_torch_conversion(device, nq, nk, causal, window):
+    mask = random_block_mask(2, 3, nq, nk, 0.4, seed=nq + nk, device=device)
+    count, idx = fa4.block_lists(mask, nq, nk, causal, window)
+    ref_count, ref_idx = fa4.block_lists_reference(mask, nq, nk, causal, window)
+    assert count.dtype == idx.dtype == torch.int32
+    assert count.shape == mask.shape[:3] and idx.shape == mask.shape
+    assert torch.equal(count.cpu(), ref_count.cpu())
+    used = torch.arange(mask.shape[-1], device=device) < count[..., None]
+    assert torch.equal(torch.where(used, idx, -1).cpu(), ref_idx.cpu())
+    # what the lists hold is exactly the kept blocks that attention may touch, ascending
+    kept = mask & R.allowed_block_mask(nq, nk, causal, device=device, window=window)
+    dense = torch.zeros(kept.shape, dtype=torch.int32, device=device)
+    dense = dense.scatter_add_(-1, torch.where(used, idx, 0).long(), used.to(torch.int32)) > 0
+    assert torch.equal(dense.cpu(), kept.cpu())
+    assert (torch.diff(ref_idx.clamp(min=-1).float(), dim=-1)[used[..., 1:]] > 0).all()
+
+
+def test_block_lists_broadcast_map_and_empty_rows(device):
+    mask = torch.zeros(1, 1, 4, 8, dtype=torch.bool, device=device)
+    mask[..., 1, :] = True
+    count, idx = fa4.block_lists(mask.expand(2, 3, -1, -1), 512, 512, False)
+    assert count.shape == (2, 3, 4)
+    assert count[..., 0].eq(0).all() and count[..., 1].eq(8).all()
+    assert torch.equal(idx[0, 0, 1].cpu(), torch.arange(8, dtype=torch.int32))
+
+
+def test_registry_and_auto_choice():
+    assert "fa4" in BACKENDS.names()
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu, fa4_ok=True).name == "reference"  # auto never leaves the CPU for FA4
+    q = torch.randn(1, 2, 256, 64)
+    assert not fa4.auto_eligible(q, pvthreshd=None, quant="none", window=None)  # CPU tensors
+    assert fa4.supported(cpu, 64, torch.bfloat16).startswith("backend 'fa4' runs on CUDA")
+
+
+def test_fa4_backend_refuses_what_it_cannot_run_exactly():
+    q, k, v = rand_qkv(1, 2, 1, 256, 256, 64, seed=1)
+    mask = torch.ones(1, 2, 2, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="no stage-2 PV skip: pass pvthreshd=None"):
+        block_sparse_attn(q, k, v, mask, backend="fa4")  # the default pvthreshd is stage 2 on
+    with pytest.raises(ValueError, match="quant must be 'none'"):
+        block_sparse_attn(q, k, v, mask, backend="fa4", pvthreshd=None, quant="int8")
+    with pytest.raises(ValueError, match="runs on CUDA GPUs only"):
+        block_sparse_attn(q, k, v, mask, backend="fa4", pvthreshd=None)
+
+
+@pytest.mark.gpu
+def test_auto_prefers_fa4_only_for_exact_calls_on_sm90():
+    q = torch.randn(1, 2, 256, 64, device="cuda", dtype=torch.bfloat16)
+    sm90 = torch.cuda.get_device_capability()[0] == 9
+    assert fa4.auto_eligible(q, pvthreshd=None, quant="none", window=None) == (HAS_FA4 and sm90)
+    assert not fa4.auto_eligible(q, pvthreshd=torch.full((2,), 50.0), quant="none", window=None)
+    assert not fa4.auto_eligible(q, pvthreshd=None, quant="int8", window=None)
+    assert not fa4.auto_eligible(q, pvthreshd=None, quant="none", window=128)
+    if torch.cuda.get_device_capability()[0] >= 10:
+        assert "256x128" in fa4.supported(q.device, 64, torch.bfloat16)
+
+
+needs_fa4 = pytest.mark.skipif(not HAS_FA4, reason="needs flash-attn-4 and nvidia-cutlass-dsl (sparge[fa4])")
+
+GPU_CASES = [
+    # b, hq, hkv, nq, nk, d, causal, window
+    pytest.param(1, 4, 4, 4096, 4096, 128, False, None, id="N4096-D128"),
+    pytest.param(1, 8, 2, 4096, 4096, 64, True, None, id="N4096-D64-g4-causal"),
+    pytest.param(2, 4, 4, 3000, 3000, 128, True, None, id="B2-N3000-causal"),
+    pytest.param(1, 4, 2, 1000, 3000, 128, True, None, id="Nq1000-Nk3000-causal"),
+    pytest.param(1, 4, 4, 3000, 1000, 64, True, None, id="Nq3000-Nk1000-causal-empty-rows"),
+    pytest.param(1, 4, 4, 2000, 2000, 96, False, None, id="N2000-D96"),
+    pytest.param(1, 4, 4, 4096, 4096, 128, True, 1000, id="window1000"),
+]
+
+
+@pytest.mark.gpu
+@needs_fa4
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,window", GPU_CASES)
+def test_fa4_matches_the_reference_on_the_same_map(b, hq, hkv, nq, nk, d, causal, window, dtype):
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("FA4 runs 128x64 maps on sm90 only")
+    q, k, v = rand_qkv(b, hq, hkv, nq, nk, d, dtype=dtype, device="cuda", seed=nq + d)
+    mask = random_block_mask(b, hq, nq, nk, 0.4, seed=nk, device="cuda")
+    out, stats = block_sparse_attn(q, k, v, mask, is_causal=causal, window=window, pvthreshd=None,
+                                   backend="fa4", return_stats=True)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert_within_lowp_rule(out, q, k, v, mask, is_causal=causal, scale=d ** -0.5, window=window)
+    _, counts = R.masked_attention(q, k, v, mask, is_causal=causal, scale=d ** -0.5, window=window)
+    assert torch.equal(stats.computed_blocks, counts.computed) and stats.pv_skip == 0.0
+    tri = block_sparse_attn(q, k, v, mask, is_causal=causal, window=window, pvthreshd=None, backend="triton")
+    assert ((out.double() - tri.double()).abs().sum() / tri.double().abs().sum()).item() < 5e-3
+
+
+@pytest.mark.gpu
+@needs_fa4
+def test_fa4_empty_map_gives_zeros_and_fp32_inputs_come_back_fp32():
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("FA4 runs 128x64 maps on sm90 only")
+    q, k, v = rand_qkv(1, 2, 2, 1024, 1024, 64, dtype=torch.float32, device="cuda", seed=3)
+    empty = torch.zeros(1, 2, 8, 16, dtype=torch.bool, device="cuda")
+    out = block_sparse_attn(q, k, v, empty, pvthreshd=None, backend="fa4")
+    assert out.dtype == torch.float32 and (out == 0).all()
