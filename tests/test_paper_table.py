@@ -95,3 +95,18 @@ def test_an_empty_results_folder_gives_an_all_na_table(tmp_path):
     table = P.build_table1(tmp_path, "nothing")
     assert table.header[2:5] == ["PPL 8K", "PPL 16K", "PPL 32K"]
     assert all(c in (P.NA, P.NOT_APPLICABLE) for r in table.rows for c in r[1:])
+
+
+def test_make_paper_script_rebuilds_the_table_without_measuring(tmp_path):
+    import subprocess
+    import sys
+
+    _, root = _table(tmp_path)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "paper.py"
+    done = subprocess.run([sys.executable, str(script), "--model", "toy", "--out", str(root), "--runs",
+                           str(tmp_path / "runs"), "--device", "cpu"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert (root / "paper" / "table1-toy.md").is_file() and not (tmp_path / "runs").exists()
+    bad = subprocess.run([sys.executable, str(script), "--model", "toy", "--tight-l1", "0.1"], capture_output=True,
+                         text=True, check=False)
+    assert bad.returncode == 2 and "--tight-l1" in bad.stderr
