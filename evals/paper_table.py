@@ -54,7 +54,8 @@ def default_rows(model: str) -> list[Row]:
             Row("sparge (tighter bound)", f"{model}-tight", "sparge", calibrated=True),
             Row("sparge-topk @ matched", model, "sparge-topk@matched"),
             Row("MInference @ matched", model, "minference@matched"),
-            Row("FlexPrefill @ matched", model, "flexprefill@matched")]
+            Row("FlexPrefill @ matched", model, "flexprefill@matched"),
+            Row("sparge-budget @ matched (beyond the paper)", model, "sparge-budget@matched")]
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from evals.paper_table import DEFAULT_LENGTHS, write_table1  # noqa: E402
 
 #: context of the named models (suites are not run beyond it)
 MAX_CONTEXT = {"smollm2": 8192, "qwen2.5-coder-0.5b": 32768, "gemma3-270m": 32768}
-RIVALS = ["dense", "sparge", "sparge-topk", "minference", "flexprefill"]
+RIVALS = ["dense", "sparge", "sparge-topk", "minference", "flexprefill", "sparge-budget"]
 
 GPU = {"calib": ["--samples", "5", "--holdout", "8", "--seq-len", "8192"], "ppl": ["--windows", "4"],
        "niah": [], "ruler": [], "speed": []}

@@ -27,7 +27,8 @@ def _cell(table, row_name, column):
 def test_layout_rows_and_columns():
     table, _ = _table()
     assert [r[0] for r in table.rows] == ["dense", "sparge (default bound)", "sparge (tighter bound)",
-                                          "sparge-topk @ matched", "MInference @ matched", "FlexPrefill @ matched"]
+                                          "sparge-topk @ matched", "MInference @ matched", "FlexPrefill @ matched",
+                                          "sparge-budget @ matched (beyond the paper)"]
     assert table.header == ["method", "sparsity", "PPL pydoc 8K", "PPL pydoc 16K", "PPL pydoc 32K",
                             "PPL austen 8K", "PPL austen 16K", "PPL austen 32K", "NIAH", "RULER",
                             "TTFT speed-up", "calibration"]
