@@ -46,9 +46,15 @@ def _as_samples(samples) -> list[np.ndarray]:
     return out
 
 
-def bootstrap_ci(samples: Sequence[float] | Sequence[Sequence[float]],
-                 statistic: Callable[..., float] = np.mean, *, confidence: float = DEFAULT_CONFIDENCE,
-                 resamples: int = DEFAULT_RESAMPLES, seed: int = 0, min_items: int = 2) -> Interval | None:
+def bootstrap_ci(
+    samples: Sequence[float] | Sequence[Sequence[float]],
+    statistic: Callable[..., float] = np.mean,
+    *,
+    confidence: float = DEFAULT_CONFIDENCE,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    min_items: int = 2,
+) -> Interval | None:
     """The statistic on the samples and its percentile bootstrap interval (None: too few items).
 
     ``samples`` is one sequence of numbers, or a sequence of sequences (independent groups; the

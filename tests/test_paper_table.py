@@ -26,12 +26,29 @@ def _cell(table, row_name, column):
 
 def test_layout_rows_and_columns():
     table, _ = _table()
-    assert [r[0] for r in table.rows] == ["dense", "sparge (default bound)", "sparge (tighter bound)",
-                                          "sparge-topk @ matched", "MInference @ matched", "FlexPrefill @ matched",
-                                          "sparge-budget @ matched (beyond the paper)"]
-    assert table.header == ["method", "sparsity", "PPL pydoc 8K", "PPL pydoc 16K", "PPL pydoc 32K",
-                            "PPL austen 8K", "PPL austen 16K", "PPL austen 32K", "NIAH", "RULER",
-                            "TTFT speed-up", "calibration"]
+    assert [r[0] for r in table.rows] == [
+        "dense",
+        "sparge (default bound)",
+        "sparge (tighter bound)",
+        "sparge-topk @ matched",
+        "MInference @ matched",
+        "FlexPrefill @ matched",
+        "sparge-budget @ matched (beyond the paper)",
+    ]
+    assert table.header == [
+        "method",
+        "sparsity",
+        "PPL pydoc 8K",
+        "PPL pydoc 16K",
+        "PPL pydoc 32K",
+        "PPL austen 8K",
+        "PPL austen 16K",
+        "PPL austen 32K",
+        "NIAH",
+        "RULER",
+        "TTFT speed-up",
+        "calibration",
+    ]
 
 
 def test_perplexity_cells_carry_bootstrap_intervals_and_counts():
@@ -42,7 +59,10 @@ def test_perplexity_cells_carry_bootstrap_intervals_and_counts():
     low, high = (float(x) for x in cell.split("[")[1].split("]")[0].split(", "))
     assert math.exp(2.20) - 0.01 <= low < value < high <= math.exp(2.31) + 0.01
     # a file without per-window NLLs: the value and its window count, no interval
-    assert _cell(table, "MInference @ matched", "PPL pydoc 8K") == f"{math.exp(sum([2.21, 2.26, 2.30, 2.19]) / 4):.2f} (n=4)"
+    assert (
+        _cell(table, "MInference @ matched", "PPL pydoc 8K")
+        == f"{math.exp(sum([2.21, 2.26, 2.30, 2.19]) / 4):.2f} (n=4)"
+    )
     # the second corpus comes from <model>-ppl-<corpus>
     assert _cell(table, "sparge (default bound)", "PPL austen 8K").endswith("(n=2)")
 
@@ -61,8 +81,9 @@ def test_missing_results_are_na_never_numbers():
 
 def test_niah_speedup_sparsity_and_calibration():
     table, _ = _table()
-    assert _cell(table, "sparge (default bound)", "NIAH").startswith("0.800 [") and \
-        _cell(table, "sparge (default bound)", "NIAH").endswith("(n=10)")
+    assert _cell(table, "sparge (default bound)", "NIAH").startswith("0.800 [") and _cell(
+        table, "sparge (default bound)", "NIAH"
+    ).endswith("(n=10)")
     assert _cell(table, "dense", "TTFT speed-up") == P.NOT_APPLICABLE
     speed = _cell(table, "sparge (default bound)", "TTFT speed-up")
     assert speed.startswith(f"{40.2 / 20.1:.2f}x [") and speed.endswith("(n=5)")
@@ -104,10 +125,29 @@ def test_make_paper_script_rebuilds_the_table_without_measuring(tmp_path):
 
     _, root = _table(tmp_path)
     script = Path(__file__).resolve().parents[1] / "scripts" / "paper.py"
-    done = subprocess.run([sys.executable, str(script), "--model", "toy", "--out", str(root), "--runs",
-                           str(tmp_path / "runs"), "--device", "cpu"], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--model",
+            "toy",
+            "--out",
+            str(root),
+            "--runs",
+            str(tmp_path / "runs"),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert (root / "paper" / "table1-toy.md").is_file() and not (tmp_path / "runs").exists()
-    bad = subprocess.run([sys.executable, str(script), "--model", "toy", "--tight-l1", "0.1"], capture_output=True,
-                         text=True, check=False)
+    bad = subprocess.run(
+        [sys.executable, str(script), "--model", "toy", "--tight-l1", "0.1"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert bad.returncode == 2 and "--tight-l1" in bad.stderr

@@ -75,7 +75,9 @@ def true_block_mass(q, k, scale) -> torch.Tensor:
         p = torch.softmax(s.masked_fill(~causal, -math.inf), dim=-1)  # (B, n, n)
         p = torch.nn.functional.pad(p, (0, nkb * R.BLOCK_K - n, 0, nqb * R.BLOCK_Q - n))
         blocks = p.view(b, nqb, R.BLOCK_Q, nkb, R.BLOCK_K).sum(dim=-1)  # (B, nqb, BQ, nkb)
-        rows = torch.clamp(torch.tensor([min(R.BLOCK_Q, n - i * R.BLOCK_Q) for i in range(nqb)], dtype=DT), min=1)
+        rows = torch.clamp(
+            torch.tensor([min(R.BLOCK_Q, n - i * R.BLOCK_Q) for i in range(nqb)], dtype=DT), min=1
+        )
         out[:, h] = blocks.sum(dim=2) / rows[None, :, None]
     return out
 
@@ -109,12 +111,16 @@ def vertical_slash_block_prior(q, k, scale) -> torch.Tensor:
     col = torch.nn.functional.pad(p.sum(dim=2), (0, nkb * R.BLOCK_K - n)).view(b, hq, nkb, R.BLOCK_K).sum(-1)
     dist = pos - torch.arange(n)[None, :]  # token distance of each (last query, key)
     slash_tok = torch.zeros(b, hq, n, dtype=DT)
-    slash_tok.scatter_add_(2, dist.clamp(min=0).expand(b, hq, -1, -1).reshape(b, hq, -1), p.reshape(b, hq, -1))
+    slash_tok.scatter_add_(
+        2, dist.clamp(min=0).expand(b, hq, -1, -1).reshape(b, hq, -1), p.reshape(b, hq, -1)
+    )
     # block diagonal offset of (qb, kb): distance between block centres, in key blocks
     qc = (torch.arange(nqb) * R.BLOCK_Q + R.BLOCK_Q / 2)[:, None]
     kc = (torch.arange(nkb) * R.BLOCK_K + R.BLOCK_K / 2)[None, :]
     offset = ((qc - kc) // R.BLOCK_K).clamp(min=0).long()  # (nqb, nkb)
-    slash_blk = torch.nn.functional.pad(slash_tok, (0, nkb * R.BLOCK_K - n)).view(b, hq, nkb, R.BLOCK_K).sum(-1)
+    slash_blk = (
+        torch.nn.functional.pad(slash_tok, (0, nkb * R.BLOCK_K - n)).view(b, hq, nkb, R.BLOCK_K).sum(-1)
+    )
     vertical = col / col.sum(-1, keepdim=True)
     slash = slash_blk / slash_blk.sum(-1, keepdim=True)
     return vertical[:, :, None, :] + slash[:, :, offset.clamp(max=nkb - 1)]
@@ -201,7 +207,9 @@ TOP_MAPS["top-keys-layer+vs"] = ("keys", "layer", 1.0)
 TOP_MAPS["top-keys-head+vs"] = ("keys", "head", 1.0)
 
 
-def layer_maps(q, k, lc, names: list[str], scale: float) -> tuple[dict[str, torch.Tensor], float, dict[str, float]]:
+def layer_maps(
+    q, k, lc, names: list[str], scale: float
+) -> tuple[dict[str, torch.Tensor], float, dict[str, float]]:
     """``{name: mask}`` with every map at the calibrated config's density on (q, k); the target; the
     knob values found."""
     n = q.shape[2]
@@ -213,8 +221,17 @@ def layer_maps(q, k, lc, names: list[str], scale: float) -> tuple[dict[str, torc
         if name in ("sparge-cal",):
             continue
         if name in ("sparge-pooled", "sparge-keys"):
-            method, _ = match_density("sparge", q, k, target, True, scale=scale, simthreshd1=list(lc.simthreshd1),
-                                      estimator=name.split("-")[1], pvthreshd=50.0)
+            method, _ = match_density(
+                "sparge",
+                q,
+                k,
+                target,
+                True,
+                scale=scale,
+                simthreshd1=list(lc.simthreshd1),
+                estimator=name.split("-")[1],
+                pvthreshd=50.0,
+            )
             knobs[name] = float(method.cdfthreshd)
         elif name in ("minference", "flexprefill"):
             method, _ = match_density(name, q, k, target, True, scale=scale)
@@ -267,21 +284,41 @@ def cmd_attribute(args) -> int:
                 head_l1 = rel_l1(o, dense, (0, 2, 3))
                 kept_mass = (mass * mask).sum(-1).mean(-1)[0]  # per head: mean over query blocks
                 for h in range(q.shape[1]):
-                    row = {"layer": layer, "window": s, "map": name, "head": h, "target": round(target, 4),
-                           "density": round(bm.mask_density(mask[:, h:h + 1], n, n, True), 4),
-                           "layer_density": round(bm.mask_density(mask, n, n, True), 4),
-                           "layer_l1": round(layer_l1, 5), "head_l1": round(float(head_l1[h]), 5),
-                           "kept_mass": round(float(kept_mass[h]), 5), "knob": knobs.get(name, "")}
+                    row = {
+                        "layer": layer,
+                        "window": s,
+                        "map": name,
+                        "head": h,
+                        "target": round(target, 4),
+                        "density": round(bm.mask_density(mask[:, h : h + 1], n, n, True), 4),
+                        "layer_density": round(bm.mask_density(mask, n, n, True), 4),
+                        "layer_l1": round(layer_l1, 5),
+                        "head_l1": round(float(head_l1[h]), 5),
+                        "kept_mass": round(float(kept_mass[h]), 5),
+                        "knob": knobs.get(name, ""),
+                    }
                     if ref is not None:
                         only_this = mask[0, h] & ~ref[0, h] & allowed
                         only_ref = ref[0, h] & ~mask[0, h] & allowed
-                        row.update({"blocks_only_this": int(only_this.sum()), "blocks_only_minference": int(only_ref.sum()),
-                                    "mass_only_this": round(float((mass[0, h] * only_this).sum() / nqb), 5),
-                                    "mass_only_minference": round(float((mass[0, h] * only_ref).sum() / nqb), 5)})
+                        row.update(
+                            {
+                                "blocks_only_this": int(only_this.sum()),
+                                "blocks_only_minference": int(only_ref.sum()),
+                                "mass_only_this": round(float((mass[0, h] * only_this).sum() / nqb), 5),
+                                "mass_only_minference": round(float((mass[0, h] * only_ref).sum() / nqb), 5),
+                            }
+                        )
                     rows.append(row)
-            logger.info("layer %d window %d: target %.3f  %s  (%.0f s)", layer, s, target,
-                        " ".join(f"{r['map']}={r['layer_l1']:.4f}" for r in rows[-len(maps) * q.shape[1]::q.shape[1]]),
-                        time.perf_counter() - started)
+            logger.info(
+                "layer %d window %d: target %.3f  %s  (%.0f s)",
+                layer,
+                s,
+                target,
+                " ".join(
+                    f"{r['map']}={r['layer_l1']:.4f}" for r in rows[-len(maps) * q.shape[1] :: q.shape[1]]
+                ),
+                time.perf_counter() - started,
+            )
         _write_csv(out, rows)
     _write_csv(out, rows)
     print(f"wrote {out} ({len(rows)} rows) in {time.perf_counter() - started:.0f} s")
@@ -324,7 +361,9 @@ def per_layer_methods(name: str, cfg: ModelConfig, capture: str, window: int) ->
         q, k, _ = load_captured(capture, lc.layer)[window]
         scale = 1.0 / math.sqrt(q.shape[-1])
         cal = Sparge.from_layer_config(lc)
-        target = bm.mask_density(cal.block_mask(q, k, is_causal=True, scale=scale), q.shape[2], q.shape[2], True)
+        target = bm.mask_density(
+            cal.block_mask(q, k, is_causal=True, scale=scale), q.shape[2], q.shape[2], True
+        )
         if name == "sparge-cal":
             method = cal
         elif name == "sparge-cal-nopv":
@@ -333,8 +372,17 @@ def per_layer_methods(name: str, cfg: ModelConfig, capture: str, window: int) ->
         elif name in ("minference", "flexprefill"):
             method, _ = match_density(name, q, k, target, True, scale=scale)
         elif name in ("sparge-pooled", "sparge-keys"):
-            method, _ = match_density("sparge", q, k, target, True, scale=scale, simthreshd1=list(lc.simthreshd1),
-                                      estimator=name.split("-")[1], pvthreshd=50.0)
+            method, _ = match_density(
+                "sparge",
+                q,
+                k,
+                target,
+                True,
+                scale=scale,
+                simthreshd1=list(lc.simthreshd1),
+                estimator=name.split("-")[1],
+                pvthreshd=50.0,
+            )
         elif name in TOP_MAPS:
             est, alloc, prior = TOP_MAPS[name]
             method = TopSelect(est, alloc, target, prior)
@@ -355,8 +403,13 @@ def cmd_ppl(args) -> int:
 
     cfg = ModelConfig.load(args.config)
     model, tok = load_model(args.model)
-    report = {"command": " ".join(sys.argv), "config": args.config, "capture": args.capture,
-              "tune_window": args.tune_window, "results": {}}
+    report = {
+        "command": " ".join(sys.argv),
+        "config": args.config,
+        "capture": args.capture,
+        "tune_window": args.tune_window,
+        "results": {},
+    }
     for data in args.data:
         windows = token_windows(tok, data, args.seq_len, args.windows, seed=args.seed)
         entry = {"starts": list(windows.starts), "maps": {}}
@@ -372,8 +425,13 @@ def cmd_ppl(args) -> int:
             finally:
                 remove(model)
             rep = handle.sparsity_report()
-            entry["maps"][name] = {"ppl": ppl, "window_ppl": list(per), "qk_sparsity": rep["total"].get("qk_sparsity"), "sparsity": rep["total"].get("sparsity"),
-                                   "seconds": round(time.perf_counter() - t0, 1)}
+            entry["maps"][name] = {
+                "ppl": ppl,
+                "window_ppl": list(per),
+                "qk_sparsity": rep["total"].get("qk_sparsity"),
+                "sparsity": rep["total"].get("sparsity"),
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
             logger.info("%s %s %.3f (sparsity %s)", data, name, ppl, rep["total"].get("qk_sparsity"))
         report["results"][data] = entry
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -398,13 +456,16 @@ def main() -> int:
     a.add_argument("--config", required=True)
     a.add_argument("--samples", type=int, nargs="*", help="capture windows to evaluate (default: all)")
     a.add_argument("--layers", type=int, nargs="*")
-    a.add_argument("--maps", nargs="+", default=["sparge-pooled", "sparge-keys", "minference", "flexprefill",
-                                                 *TOP_MAPS])
+    a.add_argument(
+        "--maps", nargs="+", default=["sparge-pooled", "sparge-keys", "minference", "flexprefill", *TOP_MAPS]
+    )
     a.add_argument("--out", required=True)
     p = sub.add_parser("ppl")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--config", required=True)
-    p.add_argument("--capture", required=True, help="capture whose window --tune-window sets the rivals' knobs")
+    p.add_argument(
+        "--capture", required=True, help="capture whose window --tune-window sets the rivals' knobs"
+    )
     p.add_argument("--tune-window", type=int, default=0)
     p.add_argument("--maps", nargs="+", default=["sparge-cal", "minference", "top-keys-layer"])
     p.add_argument("--data", nargs="+", default=["pydoc"])

@@ -36,8 +36,9 @@ from .base import AttentionMethod
 ALLOCATIONS = ("layer", "head")
 
 
-def block_probabilities(q: torch.Tensor, k: torch.Tensor, *, is_causal: bool, scale: float,
-                        estimator: str) -> torch.Tensor:
+def block_probabilities(
+    q: torch.Tensor, k: torch.Tensor, *, is_causal: bool, scale: float, estimator: str
+) -> torch.Tensor:
     """Row-softmax block probabilities of an estimator, float32 ``(B, Hq, nqb, nkb)``; pairs a causal
     mask forbids are 0."""
     pooled_q = R.block_mean_pool(q.float(), R.BLOCK_Q)
@@ -57,8 +58,16 @@ def block_probabilities(q: torch.Tensor, k: torch.Tensor, *, is_causal: bool, sc
     return weights / torch.where(denom > 0, denom, torch.ones_like(denom))
 
 
-def budget_block_mask(q: torch.Tensor, k: torch.Tensor, *, is_causal: bool, scale: float, density: float,
-                      estimator: str = "keys", alloc: str = "layer") -> torch.Tensor:
+def budget_block_mask(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    is_causal: bool,
+    scale: float,
+    density: float,
+    estimator: str = "keys",
+    alloc: str = "layer",
+) -> torch.Tensor:
     """The block map described in the module docstring (inputs already validated)."""
     b, hq, nq, nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     allowed = R.allowed_block_mask(nq, nk, is_causal, device=q.device)  # (nqb, nkb)
@@ -74,7 +83,9 @@ def budget_block_mask(q: torch.Tensor, k: torch.Tensor, *, is_causal: bool, scal
     per_head_allowed, per_head_forced = _counts(nq, nk, is_causal)  # on the host: no device synchronisation
     heads = hq if alloc == "layer" else 1
     flat = score.reshape(b, hq * nqb * nkb) if alloc == "layer" else score.reshape(b * hq, nqb * nkb)
-    keep = min(per_head_allowed * heads, max(1, per_head_forced * heads, round(density * per_head_allowed * heads)))
+    keep = min(
+        per_head_allowed * heads, max(1, per_head_forced * heads, round(density * per_head_allowed * heads))
+    )
     idx = torch.topk(flat, keep, dim=-1).indices
     mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, idx, True)
     return mask.view(b, hq, nqb, nkb) & allowed
@@ -113,5 +124,12 @@ class SpargeBudget(AttentionMethod):
         if self.density >= 1.0:
             allowed = R.allowed_block_mask(q.shape[2], k.shape[2], is_causal, device=q.device)
             return allowed.expand(q.shape[0], q.shape[1], -1, -1).clone()
-        return budget_block_mask(q, k, is_causal=is_causal, scale=scale, density=self.density,
-                                 estimator=self.estimator, alloc=self.alloc)
+        return budget_block_mask(
+            q,
+            k,
+            is_causal=is_causal,
+            scale=scale,
+            density=self.density,
+            estimator=self.estimator,
+            alloc=self.alloc,
+        )
