@@ -144,3 +144,20 @@ def test_cuda_mask_matches_cpu_and_runs_on_the_triton_kernel():
         dtype=torch.float32,
     )
     assert torch.isfinite(out).all() and (out.float() - ref.float()).abs().max() < 2e-2
+
+
+def test_local_blocks_are_forced_before_each_diagonal():
+    from sparge_core.methods.sparge_budget import forced_blocks
+
+    n = 1024
+    base, local = forced_blocks(n, n), forced_blocks(n, n, local_blocks=2)
+    extra = local & ~base
+    # query block i (rows 128 i ..) starts at key block 2 i: blocks 2 i - 2 and 2 i - 1 are added
+    for i in range(n // 128):
+        expected = {j for j in (2 * i - 2, 2 * i - 1) if j >= 1}
+        assert set(torch.nonzero(extra[i]).flatten().tolist()) == expected
+    q, k, _ = rand_qkv(1, 4, 2, n, n, 64, dtype=torch.float32, seed=8)
+    mask = get_method("sparge-budget", density=0.0, local_blocks=2).block_mask(q, k, is_causal=True)
+    assert (mask == local).all()
+    with pytest.raises(ValueError, match="local_blocks must be an integer >= 0"):
+        get_method("sparge-budget", local_blocks=-1)

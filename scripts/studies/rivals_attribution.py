@@ -207,6 +207,14 @@ TOP_MAPS["top-keys-layer+vs"] = ("keys", "layer", 1.0)
 TOP_MAPS["top-keys-head+vs"] = ("keys", "head", 1.0)
 
 
+def budget_method(name: str, target: float) -> AttentionMethod:
+    """``sparge-budget[-head][-local<N>]``: the library method at the target density."""
+    parts = name.split("-")[2:]
+    local = next((int(p[5:]) for p in parts if p.startswith("local")), 0)
+    alloc = "head" if "head" in parts else "layer"
+    return get_method("sparge-budget", density=target, alloc=alloc, local_blocks=local)
+
+
 def layer_maps(
     q, k, lc, names: list[str], scale: float
 ) -> tuple[dict[str, torch.Tensor], float, dict[str, float]]:
@@ -239,8 +247,8 @@ def layer_maps(
         elif name in TOP_MAPS:
             est, alloc, prior = TOP_MAPS[name]
             method = TopSelect(est, alloc, target, prior)
-        elif name == "sparge-budget":
-            method = get_method("sparge-budget", density=target)
+        elif name.startswith("sparge-budget"):
+            method = budget_method(name, target)
         else:
             raise ValueError(f"unknown map {name!r}")
         maps[name] = method.block_mask(q, k, is_causal=True, scale=scale)
@@ -386,8 +394,8 @@ def per_layer_methods(name: str, cfg: ModelConfig, capture: str, window: int) ->
         elif name in TOP_MAPS:
             est, alloc, prior = TOP_MAPS[name]
             method = TopSelect(est, alloc, target, prior)
-        elif name == "sparge-budget":  # the library version of top-keys-layer
-            method = get_method("sparge-budget", density=target)
+        elif name.startswith("sparge-budget"):  # the library version of top-keys-layer (+ options)
+            method = budget_method(name, target)
         else:
             raise ValueError(f"unknown map {name!r}")
         methods[lc.layer] = method

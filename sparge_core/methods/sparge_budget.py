@@ -9,7 +9,10 @@ columns. This method spends a density budget where the estimate says the mass is
 1. Block probabilities: the row softmax of the estimator's block scores (``estimator="keys"``: the
    pooled query against every key of a block, ``reference.key_resolved_scores``; ``"pooled"``: the
    paper's pooled query . pooled smoothed key), causal fully-future blocks excluded.
-2. Causal: the sink column (key block 0) and the diagonal key blocks are always kept, as in sparge.
+2. Causal: the sink column (key block 0) and the diagonal key blocks are always kept, as in sparge,
+   and so are the ``local_blocks`` key blocks just before each query block's diagonal (a local
+   window: without it the first rows of a 128-row query block see only the keys of their own block,
+   while a "sink + local" head puts most of its mass on the keys just before them).
 3. The other allowed block pairs are ranked by probability across the whole layer (``alloc="layer"``:
    all query heads of a batch element together) or within each head (``alloc="head"``), and the best
    are kept until ``density`` of the allowed pairs is reached (forced blocks count toward it; when
@@ -58,6 +61,19 @@ def block_probabilities(
     return weights / torch.where(denom > 0, denom, torch.ones_like(denom))
 
 
+def forced_blocks(nq: int, nk: int, local_blocks: int = 0, device=None) -> torch.Tensor:
+    """``(nqb, nkb)``: the sink column, the diagonal blocks and ``local_blocks`` key blocks before each
+    query block's first diagonal block, within the causal triangle."""
+    diag = R.causal_diagonal_block_mask(nq, nk, R.BLOCK_Q, R.BLOCK_K, device=device)
+    forced = diag.clone()
+    forced[:, 0] = True
+    if local_blocks:
+        first = diag.to(torch.int8).argmax(dim=-1, keepdim=True)  # first diagonal key block of each row
+        idx = torch.arange(diag.shape[1], device=diag.device)[None, :]
+        forced |= (idx >= first - local_blocks) & (idx < first)
+    return forced & R.causal_block_mask(nq, nk, R.BLOCK_Q, R.BLOCK_K, device=device)
+
+
 def budget_block_mask(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -67,6 +83,7 @@ def budget_block_mask(
     density: float,
     estimator: str = "keys",
     alloc: str = "layer",
+    local_blocks: int = 0,
 ) -> torch.Tensor:
     """The block map described in the module docstring (inputs already validated)."""
     b, hq, nq, nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
@@ -77,10 +94,8 @@ def budget_block_mask(
     probs = torch.nan_to_num(probs, nan=-1.0, posinf=-1.0, neginf=-1.0)
     score = probs.masked_fill(~allowed, -math.inf)
     if is_causal:
-        forced = R.causal_diagonal_block_mask(nq, nk, R.BLOCK_Q, R.BLOCK_K, device=q.device).clone()
-        forced[:, 0] = True
-        score = score.masked_fill(forced & allowed, math.inf)
-    per_head_allowed, per_head_forced = _counts(nq, nk, is_causal)  # on the host: no device synchronisation
+        score = score.masked_fill(forced_blocks(nq, nk, local_blocks, device=q.device), math.inf)
+    per_head_allowed, per_head_forced = _counts(nq, nk, is_causal, local_blocks)  # host: no device sync
     heads = hq if alloc == "layer" else 1
     flat = score.reshape(b, hq * nqb * nkb) if alloc == "layer" else score.reshape(b * hq, nqb * nkb)
     keep = min(
@@ -91,14 +106,12 @@ def budget_block_mask(
     return mask.view(b, hq, nqb, nkb) & allowed
 
 
-def _counts(nq: int, nk: int, is_causal: bool) -> tuple[int, int]:
+def _counts(nq: int, nk: int, is_causal: bool, local_blocks: int) -> tuple[int, int]:
     """Allowed and forced block pairs of one head, counted on the host from the shapes."""
     allowed = R.allowed_block_mask(nq, nk, is_causal)
     if not is_causal:
         return int(allowed.sum()), 0
-    forced = R.causal_diagonal_block_mask(nq, nk, R.BLOCK_Q, R.BLOCK_K).clone()
-    forced[:, 0] = True
-    return int(allowed.sum()), int((forced & allowed).sum())
+    return int(allowed.sum()), int(forced_blocks(nq, nk, local_blocks).sum())
 
 
 @register_method("sparge-budget")
@@ -108,15 +121,25 @@ class SpargeBudget(AttentionMethod):
     budget_param = "density"
     budget_range: ClassVar[tuple[float, float | None]] = (0.0, 1.0)
 
-    def __init__(self, density: float = 0.5, estimator: str = "keys", alloc: str = "layer"):
+    def __init__(
+        self, density: float = 0.5, estimator: str = "keys", alloc: str = "layer", local_blocks: int = 0
+    ):
         if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 <= density <= 1.0:
             raise ValueError(f"sparge-budget: density must be a number in [0, 1], got {density!r}")
         self.density = float(density)
         self.estimator = validation.check_choice("estimator", estimator, R.ESTIMATORS)
         self.alloc = validation.check_choice("alloc", alloc, ALLOCATIONS)
+        if isinstance(local_blocks, bool) or not isinstance(local_blocks, int) or local_blocks < 0:
+            raise ValueError(f"sparge-budget: local_blocks must be an integer >= 0, got {local_blocks!r}")
+        self.local_blocks = local_blocks
 
     def params(self) -> dict[str, Any]:
-        return {"density": self.density, "estimator": self.estimator, "alloc": self.alloc}
+        return {
+            "density": self.density,
+            "estimator": self.estimator,
+            "alloc": self.alloc,
+            "local_blocks": self.local_blocks,
+        }
 
     def block_mask(self, q, k, *, is_causal, scale=None) -> torch.Tensor:
         validation.check_qk(q, k)
@@ -132,4 +155,5 @@ class SpargeBudget(AttentionMethod):
             density=self.density,
             estimator=self.estimator,
             alloc=self.alloc,
+            local_blocks=self.local_blocks,
         )
