@@ -14,6 +14,10 @@ same density: the density the calibrated sparge config reaches on that window (`
   all heads), sink column and diagonal blocks always kept, the top blocks taken until the target.
 - ``top-keys-layer+vs``: as ``top-keys-layer`` with MInference-style column and diagonal priors
   (the last 64 queries' attention summed per key block and per block diagonal) mixed into the score.
+- ``sparge-budget[-head][-local<N>]``: the library method ``sparge_core.methods.sparge_budget`` at the
+  target density (its mask equals ``top-keys-layer``); ``-local<N>`` also forces the N key blocks
+  before each query block's diagonal, ``-head`` allocates per head.
+- ``sparge-cal-nopv`` (``ppl`` only): the calibrated config with its stage-2 PV skip off.
 
 For each map: relative L1 of the layer's attention output against dense (all heads; and the worst
 head), the attention mass it keeps, and, against ``minference``, the blocks one keeps that the other
