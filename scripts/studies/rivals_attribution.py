@@ -211,6 +211,25 @@ TOP_MAPS["top-keys-layer+vs"] = ("keys", "layer", 1.0)
 TOP_MAPS["top-keys-head+vs"] = ("keys", "head", 1.0)
 
 
+class WithLocal(AttentionMethod):
+    """Another method's map plus the sink, diagonal and ``local`` key blocks before each diagonal."""
+
+    name = "with-local"
+
+    def __init__(self, inner: AttentionMethod, local: int):
+        self.inner, self.local = inner, local
+        self.pvthreshd = getattr(inner, "pvthreshd", None)
+
+    def params(self):
+        return {"inner": self.inner.params(), "local_blocks": self.local}
+
+    def block_mask(self, q, k, *, is_causal, scale=None):
+        from sparge_core.methods.sparge_budget import forced_blocks
+
+        mask = self.inner.block_mask(q, k, is_causal=is_causal, scale=scale)
+        return mask | forced_blocks(q.shape[2], k.shape[2], self.local, device=q.device)
+
+
 def budget_method(name: str, target: float) -> AttentionMethod:
     """``sparge-budget[-head][-local<N>]``: the library method at the target density."""
     parts = name.split("-")[2:]
@@ -381,6 +400,8 @@ def per_layer_methods(name: str, cfg: ModelConfig, capture: str, window: int) ->
         elif name == "sparge-cal-nopv":
             method = Sparge.from_layer_config(lc)
             method.pvthreshd = 50.0
+        elif name.startswith("sparge-cal-local"):  # the calibrated map plus forced local blocks
+            method = WithLocal(cal, int(name[len("sparge-cal-local"):]))
         elif name in ("minference", "flexprefill"):
             method, _ = match_density(name, q, k, target, True, scale=scale)
         elif name in ("sparge-pooled", "sparge-keys"):

@@ -1,6 +1,6 @@
 """Summarise ``rivals_attribution.py`` outputs into markdown tables (per layer and overall).
 
-python scripts/studies/rivals_summary.py --attribution A.csv [B.csv ...] [--ppl P.json] --out SUMMARY.md
+python scripts/studies/rivals_summary.py --attribution A.csv [B.csv ...] [--ppl P.json ...] --out SUMMARY.md
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def ppl_summary(doc: dict) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--attribution", nargs="*", default=[])
-    ap.add_argument("--ppl")
+    ap.add_argument("--ppl", nargs="*", default=[])
     ap.add_argument(
         "--maps",
         nargs="+",
@@ -138,8 +138,8 @@ def main() -> int:
             "",
         ]
         lines += attribution_summary(df, maps) + [""]
-    if args.ppl:
-        lines += ["## perplexity", ""] + ppl_summary(json.loads(Path(args.ppl).read_text()))
+    for path in args.ppl:
+        lines += [f"## perplexity ({Path(path).name})", ""] + ppl_summary(json.loads(Path(path).read_text()))
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
     return 0
