@@ -305,3 +305,22 @@ def test_png_grid_round_trips_through_pillow(tmp_path):
     assert video_grid(torch.rand(2, 3, 4, 5, 5, generator=g)).shape == (3, 2 * 6 + 1, 4 * 6 + 1)
     with pytest.raises(ValueError, match="RGB"):
         save_png(tmp_path / "x.png", torch.rand(1, 4, 4))
+
+
+def test_package_data_names_existing_files():
+    """Every package-data pattern in pyproject.toml matches files (the wheel ships them), and the
+    bundled checkpoints resolve and load."""
+    import tomllib
+    from pathlib import Path
+
+    from evals.dit.model import bundled_checkpoint
+
+    root = Path(__file__).resolve().parents[1]
+    declared = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    for package, patterns in declared.items():
+        for pattern in patterns:
+            assert list((root / package).glob(pattern)), f"package-data {package}/{pattern} matches no file"
+    model, info = load_checkpoint(bundled_checkpoint("t2i"))
+    assert model.cfg.size == 32 and isinstance(info, dict)
+    with pytest.raises(FileNotFoundError, match="t2i"):
+        bundled_checkpoint("nope")
