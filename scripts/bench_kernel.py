@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_info import CsvLog, bench_ms, gpu_name, gpu_slug, versions  # noqa: E402
 from sparge_core import block_sparse_attn, predict_block_mask, sparge_attn  # noqa: E402
+from sparge_core.export import to_flex_block_mask  # noqa: E402
 from sparge_core.ops import attention as A  # noqa: E402
 from sparge_core.ops import predict as P  # noqa: E402
 from sparge_core.ops import reference as R  # noqa: E402
@@ -75,7 +76,8 @@ def measured_density(mask: torch.Tensor, n: int, causal: bool) -> float:
 
 
 class Flex:
-    """FlexAttention on a block map (kept blocks full; causal diagonal blocks partial)."""
+    """FlexAttention on a block map (``sparge_core.export.to_flex_block_mask``: kept blocks full, causal
+    diagonal blocks partial)."""
 
     def __init__(self):
         from torch.nn.attention.flex_attention import flex_attention
@@ -88,28 +90,7 @@ class Flex:
 
     @staticmethod
     def block_mask(mask: torch.Tensor, n: int, causal: bool):
-        from torch.nn.attention.flex_attention import BlockMask
-
-        if causal:
-            first_q = torch.arange(mask.shape[2], device=mask.device) * R.BLOCK_Q
-            last_k = (torch.arange(mask.shape[3], device=mask.device) + 1) * R.BLOCK_K - 1
-            full_region = last_k[None, :] <= first_q[:, None]
-        else:
-            full_region = torch.ones(mask.shape[2:], dtype=torch.bool, device=mask.device)
-        full = mask & full_region
-        partial = mask & ~full_region
-        def lists(m):
-            return m.sum(-1, dtype=torch.int32), torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-        kv_num, kv_idx = lists(partial)
-        full_num, full_idx = lists(full)
-        dense_map = mask
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            keep = dense_map[b, h, q_idx // R.BLOCK_Q, kv_idx // R.BLOCK_K]
-            return keep & (kv_idx <= q_idx) if causal else keep
-
-        return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(R.BLOCK_Q, R.BLOCK_K),
-                                        mask_mod=mask_mod, seq_lengths=(n, n), compute_q_blocks=False)
+        return to_flex_block_mask(mask, n, n, is_causal=causal)
 
     def __call__(self, q, k, v, block_mask):
         # flex's own tiles must divide the 128x64 blocks
