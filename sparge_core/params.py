@@ -20,6 +20,8 @@ from .ops.blocks import BLOCK_K, BLOCK_Q
 
 CONFIG_FORMAT = "sparge-config"
 CONFIG_VERSION = 1
+#: the file name a config has inside a model folder (``save_pretrained`` / ``load(folder)``)
+CONFIG_FILE_NAME = "sparge_config.json"
 
 
 class ConfigError(ValueError):
@@ -134,9 +136,22 @@ class ModelConfig:
     def save(self, path: str | os.PathLike) -> None:
         write_json_atomic(path, self.to_dict())
 
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write the config as ``<folder>/sparge_config.json`` (beside a model's own files, as
+        ``save_pretrained`` does for weights); ``ModelConfig.load(folder)`` reads it back."""
+        path = Path(folder) / CONFIG_FILE_NAME
+        self.save(path)
+        return path
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> ModelConfig:
+        """A config from a JSON file, or from a folder holding ``sparge_config.json``."""
         path = Path(path)
+        if path.is_dir():
+            if not (path / CONFIG_FILE_NAME).is_file():
+                raise ConfigError(f"the folder {path} has no {CONFIG_FILE_NAME}; pass the config file itself or "
+                                  f"save one there with ModelConfig.save_pretrained({str(path)!r})")
+            path = path / CONFIG_FILE_NAME
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError as err:
