@@ -31,7 +31,9 @@ import torch
 from .ops.blocks import BLOCK_K, BLOCK_Q, num_blocks
 
 
-def _full_and_allowed(nqb: int, nkb: int, q_len: int, kv_len: int, is_causal: bool, device) -> tuple[torch.Tensor, ...]:
+def _full_and_allowed(
+    nqb: int, nkb: int, q_len: int, kv_len: int, is_causal: bool, device
+) -> tuple[torch.Tensor, ...]:
     """``(allowed, full)`` ``(nqb, nkb)``: block pairs holding at least one / only allowed pairs."""
     if not is_causal:
         ones = torch.ones(nqb, nkb, dtype=torch.bool, device=device)
@@ -65,14 +67,20 @@ def to_flex_block_mask(block_map: torch.Tensor, q_len: int, kv_len: int, *, is_c
     from torch.nn.attention.flex_attention import BlockMask
 
     if not isinstance(block_map, torch.Tensor) or block_map.dtype != torch.bool or block_map.ndim != 4:
-        got = f"{block_map.dtype} {tuple(block_map.shape)}" if isinstance(block_map, torch.Tensor) else type(block_map)
+        got = (
+            f"{block_map.dtype} {tuple(block_map.shape)}"
+            if isinstance(block_map, torch.Tensor)
+            else type(block_map)
+        )
         raise ValueError(f"block_map must be a bool tensor (B, H, q_blocks, kv_blocks), got {got}")
     if q_len < 1 or kv_len < 1:
         raise ValueError(f"q_len and kv_len must be >= 1, got {q_len} and {kv_len}")
     nqb, nkb = num_blocks(q_len, BLOCK_Q), num_blocks(kv_len, BLOCK_K)
     if tuple(block_map.shape[2:]) != (nqb, nkb):
-        raise ValueError(f"block_map has {tuple(block_map.shape[2:])} blocks but q_len {q_len} / kv_len {kv_len} need "
-                         f"({nqb}, {nkb}) blocks of {BLOCK_Q} x {BLOCK_K}")
+        raise ValueError(
+            f"block_map has {tuple(block_map.shape[2:])} blocks but q_len {q_len} / kv_len {kv_len} need "
+            f"({nqb}, {nkb}) blocks of {BLOCK_Q} x {BLOCK_K}"
+        )
     allowed, full_region = _full_and_allowed(nqb, nkb, q_len, kv_len, is_causal, block_map.device)
     kept = block_map & allowed
     full = kept & full_region
@@ -87,12 +95,20 @@ def to_flex_block_mask(block_map: torch.Tensor, q_len: int, kv_len: int, *, is_c
         keep = token_map[0 if one_batch else b, 0 if one_head else h, q_idx // BLOCK_Q, kv_idx // BLOCK_K]
         return keep & (kv_idx <= q_idx + offset) if is_causal else keep
 
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(BLOCK_Q, BLOCK_K),
-                                    mask_mod=mask_mod, seq_lengths=(q_len, kv_len))
+    return BlockMask.from_kv_blocks(
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=(BLOCK_Q, BLOCK_K),
+        mask_mod=mask_mod,
+        seq_lengths=(q_len, kv_len),
+    )
 
 
-def predicted_flex_block_mask(q: torch.Tensor, k: torch.Tensor, method, *, is_causal: bool = False,
-                              scale: float | None = None):
+def predicted_flex_block_mask(
+    q: torch.Tensor, k: torch.Tensor, method, *, is_causal: bool = False, scale: float | None = None
+):
     """Predict ``method``'s block map on ``q`` ``(B, Hq, Nq, D)`` / ``k`` ``(B, Hkv, Nk, D)`` and export
     it with ``to_flex_block_mask``. ``method``: an ``AttentionMethod`` (e.g.
     ``sparge_core.methods.get_method("sparge-topk", topk=0.5)``) or a calibrated ``LayerConfig``."""

@@ -61,7 +61,12 @@ logger = logging.getLogger(__name__)
 KNOWN_PARAMS = ("simthreshd1", "cdfthreshd", "topk", "pvthreshd", "is_sparse", "simthreshd2")
 #: the submodule the official tuner adds to each attention module it tunes
 INNER_MODULE = "inner_attention"
-_RANGES = {"simthreshd1": (-1.0, 1.0), "cdfthreshd": (0.0, 1.0), "topk": (0.0, 1.0), "pvthreshd": (0.0, math.inf)}
+_RANGES = {
+    "simthreshd1": (-1.0, 1.0),
+    "cdfthreshd": (0.0, 1.0),
+    "topk": (0.0, 1.0),
+    "pvthreshd": (0.0, math.inf),
+}
 _BOUNDS_IN_NAME = re.compile(r"_(\d*\.?\d+)_(\d*\.?\d+)$")
 SOURCE = "SpargeAttn (thu-ml) tuned state dict"
 
@@ -75,8 +80,10 @@ def bounds_from_file_name(path: str | os.PathLike) -> tuple[float, float] | None
 def _module_of(key: str) -> tuple[str, str]:
     prefix, _, param = key.rpartition(".")
     if not prefix or param not in KNOWN_PARAMS:
-        raise ConfigError(f"key {key!r} is not a SpargeAttn tuned hyperparameter (expected "
-                          f"'<module>.{INNER_MODULE}.<name>' with <name> one of {list(KNOWN_PARAMS)})")
+        raise ConfigError(
+            f"key {key!r} is not a SpargeAttn tuned hyperparameter (expected "
+            f"'<module>.{INNER_MODULE}.<name>' with <name> one of {list(KNOWN_PARAMS)})"
+        )
     return prefix, param
 
 
@@ -93,8 +100,10 @@ def _per_head(key: str, value, heads: int | None) -> torch.Tensor:
     if value.ndim != 1 or value.numel() == 0:
         raise ConfigError(f"{key} must be a 1-D per-head tensor, got shape {tuple(value.shape)}")
     if heads is not None and value.numel() != heads:
-        raise ConfigError(f"{key} has {value.numel()} heads but other modules have {heads}; a config holds one head "
-                          f"count for every layer")
+        raise ConfigError(
+            f"{key} has {value.numel()} heads but other modules have {heads}; a config holds one head "
+            f"count for every layer"
+        )
     return value.detach().cpu()
 
 
@@ -110,9 +119,18 @@ def _values(key: str, value: torch.Tensor, name: str) -> list[float]:
     return out
 
 
-def import_state_dict(state: Mapping[str, torch.Tensor], *, model_name: str, head_dim: int, l1: float, pv_l1: float,
-                      num_kv_heads: int | None = None, module_names: Sequence[str] | None = None,
-                      rename: Mapping[str, str] | None = None, source: str | None = None) -> ModelConfig:
+def import_state_dict(
+    state: Mapping[str, torch.Tensor],
+    *,
+    model_name: str,
+    head_dim: int,
+    l1: float,
+    pv_l1: float,
+    num_kv_heads: int | None = None,
+    module_names: Sequence[str] | None = None,
+    rename: Mapping[str, str] | None = None,
+    source: str | None = None,
+) -> ModelConfig:
     """A ``ModelConfig`` from an official tuned state dict (see the module docstring).
 
     Args:
@@ -142,8 +160,10 @@ def import_state_dict(state: Mapping[str, torch.Tensor], *, model_name: str, hea
         index = {name: i for i, name in enumerate(module_names)}
         unknown = [prefix for prefix, name in names.items() if name not in index]
         if unknown:
-            raise ConfigError(f"tuned module {unknown[0]!r} (as {names[unknown[0]]!r}) is not one of the target's "
-                              f"attention modules {list(module_names)[:4]}...; pass rename= to map its names")
+            raise ConfigError(
+                f"tuned module {unknown[0]!r} (as {names[unknown[0]]!r}) is not one of the target's "
+                f"attention modules {list(module_names)[:4]}...; pass rename= to map its names"
+            )
         layer_of = {prefix: index[name] for prefix, name in names.items()}
         num_layers = len(module_names)
     else:
@@ -156,12 +176,16 @@ def import_state_dict(state: Mapping[str, torch.Tensor], *, model_name: str, hea
             if required not in params:
                 raise ConfigError(f"module {prefix!r} has no {required} (keys: {sorted(params)})")
         if ("cdfthreshd" in params) == ("topk" in params):
-            raise ConfigError(f"module {prefix!r} needs exactly one of cdfthreshd and topk (keys: {sorted(params)})")
+            raise ConfigError(
+                f"module {prefix!r} needs exactly one of cdfthreshd and topk (keys: {sorted(params)})"
+            )
         if "simthreshd2" in params:
             key, value = params["simthreshd2"]
             if value.double().abs().max().item() != 0:
-                raise ConfigError(f"{key} is non-zero: a second similarity threshold has no counterpart in this "
-                                  f"project's predictor, so this file cannot be imported faithfully")
+                raise ConfigError(
+                    f"{key} is non-zero: a second similarity threshold has no counterpart in this "
+                    f"project's predictor, so this file cannot be imported faithfully"
+                )
         if "is_sparse" in params:
             key, value = params["is_sparse"]
             if value.dtype != torch.bool:
@@ -178,22 +202,48 @@ def import_state_dict(state: Mapping[str, torch.Tensor], *, model_name: str, hea
         digest.update(key.encode())
         digest.update(state[key].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     calibration = {
-        "source": source or SOURCE, "state_dict_sha256": digest.hexdigest(), "estimator": "pooled",
-        "modules": {str(layer_of[p]): names[p] for p in modules}, "heads_tuned_dense": dense_heads,
-        "note": ("imported from the official SpargeAttn tuner: its kernel uses 128x64 blocks on sm80/sm89 and 64x128 "
-                 "on sm90, and always keeps the first key block; check the L1 of this config on your data"),
+        "source": source or SOURCE,
+        "state_dict_sha256": digest.hexdigest(),
+        "estimator": "pooled",
+        "modules": {str(layer_of[p]): names[p] for p in modules},
+        "heads_tuned_dense": dense_heads,
+        "note": (
+            "imported from the official SpargeAttn tuner: its kernel uses 128x64 blocks on sm80/sm89 and "
+            "64x128 "
+            "on sm90, and always keeps the first key block; check the L1 of this config on your data"
+        ),
     }
-    doc = {"format": "sparge-config", "version": 1,
-           "model": {"name": model_name, "num_layers": num_layers, "num_heads": heads,
-                     "num_kv_heads": num_kv_heads or heads, "head_dim": head_dim},
-           "l1": l1, "pv_l1": pv_l1, "calibration": calibration, "layers": layers}
+    doc = {
+        "format": "sparge-config",
+        "version": 1,
+        "model": {
+            "name": model_name,
+            "num_layers": num_layers,
+            "num_heads": heads,
+            "num_kv_heads": num_kv_heads or heads,
+            "head_dim": head_dim,
+        },
+        "l1": l1,
+        "pv_l1": pv_l1,
+        "calibration": calibration,
+        "layers": layers,
+    }
     config = ModelConfig.from_dict(doc)
-    logger.info("imported %d tuned modules x %d heads (%d heads tuned dense)", len(layers), heads, dense_heads)
+    logger.info(
+        "imported %d tuned modules x %d heads (%d heads tuned dense)", len(layers), heads, dense_heads
+    )
     return config
 
 
-def load_official(path: str | os.PathLike, *, model_name: str, head_dim: int, l1: float | None = None,
-                  pv_l1: float | None = None, **kwargs) -> ModelConfig:
+def load_official(
+    path: str | os.PathLike,
+    *,
+    model_name: str,
+    head_dim: int,
+    l1: float | None = None,
+    pv_l1: float | None = None,
+    **kwargs,
+) -> ModelConfig:
     """``import_state_dict`` of a ``.pt`` file written by the official tuner (``torch.save`` of the
     tuned entries). ``l1`` / ``pv_l1`` default to the bounds in the official file name
     (``<model>_<l1>_<pv_l1>.pt``)."""
@@ -203,29 +253,39 @@ def load_official(path: str | os.PathLike, *, model_name: str, head_dim: int, l1
     if l1 is None or pv_l1 is None:
         named = bounds_from_file_name(path)
         if named is None:
-            raise ConfigError(f"the file name {path.name} does not carry the tuning bounds (<model>_<l1>_<pv_l1>.pt); "
-                              f"pass l1 and pv_l1")
+            raise ConfigError(
+                f"the file name {path.name} does not carry the tuning bounds (<model>_<l1>_<pv_l1>.pt); "
+                f"pass l1 and pv_l1"
+            )
         l1 = named[0] if l1 is None else l1
         pv_l1 = named[1] if pv_l1 is None else pv_l1
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001  (a pickle that is not plain tensors, or not a torch file)
-        raise ConfigError(f"{path} is not a torch.save file of plain tensors: {type(err).__name__}: {err}") from err
+        raise ConfigError(
+            f"{path} is not a torch.save file of plain tensors: {type(err).__name__}: {err}"
+        ) from err
     kwargs.setdefault("source", f"{SOURCE}: {path.name}")
     return import_state_dict(state, model_name=model_name, head_dim=head_dim, l1=l1, pv_l1=pv_l1, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sparge_core.official",
-                                description="Convert an official SpargeAttn tuned .pt file into a sparge config JSON.")
+    p = argparse.ArgumentParser(
+        prog="python -m sparge_core.official",
+        description="Convert an official SpargeAttn tuned .pt file into a sparge config JSON.",
+    )
     p.add_argument("file", help="the .pt file the official tuner saved")
-    p.add_argument("--out", required=True, help="the config JSON to write (or a model folder: sparge_config.json)")
+    p.add_argument(
+        "--out", required=True, help="the config JSON to write (or a model folder: sparge_config.json)"
+    )
     p.add_argument("--model", required=True, help="model name recorded in the config")
     p.add_argument("--head-dim", type=int, required=True, help="attention head dimension of the model")
     p.add_argument("--num-kv-heads", type=int, default=None, help="KV heads (default: the head count)")
     p.add_argument("--l1", type=float, default=None, help="stage-1 bound (default: from the file name)")
     p.add_argument("--pv-l1", type=float, default=None, help="stage-2 bound (default: from the file name)")
-    p.add_argument("--rename", nargs="*", default=[], metavar="OLD=NEW", help="module name components to rename")
+    p.add_argument(
+        "--rename", nargs="*", default=[], metavar="OLD=NEW", help="module name components to rename"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -234,8 +294,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --rename takes OLD=NEW pairs, got {args.rename}", file=sys.stderr)
         return 2
     try:
-        config = load_official(args.file, model_name=args.model, head_dim=args.head_dim, l1=args.l1, pv_l1=args.pv_l1,
-                               num_kv_heads=args.num_kv_heads, rename=rename or None)
+        config = load_official(
+            args.file,
+            model_name=args.model,
+            head_dim=args.head_dim,
+            l1=args.l1,
+            pv_l1=args.pv_l1,
+            num_kv_heads=args.num_kv_heads,
+            rename=rename or None,
+        )
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -12,13 +12,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from evals.models import build_tiny_model, byte_tokenizer, load_model  # noqa: E402
 from sparge_core.integrations.transformers import apply, remove  # noqa: E402
-from sparge_core.params import CONFIG_FILE_NAME, ConfigError, LayerConfig, ModelConfig, ModelInfo  # noqa: E402
+from sparge_core.params import (  # noqa: E402
+    CONFIG_FILE_NAME,
+    ConfigError,
+    LayerConfig,
+    ModelConfig,
+    ModelInfo,
+)
 
 
 def _config(heads: int, kv_heads: int) -> ModelConfig:
     sparse = LayerConfig(1, (-1.0,) * heads, (50.0,) * heads, topk=(0.2,) * heads)
-    return ModelConfig(ModelInfo("tiny-folder", 2, heads, kv_heads, 64), (LayerConfig.dense(0, heads), sparse),
-                       l1=0.1, pv_l1=0.1)
+    return ModelConfig(
+        ModelInfo("tiny-folder", 2, heads, kv_heads, 64),
+        (LayerConfig.dense(0, heads), sparse),
+        l1=0.1,
+        pv_l1=0.1,
+    )
 
 
 def test_config_saved_beside_a_model_loads_from_the_folder(tmp_path):

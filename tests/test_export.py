@@ -22,31 +22,41 @@ pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without to
 CASES = [  # (hq, hkv, nq, nk, d, causal)
     (2, 2, 200, 200, 64, False),
     (2, 2, 200, 200, 64, True),
-    (4, 2, 131, 300, 64, True),   # Nq != Nk: bottom-right aligned, GQA
+    (4, 2, 131, 300, 64, True),  # Nq != Nk: bottom-right aligned, GQA
     (4, 2, 300, 131, 128, False),
-    (2, 1, 77, 77, 128, True),    # one partial block each way
+    (2, 1, 77, 77, 128, True),  # one partial block each way
 ]
 
 
 def _flex(q, k, v, bm, scale):
-    return flex_attention(q.float(), k.float(), v.float(), block_mask=bm, scale=scale,
-                          enable_gqa=q.shape[1] != k.shape[1])
+    return flex_attention(
+        q.float(), k.float(), v.float(), block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
 
 
 @pytest.mark.parametrize("hq,hkv,nq,nk,d,causal", CASES)
 @pytest.mark.parametrize("density", [0.0, 0.4, 1.0])
 def test_flex_equals_the_kernel_on_the_same_map(hq, hkv, nq, nk, d, causal, density):
     q, k, v = rand_qkv(1, hq, hkv, nq, nk, d, dtype=torch.float16, seed=nq + nk + d)
-    scale = d ** -0.5
+    scale = d**-0.5
     mask = random_block_mask(1, hq, nq, nk, density, seed=hq + nq)
     if density > 0:  # keep every row's own block so most rows see something (empty rows: see below)
         mask |= R.causal_diagonal_block_mask(nq, nk, R.BLOCK_Q, R.BLOCK_K)
     bm = to_flex_block_mask(mask, nq, nk, is_causal=causal)
     flex = _flex(q, k, v, bm, scale)
-    ref = block_sparse_attn(q.float(), k.float(), v.float(), mask, is_causal=causal, scale=scale, pvthreshd=None,
-                            backend="reference")
-    kernel = block_sparse_attn(q, k, v, mask, is_causal=causal, scale=scale, pvthreshd=None, quant="none",
-                               backend="triton")
+    ref = block_sparse_attn(
+        q.float(),
+        k.float(),
+        v.float(),
+        mask,
+        is_causal=causal,
+        scale=scale,
+        pvthreshd=None,
+        backend="reference",
+    )
+    kernel = block_sparse_attn(
+        q, k, v, mask, is_causal=causal, scale=scale, pvthreshd=None, quant="none", backend="triton"
+    )
     torch.testing.assert_close(flex, ref, atol=2e-6, rtol=1e-5)
     assert rel_l1(kernel.float(), flex) < 2e-3 if flex.abs().sum() else kernel.abs().sum() == 0
     # the block lists are the kept pairs the kernel visits
@@ -71,7 +81,9 @@ def test_broadcast_map_and_non_finite_inputs_propagate():
     mask = random_block_mask(1, 1, 150, 150, 0.5, seed=2) | R.causal_diagonal_block_mask(150, 150, 128, 64)
     bm = to_flex_block_mask(mask, 150, 150, is_causal=True)
     flex = _flex(q, k, v, bm, None)
-    ref = block_sparse_attn(q, k, v, mask.expand(2, 4, -1, -1), is_causal=True, pvthreshd=None, backend="reference")
+    ref = block_sparse_attn(
+        q, k, v, mask.expand(2, 4, -1, -1), is_causal=True, pvthreshd=None, backend="reference"
+    )
     assert torch.equal(torch.isnan(flex), torch.isnan(ref)) and torch.isnan(ref[1, :2]).any()
     assert not torch.isnan(ref[0]).any()
     finite = ~torch.isnan(ref)
@@ -88,8 +100,10 @@ def test_predicted_map_of_a_method_and_a_layer_config():
     torch.testing.assert_close(_flex(q, k, v, bm, None), ref, atol=2e-6, rtol=1e-5)
     lc = LayerConfig(0, (0.2, 0.5), (50.0, 50.0), cdfthreshd=(0.6, 0.9))
     bm = predicted_flex_block_mask(q, k, lc)
-    assert torch.equal(bm.to_dense().bool(), get_method("sparge", simthreshd1=[0.2, 0.5],
-                                                        cdfthreshd=[0.6, 0.9]).block_mask(q, k, is_causal=False))
+    assert torch.equal(
+        bm.to_dense().bool(),
+        get_method("sparge", simthreshd1=[0.2, 0.5], cdfthreshd=[0.6, 0.9]).block_mask(q, k, is_causal=False),
+    )
     with pytest.raises(ValueError, match="3 heads"):
         predicted_flex_block_mask(q, k, LayerConfig(0, (0.2,) * 3, (50.0,) * 3, cdfthreshd=(0.5,) * 3))
 
@@ -109,7 +123,10 @@ def test_compiled_flex_walks_the_same_blocks_on_gpu(causal):
     mask = random_block_mask(1, 4, 1000, 1300, 0.4, seed=4, device="cuda")
     mask |= R.causal_diagonal_block_mask(1000, 1300, R.BLOCK_Q, R.BLOCK_K, device="cuda")
     bm = to_flex_block_mask(mask, 1000, 1300, is_causal=causal)
-    flex = torch.compile(flex_attention, dynamic=False)(q, k, v, block_mask=bm, enable_gqa=True,
-                                                        kernel_options={"BLOCK_M": 128, "BLOCK_N": 64})
-    kernel = block_sparse_attn(q, k, v, mask, is_causal=causal, pvthreshd=None, quant="none", backend="triton")
+    flex = torch.compile(flex_attention, dynamic=False)(
+        q, k, v, block_mask=bm, enable_gqa=True, kernel_options={"BLOCK_M": 128, "BLOCK_N": 64}
+    )
+    kernel = block_sparse_attn(
+        q, k, v, mask, is_causal=causal, pvthreshd=None, quant="none", backend="triton"
+    )
     assert rel_l1(flex.float(), kernel.float()) < 2e-3

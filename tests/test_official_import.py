@@ -28,12 +28,20 @@ def _module(sim, cdf, pv, *, sparse=None, sim2=None, topk=None) -> dict[str, tor
 
 def _state(modules: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The official tuner's layout: '<module>.inner_attention.<param>', modules in model order."""
-    return {f"{name}.inner_attention.{param}": value for name, params in modules.items() for param, value in params.items()}
+    return {
+        f"{name}.inner_attention.{param}": value
+        for name, params in modules.items()
+        for param, value in params.items()
+    }
 
 
 MODULES = {  # insertion (model) order; block 10 before block 2 on purpose: the file order wins, not sorting
-    "transformer_blocks.0.attn1": _module([1.0, -0.9375, 0.3125, 1.0], [1.0, 0.95, 0.9, 1.0], [49.97, 4.4, 2.2, 50.0],
-                                          sparse=[False, True, True, False]),
+    "transformer_blocks.0.attn1": _module(
+        [1.0, -0.9375, 0.3125, 1.0],
+        [1.0, 0.95, 0.9, 1.0],
+        [49.97, 4.4, 2.2, 50.0],
+        sparse=[False, True, True, False],
+    ),
     "transformer_blocks.10.attn1": _module([0.0625] * HEADS, [0.98, 0.97, 0.96, 0.5], [20.0, 1.5, 0.3, 0.0]),
     "transformer_blocks.2.attn1": _module([-1.0] * HEADS, [0.1] * HEADS, [10.0] * HEADS),
 }
@@ -44,27 +52,48 @@ def test_import_maps_each_module_to_a_layer_per_head(tmp_path):
     torch.save(_state(MODULES), path)
     config = load_official(path, model_name="cog-tiny", head_dim=64)
     assert (config.l1, config.pv_l1) == (0.06, 0.07)
-    assert (config.model.name, config.model.num_layers, config.model.num_heads, config.model.num_kv_heads,
-            config.model.head_dim) == ("cog-tiny", 3, HEADS, HEADS, 64)
+    assert (
+        config.model.name,
+        config.model.num_layers,
+        config.model.num_heads,
+        config.model.num_kv_heads,
+        config.model.head_dim,
+    ) == ("cog-tiny", 3, HEADS, HEADS, 64)
     for layer, params in enumerate(MODULES.values()):
         lc = config.layer(layer)
         for name in ("simthreshd1", "cdfthreshd", "pvthreshd"):
             assert getattr(lc, name) == pytest.approx(params[name].tolist()), (layer, name)
         assert lc.topk is None and lc.estimator == "pooled"
-    assert config.calibration["modules"] == {"0": "transformer_blocks.0.attn1", "1": "transformer_blocks.10.attn1",
-                                             "2": "transformer_blocks.2.attn1"}
+    assert config.calibration["modules"] == {
+        "0": "transformer_blocks.0.attn1",
+        "1": "transformer_blocks.10.attn1",
+        "2": "transformer_blocks.2.attn1",
+    }
     assert config.calibration["heads_tuned_dense"] == 2 and len(config.calibration["state_dict_sha256"]) == 64
     assert path.name in config.calibration["source"]
-    assert not config.layer(0).is_dense and config.layer(0).kwargs()["cdfthreshd"][0] == 1.0  # head 0 keeps all
+    assert (
+        not config.layer(0).is_dense and config.layer(0).kwargs()["cdfthreshd"][0] == 1.0
+    )  # head 0 keeps all
     assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config  # a valid config file
 
 
 def test_module_names_give_the_layer_order_and_rename_maps_names():
-    state = _state({"blocks.1.self_attn": MODULES["transformer_blocks.2.attn1"],
-                    "blocks.0.self_attn": MODULES["transformer_blocks.10.attn1"]})
+    state = _state(
+        {
+            "blocks.1.self_attn": MODULES["transformer_blocks.2.attn1"],
+            "blocks.0.self_attn": MODULES["transformer_blocks.10.attn1"],
+        }
+    )
     names = ["blocks.0.attn1", "blocks.1.attn1", "blocks.2.attn1"]
-    config = import_state_dict(state, model_name="wan-tiny", head_dim=128, l1=0.05, pv_l1=0.06, module_names=names,
-                               rename={"self_attn": "attn1"})
+    config = import_state_dict(
+        state,
+        model_name="wan-tiny",
+        head_dim=128,
+        l1=0.05,
+        pv_l1=0.06,
+        module_names=names,
+        rename={"self_attn": "attn1"},
+    )
     assert config.model.num_layers == 3 and [lc.layer for lc in config.layers] == [0, 1]
     assert config.layer(1).cdfthreshd == pytest.approx([0.1] * HEADS)
     with pytest.raises(ConfigError, match=r"'blocks.1.self_attn'.*not one of the target's attention modules"):
@@ -83,22 +112,50 @@ def _broken(edit) -> dict:
     return _state(modules)
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda m: m["transformer_blocks.2.attn1"].update(temperature=torch.ones(HEADS)),
-     r"'transformer_blocks.2.attn1.inner_attention.temperature' is not a SpargeAttn tuned hyperparameter"),
-    (lambda m: m["transformer_blocks.2.attn1"].pop("pvthreshd"), r"'transformer_blocks.2.attn1.inner_attention' has no pvthreshd"),
-    (lambda m: m["transformer_blocks.2.attn1"].update(topk=torch.full((HEADS,), 0.5)), "exactly one of cdfthreshd and topk"),
-    (lambda m: m["transformer_blocks.0.attn1"].update(simthreshd2=torch.full((HEADS,), 0.3)),
-     r"transformer_blocks.0.attn1.inner_attention.simthreshd2 is non-zero"),
-    (lambda m: m["transformer_blocks.2.attn1"].update(cdfthreshd=torch.full((HEADS + 1,), 0.5)),
-     r"cdfthreshd has 5 heads but other modules have 4"),
-    (lambda m: m["transformer_blocks.10.attn1"].update(cdfthreshd=torch.tensor([0.5, 1.5, 0.5, 0.5])),
-     r"transformer_blocks.10.attn1.inner_attention.cdfthreshd\[1\] is 1.5, outside \[0.0, 1.0\]"),
-    (lambda m: m["transformer_blocks.10.attn1"].update(pvthreshd=torch.tensor([1.0, float("nan"), 1.0, 1.0])),
-     r"pvthreshd\[1\] is nan"),
-    (lambda m: m["transformer_blocks.10.attn1"].update(simthreshd1=torch.ones(2, 2)), "must be a 1-D per-head tensor"),
-    (lambda m: m["transformer_blocks.10.attn1"].update(is_sparse=torch.ones(HEADS)), "is_sparse must be a bool tensor"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (
+            lambda m: m["transformer_blocks.2.attn1"].update(temperature=torch.ones(HEADS)),
+            r"'transformer_blocks.2.attn1.inner_attention.temperature' is not a SpargeAttn tuned "
+            r"hyperparameter",
+        ),
+        (
+            lambda m: m["transformer_blocks.2.attn1"].pop("pvthreshd"),
+            r"'transformer_blocks.2.attn1.inner_attention' has no pvthreshd",
+        ),
+        (
+            lambda m: m["transformer_blocks.2.attn1"].update(topk=torch.full((HEADS,), 0.5)),
+            "exactly one of cdfthreshd and topk",
+        ),
+        (
+            lambda m: m["transformer_blocks.0.attn1"].update(simthreshd2=torch.full((HEADS,), 0.3)),
+            r"transformer_blocks.0.attn1.inner_attention.simthreshd2 is non-zero",
+        ),
+        (
+            lambda m: m["transformer_blocks.2.attn1"].update(cdfthreshd=torch.full((HEADS + 1,), 0.5)),
+            r"cdfthreshd has 5 heads but other modules have 4",
+        ),
+        (
+            lambda m: m["transformer_blocks.10.attn1"].update(cdfthreshd=torch.tensor([0.5, 1.5, 0.5, 0.5])),
+            r"transformer_blocks.10.attn1.inner_attention.cdfthreshd\[1\] is 1.5, outside \[0.0, 1.0\]",
+        ),
+        (
+            lambda m: m["transformer_blocks.10.attn1"].update(
+                pvthreshd=torch.tensor([1.0, float("nan"), 1.0, 1.0])
+            ),
+            r"pvthreshd\[1\] is nan",
+        ),
+        (
+            lambda m: m["transformer_blocks.10.attn1"].update(simthreshd1=torch.ones(2, 2)),
+            "must be a 1-D per-head tensor",
+        ),
+        (
+            lambda m: m["transformer_blocks.10.attn1"].update(is_sparse=torch.ones(HEADS)),
+            "is_sparse must be a bool tensor",
+        ),
+    ],
+)
 def test_what_cannot_be_mapped_is_refused_by_name(edit, message):
     with pytest.raises(ConfigError, match=message):
         import_state_dict(_broken(edit), model_name="m", head_dim=64, l1=0.05, pv_l1=0.06)

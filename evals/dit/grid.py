@@ -47,7 +47,9 @@ def image_grid(images01: torch.Tensor, cols: int, pad: int = 1) -> torch.Tensor:
     out = torch.ones(c, rows * (h + pad) + pad, cols * (w + pad) + pad)
     for i in range(b):
         r, q = divmod(i, cols)
-        out[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = images01[i]
+        out[
+            :, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w
+        ] = images01[i]
     return out
 
 
