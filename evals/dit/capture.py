@@ -19,7 +19,8 @@ step and time ``t``. Tensors are stored in the token order named by
 calibrate a Hilbert-ordered deployment directly). ``steps`` keeps only some denoising steps
 (storage: a video layer sample is about 3 x 2 MB in fp16).
 
-safetensors is imported here, outside ``sparge_core``, which stays torch + triton only.
+The files are written by ``calibrate.capture.SafetensorsSink`` (safetensors stays outside
+``sparge_core``, which imports only torch and triton).
 """
 
 from __future__ import annotations
@@ -27,12 +28,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from calibrate.capture import SafetensorsSink, sample_path
 from sparge_core.integrations.dit import QKVCapture, install
 from sparge_core.params import write_json_atomic
 
@@ -43,37 +43,6 @@ logger = logging.getLogger(__name__)
 
 CAPTURE_FORMAT = "sparge-qkv-capture"
 CAPTURE_VERSION = 1
-
-
-def sample_path(root: str | Path, layer: int, sample_id: int) -> Path:
-    return Path(root) / f"L{layer:03d}" / f"S{sample_id:03d}.safetensors"
-
-
-class SafetensorsSink:
-    """``sink(layer, sample, q, k, v)`` writing one safetensors file per (layer, sample)."""
-
-    def __init__(self, root: str | Path, dtype: torch.dtype = torch.float16):
-        from safetensors.torch import save_file
-
-        self._save = save_file
-        self.root = Path(root)
-        self.dtype = dtype
-        self.written: set[tuple[int, int]] = set()
-
-    def __call__(self, layer: int, sample_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        path = sample_path(self.root, layer, sample_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {name: t.to("cpu", self.dtype).contiguous() for name, t in (("q", q), ("k", k), ("v", v))}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            self._save(tensors, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        self.written.add((layer, sample_id))
 
 
 def load_sample(root: str | Path, layer: int, sample_id: int, device="cpu") -> tuple[torch.Tensor, ...]:
