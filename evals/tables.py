@@ -64,7 +64,7 @@ def table1(results: list[dict], model: str) -> str | None:
     rows: dict[str, dict[str, Any]] = {}
     devices = set()
     for r in results:
-        if r["_group"] != model or r["suite"] not in ("ppl", "niah", "longctx", "speed"):
+        if r["_group"] != model or r["suite"] not in ("ppl", "niah", "longctx", "ruler", "speed"):
             continue
         row = rows.setdefault(r["label"], {"label": r["label"]})
         devices.add(r.get("device", "?"))
@@ -81,6 +81,8 @@ def table1(results: list[dict], model: str) -> str | None:
             row["NIAH"] = scores.get("accuracy")
         elif r["suite"] == "longctx":
             row["long-ctx"] = scores.get("average")
+        elif r["suite"] == "ruler":
+            row["RULER"] = scores.get("average")
         elif r["suite"] == "speed":
             lengths = scores.get("lengths", {})
             if lengths:
@@ -95,11 +97,13 @@ def table1(results: list[dict], model: str) -> str | None:
     df = df.drop(columns=[c for c in ("sparsity",) if c in df.columns]).rename(columns={"label": "method (sparsity)"})
     cols = ["method (sparsity)"] + sorted([c for c in df.columns if c.startswith("TOPS")]) + \
         sorted([c for c in df.columns if c.startswith("PPL")], key=lambda c: int(c.split()[1])) + \
-        [c for c in ("long-ctx", "NIAH") if c in df.columns] + [c for c in df.columns if c.startswith("prefill")]
+        [c for c in ("long-ctx", "RULER", "NIAH") if c in df.columns] + \
+        [c for c in df.columns if c.startswith("prefill")]
     df = df[[c for c in cols if c in df.columns]]
     body = markdown_table(list(df.columns), [[row[c] for c in df.columns] for _, row in df.iterrows()])
+    ruler = "RULER: lm-eval's offline RULER tasks, mean accuracy; " if "RULER" in df.columns else ""
     note = (f"\n\nDevice: {', '.join(sorted(devices))}. PPL: perplexity on the corpus named in each result file "
-            f"(a WikiText substitute); long-ctx: generated RULER-style tasks (a LongBench substitute); NIAH: "
+            f"(a WikiText substitute); long-ctx: generated RULER-style tasks (a LongBench substitute); {ruler}NIAH: "
             f"generated passkey / multi-key retrieval. Sparsity: mean over layers at the longest PPL length.\n")
     return body + note
 

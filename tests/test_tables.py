@@ -15,6 +15,7 @@ def _fixture(root):
         write_result(root, "ppl", "m", s, scores={"ppl@8192": ppl, "ppl@2048": ppl + 2}, sparsity=sp)
         write_result(root, "niah", "m", s, scores={"accuracy": acc})
         write_result(root, "longctx", "m", s, scores={"average": avg})
+        write_result(root, "ruler", "m", s, scores={"average": acc / 2})
         write_result(root, "speed", "m", s, scores={"lengths": {"8192": {"attention_tops": tops, "prefill_ms": 30.0}}})
     (root / "kernel").mkdir()
     (root / "kernel" / "card.csv").write_text(
@@ -52,7 +53,9 @@ def test_tables_from_fixture_results(tmp_path):
     assert {"9.500", "64.000"} <= set(rows["sparge (0.60)"])
     assert "minference@matched (0.60)" in rows
     # column order: TOPS, PPL by length, long-ctx, NIAH
-    assert rows["method (sparsity)"][:5] == ["method (sparsity)", "TOPS@8192", "PPL 2048", "PPL 8192", "long-ctx"]
+    assert rows["method (sparsity)"][:7] == ["method (sparsity)", "TOPS@8192", "PPL 2048", "PPL 8192", "long-ctx",
+                                             "RULER", "NIAH"]
+    assert rows["dense (0.00)"][5] == "0.415" and "RULER: lm-eval's offline RULER tasks" in text
     # kernel: speed-up over cuDNN from the same CSV
     assert ["False", "0.50", "2.00x", "1.40x", "1.33x"] in _table_rows(text)
     # image: failed methods are left out; the ablation has its own table
