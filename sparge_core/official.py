@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("file", help="the .pt file the official tuner saved")
     p.add_argument(
-        "--out", required=True, help="the config JSON to write (or a model folder: sparge_config.json)"
+        "--out", required=True, help="a .json file, or a folder (written as <folder>/sparge_config.json)"
     )
     p.add_argument("--model", required=True, help="model name recorded in the config")
     p.add_argument("--head-dim", type=int, required=True, help="attention head dimension of the model")
@@ -307,7 +307,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    written = config.save_pretrained(out) if out.is_dir() else (config.save(out) or out)
+    if out.suffix == ".json":
+        config.save(out)
+        written = out
+    else:  # a model folder
+        written = config.save_pretrained(out)
     print(f"wrote {written}: {len(config.layers)} layers x {config.model.num_heads} heads")
     return 0
 

@@ -413,3 +413,20 @@ def test_the_integration_does_not_import_diffusers():
         "assert 'diffusers' not in sys.modules, 'diffusers imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=REPO)
+
+
+@pytest.mark.gpu
+def test_keep_everything_equals_dense_on_gpu_fp16():
+    """The Triton kernel inside a diffusers model on CUDA (fp16): keeping every block matches SDPA."""
+    model, inputs, _ = _wan()
+    model = model.to("cuda", torch.float16)
+    inputs = {k: v.to("cuda", torch.float16 if v.is_floating_point() else v.dtype) if isinstance(v, torch.Tensor) else v
+              for k, v in inputs.items()}
+    dense = _run(model, inputs).float()
+    with D.apply(model, "sparge", simthreshd1=1.0, cdfthreshd=1.0, backend="triton") as handle:
+        out = _run(model, inputs).float()
+    assert handle.summary()["calls"] == 2
+    assert (out - dense).abs().max().item() < 2e-2 * dense.abs().max().item()
+    with D.apply(model, "sparge-topk", topk=0.3, backend="triton") as handle:
+        sparse = _run(model, inputs).float()
+    assert torch.isfinite(sparse).all() and handle.summary()["qk_sparsity"] > 0.5

@@ -180,10 +180,11 @@ def test_files_without_bounds_or_tensors_are_refused(tmp_path):
 def test_cli_writes_a_config_and_exits_2_on_bad_input(tmp_path, capsys):
     path = tmp_path / "Model_0.05_0.06.pt"
     torch.save(_state(MODULES), path)
-    folder = tmp_path / "model"
-    folder.mkdir()
+    folder = tmp_path / "model"  # a folder that does not exist yet: written as <folder>/sparge_config.json
     assert main([str(path), "--out", str(folder), "--model", "m", "--head-dim", "64"]) == 0
     assert ModelConfig.load(folder).model.num_layers == 3
+    assert main([str(path), "--out", str(tmp_path / "c.json"), "--model", "m", "--head-dim", "64"]) == 0
+    assert ModelConfig.load(tmp_path / "c.json").model.num_layers == 3
     torch.save(_broken(lambda m: m["transformer_blocks.2.attn1"].pop("simthreshd1")), path)
     assert main([str(path), "--out", str(tmp_path / "x.json"), "--model", "m", "--head-dim", "64"]) == 2
     assert "has no simthreshd1" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
