@@ -286,8 +286,8 @@ class _Installed:
         for layer, name in enumerate(self.module_names):
             inner = self._originals[f"{name}.processor"]
             wrapped[f"{name}.processor"] = _processor_class(type(inner))(inner, layer, name, attend)
+        model.set_attn_processor(wrapped)  # raises before anything is installed if diffusers refuses
         self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
-        model.set_attn_processor(wrapped)
         setattr(model, _HANDLE_ATTR, self)
 
     def _pre_forward(self, module, args, kwargs):
