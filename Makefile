@@ -8,7 +8,7 @@ VENV   ?= .venv
 PYTHON ?= $(VENV)/bin/python
 # the torch to install into the venv; the CPU wheel by default. On a CUDA machine: TORCH=torch
 TORCH  ?= torch==2.13.0
-EXTRAS ?= calib,models,eval,image,lm_eval,dev,postgres
+EXTRAS ?= calib,models,eval,image,lmeval,diffusers,dev,postgres
 
 ifeq ($(PYTHON),$(VENV)/bin/python)
 SETUP := $(VENV)/.installed

@@ -11,17 +11,23 @@ File layout (a contract other modules rely on)::
 ``sparge_core.integrations.transformers.capture_qkv``; every file is written atomically and
 ``meta.json`` last, so a folder with a ``meta.json`` is complete. ``load_captured(dir, layer)``
 reads one layer back.
+
+Diffusion transformers write the same layout through ``SafetensorsSink`` (the sink of
+``sparge_core.integrations.dit.QKVCapture``): ``evals.dit.capture`` for the project's DiTs and
+``capture_diffusers`` here for diffusers models; their ``meta.json`` adds ``source``,
+``is_causal`` (false), ``token_layout`` and ``sample_info`` (one record per sample).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -97,6 +103,72 @@ def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+
+
+class SafetensorsSink:
+    """``sink(layer, sample, q, k, v)`` writing ``L{layer}/S{sample}.safetensors`` atomically (the
+    tensors cast to ``dtype`` on the CPU; None keeps theirs). ``sha256`` hashes everything written,
+    in order (the capture's data fingerprint)."""
+
+    def __init__(self, root: str | os.PathLike, dtype: torch.dtype | None = torch.float16):
+        self.root = Path(root)
+        self.dtype = dtype
+        self.written: set[tuple[int, int]] = set()
+        self.stored_dtype: torch.dtype | None = None
+        self._digest = hashlib.sha256()
+
+    def __call__(self, layer: int, sample: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        tensors = {name: t.detach().to("cpu", self.dtype or t.dtype).contiguous()
+                   for name, t in (("q", q), ("k", k), ("v", v))}
+        save_tensors_atomic(sample_path(self.root, layer, sample), tensors)
+        self._digest.update(f"L{layer}S{sample}".encode())
+        for t in tensors.values():
+            self._digest.update(t.view(torch.uint8).numpy().tobytes())
+        self.stored_dtype = tensors["q"].dtype
+        self.written.add((layer, sample))
+
+    @property
+    def sha256(self) -> str:
+        return self._digest.hexdigest()
+
+
+@contextlib.contextmanager
+def capture_diffusers(model, out_dir: str | os.PathLike, *, model_name: str, order: str | None = "hilbert",
+                      layers: Iterable[int] | None = None, steps: Iterable[int] | None = None,
+                      rows: Iterable[int] | None = None, dtype: torch.dtype | None = torch.float16,
+                      data_name: str = "diffusers-prompts") -> Iterator[Any]:
+    """Capture a diffusers transformer's Q/K/V to ``out_dir`` while the ``with`` block runs it::
+
+        with capture_diffusers(pipe.transformer, "runs/wan.capture", model_name="wan-1.3b", steps=[0, 15]):
+            pipe(prompt, num_inference_steps=30)
+        # sparge-calibrate --model wan-1.3b --capture-dir runs/wan.capture --non-causal
+        #     --samples N-1 --holdout 1 --seq-len <meta seq_len> --out runs/wan.json
+
+    One sample per (transformer call, batch row) of the kept ``steps`` / ``rows`` (see
+    ``sparge_core.integrations.diffusers.capture``), stored in ``order`` (Hilbert by default, the order
+    ``apply`` deploys). ``meta.json`` is written when the block ends without an error; yields the
+    capture handle (``handle.samples`` labels each sample).
+    """
+    from sparge_core.integrations.diffusers import capture
+
+    out = Path(out_dir)
+    if (out / META_FILE).exists():
+        raise FileExistsError(f"{out} already holds a capture (meta.json); choose a new folder or delete it")
+    sink = SafetensorsSink(out, dtype=dtype)
+    handle = capture(model, sink, order=order, layers=layers, steps=steps, rows=rows)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+    fields = handle.meta()
+    if not fields["samples"] or not sink.written:
+        raise ValueError("nothing was captured: run the transformer (or its pipeline) inside the with-block, "
+                         "and check that steps= / rows= keep some calls")
+    meta = {"format": FORMAT, "version": VERSION, "model": model_name, **fields,
+            "data": {"name": data_name, "sha256": sink.sha256, "window_starts": []},
+            "dtype": str(sink.stored_dtype).removeprefix("torch.")}
+    write_json_atomic(out / META_FILE, meta)
+    logger.info("captured %d samples x %d layers into %s", meta["samples"], len(meta["layers"]), out)
 
 
 @dataclass(frozen=True)

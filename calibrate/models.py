@@ -27,8 +27,6 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +34,7 @@ from typing import Any, Callable
 
 import torch
 
-from sparge_core.atomic import atomic_open, default_dir_mode
+from sparge_core.atomic import atomic_dir, atomic_open
 from sparge_core.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -289,22 +287,11 @@ def _require_gguf_deps() -> None:
 
 
 def _save_folder_atomic(model, tokenizer, folder: Path) -> None:
-    """save_pretrained into a temporary sibling folder, then rename it into place."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    os.chmod(tmp, default_dir_mode())  # mkdtemp makes it 0700
-    try:
+    """save_pretrained into a temporary sibling folder, then rename it into place (a cache another
+    process filled first is kept)."""
+    with atomic_dir(folder, replace=False) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process filled the cache first; keep theirs
-            if not (folder / "config.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("cached the converted model in %s", folder)
 
 

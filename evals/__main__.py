@@ -6,6 +6,7 @@ Suites (each writes ``<out>/<suite>/<model>/<label>.json``; schema in results/RE
   niah      needle in a haystack (single passkey, multi-key with distractors) + heatmap PNG
   longctx   generated long-context tasks (a LongBench substitute, RULER style)
   longbench the real LongBench tasks, from local files (--longbench-dir)
+  ruler     lm-eval's own RULER tasks that run offline (evals.ruler; --ruler-tasks, --lengths, --per-task)
   speed     prefill latency and attention-only time per layer
   t2i, t2v  the self-trained text-to-image / text-to-video DiTs (image metrics)
   ablation  the permutation ablation (paper Table 4) on the video DiT
@@ -49,7 +50,7 @@ LLM_SUITES: Registry[Callable[..., list[Path]]] = Registry("text suite")
 #: each text suite's context lengths when --lengths is not given (those beyond the model's context
 #: are left out, with a warning; given ones beyond it are an error)
 DEFAULT_LENGTHS = {"ppl": [2048, 4096, 8192], "niah": [1024, 2048, 4096, 8192], "longctx": [4096, 8192],
-                   "longbench": [8192], "speed": [2048, 4096, 8192]}
+                   "longbench": [8192], "speed": [2048, 4096, 8192], "ruler": [4096]}
 ALL_SUITES = ["ppl", "niah", "longctx", "speed"]
 CORPUS_SUITES = ("ppl", "speed")
 DEFAULT_OUT = "runs"
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="niah: needle depths")
     p.add_argument("--per-task", type=int, default=4, help="longctx: items per task and length")
     p.add_argument("--longbench-dir", default=None, help="longbench: folder of LongBench v1 JSONL files")
+    # ruler (evals.ruler): lm-eval's RULER tasks; --per-task items per task and length, --lengths (default 4096)
+    p.add_argument("--ruler-tasks", nargs="+", default=None, help="ruler: RULER tasks (default: every offline one)")
+    p.add_argument("--max-gen-toks", type=int, default=None, help="ruler: cap on generated tokens (default: RULER's)")
     p.add_argument("--clip", default=None, help="t2i/t2v: the project's CLIP checkpoint")
     p.add_argument("--prompts", type=int, default=None, help="t2i/t2v: number of prompts (default: every attribute "
                    "combination)")
@@ -315,6 +319,13 @@ def suite_speed(args, model, tokenizer, settings, model_name: str) -> list[Path]
     return paths
 
 
+@LLM_SUITES.register("ruler")
+def suite_ruler(args, model, tokenizer, settings, model_name: str) -> list[Path]:
+    from .ruler import suite_ruler as run
+
+    return run(args, model, tokenizer, settings, model_name)
+
+
 def run_llm(args, suites: list[str]) -> int:
     import torch
 
@@ -401,6 +412,13 @@ def _main(args) -> int:
         return 0
     if args.suite in ("t2i", "t2v", "ablation"):
         return run_image(args)
+    if args.suite == "ruler":  # bad task names and missing packages exit 2 before the model loads
+        from .ruler import OFFLINE_TASKS, check_tasks
+
+        try:
+            check_tasks(args.ruler_tasks or OFFLINE_TASKS)
+        except ValueError as err:
+            raise InputError(str(err)) from err
     return run_llm(args, ALL_SUITES if args.suite == "all" else [args.suite])
 
 

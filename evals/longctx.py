@@ -1,6 +1,11 @@
 """Long-context quality: a generated LongBench substitute (RULER-style tasks) and a loader/scorer for
 the real LongBench v1 files when a user has them locally.
 
+lm-eval's own RULER tasks that run offline (multi-key NIAH, vt, cwe, fwe) are the ``ruler`` suite
+(``evals.ruler``); this generator stays for what they lack offline (multi-value NIAH and QA, whose
+RULER versions download essays / SQuAD / HotpotQA), exact token lengths, filler from a local corpus,
+and the committed ``longctx`` results.
+
 **LongBench substitute (generated).** LongBench cannot be downloaded here, so ``build_tasks``
 generates long-context tasks in the style of RULER, each prompt exactly ``length`` tokens of the
 model's tokenizer, deterministic for a seed:

@@ -1,5 +1,8 @@
 """Needle-in-a-haystack (NIAH): retrieval of planted facts from long contexts, length x depth grid.
 
+(lm-eval's RULER NIAH tasks, the ``ruler`` suite, draw needle depths at random; this generator gives
+the controlled length x depth grid and its heatmap.)
+
 What is built (``build_niah``): for every context length, needle depth, kind and repeat, one prompt
 of **exactly** ``length`` tokens (instruction + haystack with the needle(s) + question + the start
 of the answer):

@@ -64,7 +64,7 @@ def table1(results: list[dict], model: str) -> str | None:
     rows: dict[str, dict[str, Any]] = {}
     devices = set()
     for r in results:
-        if r["_group"] != model or r["suite"] not in ("ppl", "niah", "longctx", "speed"):
+        if r["_group"] != model or r["suite"] not in ("ppl", "niah", "longctx", "ruler", "speed"):
             continue
         row = rows.setdefault(r["label"], {"label": r["label"]})
         devices.add(r.get("device", "?"))
@@ -81,6 +81,8 @@ def table1(results: list[dict], model: str) -> str | None:
             row["NIAH"] = scores.get("accuracy")
         elif r["suite"] == "longctx":
             row["long-ctx"] = scores.get("average")
+        elif r["suite"] == "ruler":
+            row["RULER"] = scores.get("average")
         elif r["suite"] == "speed":
             lengths = scores.get("lengths", {})
             if lengths:
@@ -95,21 +97,24 @@ def table1(results: list[dict], model: str) -> str | None:
     df = df.drop(columns=[c for c in ("sparsity",) if c in df.columns]).rename(columns={"label": "method (sparsity)"})
     cols = ["method (sparsity)"] + sorted([c for c in df.columns if c.startswith("TOPS")]) + \
         sorted([c for c in df.columns if c.startswith("PPL")], key=lambda c: int(c.split()[1])) + \
-        [c for c in ("long-ctx", "NIAH") if c in df.columns] + [c for c in df.columns if c.startswith("prefill")]
+        [c for c in ("long-ctx", "RULER", "NIAH") if c in df.columns] + \
+        [c for c in df.columns if c.startswith("prefill")]
     df = df[[c for c in cols if c in df.columns]]
-    body = _markdown(df)
+    body = markdown_table(list(df.columns), [[row[c] for c in df.columns] for _, row in df.iterrows()])
+    ruler = "RULER: lm-eval's offline RULER tasks, mean accuracy; " if "RULER" in df.columns else ""
     note = (f"\n\nDevice: {', '.join(sorted(devices))}. PPL: perplexity on the corpus named in each result file "
-            f"(a WikiText substitute); long-ctx: generated RULER-style tasks (a LongBench substitute); NIAH: "
+            f"(a WikiText substitute); long-ctx: generated RULER-style tasks (a LongBench substitute); {ruler}NIAH: "
             f"generated passkey / multi-key retrieval. Sparsity: mean over layers at the longest PPL length.\n")
     return body + note
 
 
-def _markdown(df) -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
-    for _, row in df.iterrows():
-        lines.append("| " + " | ".join(_fmt(row[c]) for c in cols) + " |")
-    return "\n".join(lines)
+def markdown_table(columns: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub-flavoured Markdown table (``DataFrame.to_markdown``, i.e. tabulate's pipe format) of
+    cells formatted by ``_fmt``; tabulate's own number parsing is off so every cell prints as given."""
+    import pandas as pd
+
+    frame = pd.DataFrame([[_fmt(cell) for cell in row] for row in rows], columns=columns)
+    return frame.to_markdown(index=False, tablefmt="github", disable_numparse=True)
 
 
 def kernel_table(root: Path) -> str | None:
@@ -125,9 +130,9 @@ def kernel_table(root: Path) -> str | None:
         sel = df[(df.n == df.n.max()) & (df.d == 128)]
         if sel.empty:
             continue
-        lines = [f"**{csv.stem}** (`{csv.relative_to(root.parent)}`), N={int(df.n.max())}, D=128, H={int(df.heads.iloc[0])}, "
-                 "speed-up over sdpa-cudnn in the same run:", "",
-                 "| causal | density | sparge-quant | sparge | flex |", "| --- | --- | --- | --- | --- |"]
+        title = (f"**{csv.stem}** (`{csv.relative_to(root.parent)}`), N={int(df.n.max())}, D=128, "
+                 f"H={int(df.heads.iloc[0])}, speed-up over sdpa-cudnn in the same run:")
+        rows = []
         for causal, grp in sel.groupby("causal"):
             cudnn = grp[grp.method == "sdpa-cudnn"].ms.min()
             for dens in sorted(grp[(grp["mask"] == "random")].density.unique(), reverse=True):
@@ -137,8 +142,9 @@ def kernel_table(root: Path) -> str | None:
                     v = g[g.method == m].ms
                     return f"{cudnn / v.iloc[0]:.2f}x" if len(v) else "–"
 
-                lines.append(f"| {causal} | {dens:.2f} | {ratio('sparge-quant')} | {ratio('sparge')} | {ratio('flex')} |")
-        parts.append("\n".join(lines))
+                rows.append([str(causal), f"{dens:.2f}", ratio("sparge-quant"), ratio("sparge"), ratio("flex")])
+        parts.append("\n".join([title, "", markdown_table(["causal", "density", "sparge-quant", "sparge", "flex"],
+                                                          rows)]))
     return "\n\n".join(parts) if parts else None
 
 
@@ -162,14 +168,14 @@ def calibration_table(root: Path) -> str | None:
         elif held:  # configs written before the per-layer measure: holdout_l1 was the worst head
             held_txt = f"– ({max(held.values()) / doc['pv_l1']:.2f}x), {cal.get('holdout_windows', 1)} win"
         setting = f"{cal.get('estimator', 'pooled')}, margin {cal.get('margin', 1.0)}"
-        lines.append(f"| {doc['model']['name']} | {cal.get('samples')} x {cal.get('seq_len')} | {doc['l1']}/{doc['pv_l1']} | "
-                     f"{setting} | {sum(sp) / len(sp):.3f} | {held_txt} | {cal.get('seconds')} | {cal.get('evaluations')} | "
-                     f"{cal.get('device')} | `{f.relative_to(root.parent)}` |")
+        lines.append([doc["model"]["name"], f"{cal.get('samples')} x {cal.get('seq_len')}", f"{doc['l1']}/{doc['pv_l1']}",
+                      setting, f"{sum(sp) / len(sp):.3f}", held_txt, str(cal.get("seconds")), str(cal.get("evaluations")),
+                      str(cal.get("device")), f"`{f.relative_to(root.parent)}`"])
     if not lines:
         return None
-    return "\n".join(["| model | samples x tokens | l1/pv_l1 | estimator, margin | mean sparsity | held-out worst layer L1 / pv_l1 (worst head) "
-                      "| search s | evaluations | device | file |",
-                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", *lines])
+    return markdown_table(["model", "samples x tokens", "l1/pv_l1", "estimator, margin", "mean sparsity",
+                           "held-out worst layer L1 / pv_l1 (worst head)", "search s", "evaluations", "device", "file"],
+                          lines)
 
 
 _IMAGE_COLUMNS = [("sparsity", "sparsity"), ("attention_tops", "attn TOPS"),
@@ -197,20 +203,16 @@ def image_tables(root: Path) -> str | None:
             if not rows:
                 continue
             head = ["method"] + [name for _, name in _IMAGE_COLUMNS]
-            lines = [f"**{suite}: {f.parent.name}** (`{f.relative_to(root.parent)}`, {doc.get('device', '?')})", "",
-                     "| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
-            lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
-            parts.append("\n".join(lines))
+            parts.append("\n".join([f"**{suite}: {f.parent.name}** (`{f.relative_to(root.parent)}`, "
+                                    f"{doc.get('device', '?')})", "", markdown_table(head, rows)]))
         for f in sorted(folder.glob("*/permutation_ablation.json")) if folder.exists() else []:
             doc = json.loads(f.read_text())
             bound = (doc.get("settings") or {}).get("l1_bound")
-            lines = [f"**Permutation ablation (paper Table 4) on {f.parent.name}** (`{f.relative_to(root.parent)}`, "
-                     f"{doc.get('device', '?')}, L1 bound {bound})", "", "| order | Sim-q | Sim-k | L1 | sparsity |",
-                     "| --- | --- | --- | --- | --- |"]
-            for order, r in doc.get("orders", {}).items():
-                lines.append(f"| {order} | {_fmt(r.get('sim_q'))} | {_fmt(r.get('sim_k'))} | {_fmt(r.get('l1'), 4)} | "
-                             f"{_fmt(r.get('sparsity'))} |")
-            parts.append("\n".join(lines))
+            rows = [[order, _fmt(r.get("sim_q")), _fmt(r.get("sim_k")), _fmt(r.get("l1"), 4), _fmt(r.get("sparsity"))]
+                    for order, r in doc.get("orders", {}).items()]
+            parts.append("\n".join([f"**Permutation ablation (paper Table 4) on {f.parent.name}** "
+                                    f"(`{f.relative_to(root.parent)}`, {doc.get('device', '?')}, L1 bound {bound})", "",
+                                    markdown_table(["order", "Sim-q", "Sim-k", "L1", "sparsity"], rows)]))
     return "\n\n".join(parts) if parts else None
 
 

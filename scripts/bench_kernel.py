@@ -57,6 +57,7 @@ from calibrate.cli import HelpFormatter  # noqa: E402
 from evals.environment import gpu_name, gpu_slug, versions  # noqa: E402
 from sparge_core import block_sparse_attn  # noqa: E402
 from sparge_core.atomic import atomic_path, write_text_atomic  # noqa: E402
+from sparge_core.export import to_flex_block_mask  # noqa: E402
 from sparge_core.ops import attention as A  # noqa: E402
 from sparge_core.ops import fa4 as FA4  # noqa: E402
 from sparge_core.ops import reference as R  # noqa: E402
@@ -96,38 +97,15 @@ def measured_density(mask: torch.Tensor, n: int, causal: bool) -> float:
 # --------------------------------------------------------------------------------------------
 # FlexAttention on a block map
 # --------------------------------------------------------------------------------------------
-def _causal_mask_mod(b, h, q_idx, kv_idx):
-    return kv_idx <= q_idx
-
-
 def flex_block_mask(mask: torch.Tensor, n: int, causal: bool):
-    """The BLOCK_Q x BLOCK_K map as a FlexAttention ``BlockMask`` (Nq = Nk = n): kept blocks wholly
-    inside the causal triangle (all of them when not causal) are "full" blocks, the kept diagonal
-    blocks are "partial" ones whose tokens the causal ``mask_mod`` masks. The sparsity lives in the
-    block lists only, so the mask_mod is one module-level function: a new map never recompiles."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    kept = mask & R.allowed_block_mask(n, n, causal, device=mask.device)
-    if causal:
-        first_q = torch.arange(kept.shape[2], device=mask.device) * R.BLOCK_Q
-        last_k = (torch.arange(kept.shape[3], device=mask.device) + 1) * R.BLOCK_K - 1
-        full_region = last_k[None, :] <= first_q[:, None]
-    else:
-        full_region = torch.ones(kept.shape[2:], dtype=torch.bool, device=mask.device)
-    full, partial = kept & full_region, kept & ~full_region
-
-    def lists(m):
-        order = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-        return m.sum(-1, dtype=torch.int32), order
-
-    kv_num, kv_idx = lists(partial)
-    full_num, full_idx = lists(full)
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(R.BLOCK_Q, R.BLOCK_K),
-                                    mask_mod=_causal_mask_mod if causal else None, seq_lengths=(n, n))
+    """The BLOCK_Q x BLOCK_K map as a FlexAttention ``BlockMask`` (Nq = Nk = n) for compiled flex."""
+    return to_flex_block_mask(mask, n, n, is_causal=causal, token_mask=False)
 
 
 class Flex:
-    """Compiled FlexAttention with tiles that divide the 128x64 blocks."""
+    """Compiled FlexAttention with tiles that divide the 128x64 blocks, on the map exported by
+    ``sparge_core.export.to_flex_block_mask`` (sparsity in the block lists, so a new map never
+    recompiles)."""
 
     def __init__(self):
         from torch.nn.attention.flex_attention import flex_attention

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
@@ -83,6 +84,34 @@ def atomic_path(path: str | os.PathLike, *, mode: int | None = None) -> Iterator
             tmp.unlink()
         raise
     _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_dir(folder: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling folder; when the block ends without error it gets the umask's folder
+    mode and is renamed to ``folder`` (a reader sees the old folder or the new one, never a half-written
+    one). An existing ``folder`` is replaced (``replace=True``) or, if ``replace=False`` (a cache that
+    another process may have filled first), kept and the new one dropped."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=TMP_SUFFIX, dir=folder.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, default_dir_mode())  # mkdtemp makes it 0700
+        if folder.exists():
+            if not replace:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", suffix=TMP_SUFFIX, dir=folder.parent))
+            os.replace(folder, old / "previous")
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(folder.parent)
 
 
 @contextlib.contextmanager

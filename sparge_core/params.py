@@ -28,6 +28,8 @@ CONFIG_VERSIONS = (1, 2)  # what load() reads
 #: how ``weights_fingerprint`` samples each parameter tensor
 FINGERPRINT_SAMPLES = 4096
 FINGERPRINT_SCHEME = "sha256-bf16-sample"
+#: the file name a config has inside a model folder (``save_pretrained`` / ``load(folder)``)
+CONFIG_FILE_NAME = "sparge_config.json"
 
 
 class ConfigError(ValueError):
@@ -173,9 +175,23 @@ class ModelConfig:
     def save(self, path: str | os.PathLike) -> None:
         write_json_atomic(path, self.to_dict())
 
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write the config as ``<folder>/sparge_config.json`` (beside a model's own files, as
+        ``save_pretrained`` does for weights); ``ModelConfig.load(folder)`` reads it back."""
+        path = Path(folder) / CONFIG_FILE_NAME
+        self.save(path)
+        return path
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> ModelConfig:
+        """A config from a JSON file, or from a folder holding ``sparge_config.json``."""
         path = Path(path)
+        if path.is_dir():
+            if not (path / CONFIG_FILE_NAME).is_file():
+                raise ConfigError(f"config path {path} is a folder without {CONFIG_FILE_NAME}; pass the config file "
+                                  f"itself, or "
+                                  f"save one there with ModelConfig.save_pretrained({str(path)!r})")
+            path = path / CONFIG_FILE_NAME
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError as err:

@@ -15,6 +15,7 @@ def _fixture(root):
         write_result(root, "ppl", "m", s, scores={"ppl@8192": ppl, "ppl@2048": ppl + 2}, sparsity=sp)
         write_result(root, "niah", "m", s, scores={"accuracy": acc})
         write_result(root, "longctx", "m", s, scores={"average": avg})
+        write_result(root, "ruler", "m", s, scores={"average": acc / 2})
         write_result(root, "speed", "m", s, scores={"lengths": {"8192": {"attention_tops": tops, "prefill_ms": 30.0}}})
     (root / "kernel").mkdir()
     (root / "kernel" / "card.csv").write_text(
@@ -33,24 +34,46 @@ def _fixture(root):
                                                                                   "l1": 0.0498, "sparsity": 0.355}}}))
 
 
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    """Every Markdown table row of ``text`` as stripped cells (alignment rules left out)."""
+    rows = [_cells(line) for line in text.splitlines() if line.startswith("|")]
+    return [r for r in rows if not all(set(c) <= set(":-") and c for c in r)]
+
+
 def test_tables_from_fixture_results(tmp_path):
     _fixture(tmp_path)
     text = write_tables(tmp_path).read_text()
     assert "## Table 1 layout: m" in text
-    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
-    assert "9.400" in rows["dense (0.00)"] and "0.830" in rows["dense (0.00)"] and "18.700" in rows["dense (0.00)"]
-    assert "9.500" in rows["sparge (0.60)"] and "64.000" in rows["sparge (0.60)"]
+    rows = {r[0]: r for r in _table_rows(text)}
+    assert {"9.400", "0.830", "18.700"} <= set(rows["dense (0.00)"])
+    assert {"9.500", "64.000"} <= set(rows["sparge (0.60)"])
     assert "minference@matched (0.60)" in rows
     # column order: TOPS, PPL by length, long-ctx, NIAH
-    header = next(line for line in text.splitlines() if line.startswith("| method (sparsity)"))
-    cols = [c.strip() for c in header.strip("|").split("|")]
-    assert cols[:5] == ["method (sparsity)", "TOPS@8192", "PPL 2048", "PPL 8192", "long-ctx"]
+    assert rows["method (sparsity)"][:7] == ["method (sparsity)", "TOPS@8192", "PPL 2048", "PPL 8192", "long-ctx",
+                                             "RULER", "NIAH"]
+    assert rows["dense (0.00)"][5] == "0.415" and "RULER: lm-eval's offline RULER tasks" in text
     # kernel: speed-up over cuDNN from the same CSV
-    assert "| False | 0.50 | 2.00x | 1.40x | 1.33x |" in text
+    assert ["False", "0.50", "2.00x", "1.40x", "1.33x"] in _table_rows(text)
     # image: failed methods are left out; the ablation has its own table
-    assert "| sparge | 0.380 |" in text and "broken" not in text
-    assert "| hilbert | 0.570 | 0.580 | 0.0498 | 0.355 |" in text
+    assert rows["sparge"][:2] == ["sparge", "0.380"] and "broken" not in text
+    assert rows["hilbert"] == ["hilbert", "0.570", "0.580", "0.0498", "0.355"]
     assert "the paper's Table 1" in text
+    # every table is tabulate's GitHub pipe format: header, rule, rows of equal width
+    lines = text.splitlines()
+    rule = lines.index(next(line for line in lines if line.startswith("|---")))
+    assert len({len(line) for line in lines[rule - 1:rule + 2]}) == 1
+
+
+def test_markdown_table_keeps_cells_as_given():
+    from evals.tables import markdown_table
+
+    table = markdown_table(["a", "b"], [["0.50", 1.0], [None, "x"]]).splitlines()
+    assert len(table) == 4 and set(table[1]) <= set("|-")
+    assert [_cells(table[i]) for i in (0, 2, 3)] == [["a", "b"], ["0.50", "1.000"], ["–", "x"]]
 
 
 def test_tables_with_no_results(tmp_path):

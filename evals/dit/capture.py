@@ -19,7 +19,8 @@ step and time ``t``. Tensors are stored in the token order named by
 calibrate a Hilbert-ordered deployment directly). ``steps`` keeps only some denoising steps
 (storage: a video layer sample is about 3 x 2 MB in fp16).
 
-safetensors is imported here, outside ``sparge_core``, which stays torch + triton only.
+The files are written by ``calibrate.capture.SafetensorsSink`` (safetensors stays outside
+``sparge_core``, which imports only torch and triton).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from sparge_core.atomic import atomic_path, write_json_atomic
+from calibrate.capture import SafetensorsSink, sample_path
+from sparge_core.atomic import write_json_atomic
 from sparge_core.integrations.dit import QKVCapture, install
 
 from . import data
@@ -41,29 +43,6 @@ logger = logging.getLogger(__name__)
 
 CAPTURE_FORMAT = "sparge-qkv-capture"
 CAPTURE_VERSION = 1
-
-
-def sample_path(root: str | Path, layer: int, sample_id: int) -> Path:
-    return Path(root) / f"L{layer:03d}" / f"S{sample_id:03d}.safetensors"
-
-
-class SafetensorsSink:
-    """``sink(layer, sample, q, k, v)`` writing one safetensors file per (layer, sample)."""
-
-    def __init__(self, root: str | Path, dtype: torch.dtype = torch.float16):
-        from safetensors.torch import save_file
-
-        self._save = save_file
-        self.root = Path(root)
-        self.dtype = dtype
-        self.written: set[tuple[int, int]] = set()
-
-    def __call__(self, layer: int, sample_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        path = sample_path(self.root, layer, sample_id)
-        tensors = {name: t.to("cpu", self.dtype).contiguous() for name, t in (("q", q), ("k", k), ("v", v))}
-        with atomic_path(path) as tmp:
-            self._save(tensors, str(tmp))
-        self.written.add((layer, sample_id))
 
 
 def load_sample(root: str | Path, layer: int, sample_id: int, device="cpu") -> tuple[torch.Tensor, ...]:

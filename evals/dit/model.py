@@ -329,6 +329,20 @@ def sample(model: DiT, captions: list[str], *, seed: int = 0, sampler: SamplerCo
 # --------------------------------------------------------------------------------------------
 # checkpoints
 # --------------------------------------------------------------------------------------------
+#: the self-trained checkpoints shipped with the package (``t2i``, ``t2v``, ``clip``; see its README.md)
+CHECKPOINTS_DIR = Path(__file__).with_name("checkpoints")
+
+
+def bundled_checkpoint(name: str) -> Path:
+    """The path of a shipped checkpoint (``"t2i"``, ``"t2v"`` or ``"clip"``), in a checkout or an
+    installed wheel alike."""
+    path = CHECKPOINTS_DIR / f"{name}.pt"
+    if not path.is_file():
+        known = sorted(p.stem for p in CHECKPOINTS_DIR.glob("*.pt"))
+        raise FileNotFoundError(f"no bundled checkpoint {name!r} in {CHECKPOINTS_DIR}; bundled: {known}")
+    return path
+
+
 @dataclass
 class Checkpoint:
     config: DiTConfig

@@ -26,8 +26,8 @@ from sparge_core.registry import Registry
 
 from . import data
 from .clip_model import ClipConfig, build_clip, contrastive_loss, prepare_images, save_clip, visible_key
+from .grid import image_grid, save_png, video_grid
 from .model import DiT, DiTConfig, SamplerConfig, rectified_flow_loss, sample, save_checkpoint
-from .png import image_grid, video_grid, write_png
 
 logger = logging.getLogger(__name__)
 
@@ -144,10 +144,10 @@ def _quick_eval(model: DiT, dev: torch.device, out: Path, n: int = 24, steps: in
     x = sample(model, [s.caption() for s in specs], seed=1234, sampler=SamplerConfig(steps=steps))
     if model.cfg.is_video:
         acc = data.attribute_accuracy(specs, data.read_video_attributes(x))
-        write_png(str(out) + ".samples.png", video_grid(data.to_unit(x[:8])), scale=4)
+        save_png(str(out) + ".samples.png", video_grid(data.to_unit(x[:8])), scale=4)
     else:
         acc = data.attribute_accuracy(specs, data.read_image_attributes(x))
-        write_png(str(out) + ".samples.png", image_grid(data.to_unit(x), cols=6), scale=4)
+        save_png(str(out) + ".samples.png", image_grid(data.to_unit(x), cols=6), scale=4)
     return {"attribute_accuracy": acc, "n": n, "captions": [s.caption() for s in specs]}
 
 

@@ -1,0 +1,152 @@
+"""The ``ruler`` suite: lm-eval's own RULER tasks (0.4.13) on a live model, one run per context length.
+
+Which RULER tasks run offline (``OFFLINE_TASKS``, the default): those whose haystacks lm-eval
+generates itself.
+
+- ``niah_single_1`` (a repeated sentence haystack, a numeric needle), ``niah_multikey_2`` and
+  ``niah_multikey_3`` (haystacks of other needles; numbers / UUIDs), ``ruler_fwe`` (frequent words,
+  a Zipf-sampled vocabulary) run on any tokenizer;
+- ``ruler_vt`` (variable tracking) and ``ruler_cwe`` (common words; ``wonderwords``' word lists) need a
+  subword tokenizer and lengths of 2K tokens or more: with the tests' byte-level tokenizer their
+  few-shot example alone exceeds the length (lm-eval's ``ruler_vt`` generator then loops forever,
+  ``ruler_cwe`` produces empty answers and fails in scoring), so the tests leave them out.
+
+``DOWNLOAD_TASKS`` are refused, by name: ``niah_single_2``, ``niah_single_3``, ``niah_multikey_1``,
+``niah_multivalue`` and ``niah_multiquery`` use Paul Graham's essays as haystack (the Hugging Face
+dataset ``baber/paul_graham_essays``, plus nltk's ``punkt_tab`` sentence model to insert needles at
+sentence boundaries); ``ruler_qa_squad`` and ``ruler_qa_hotpot`` download SQuAD v2 / HotpotQA.
+lm-eval's RULER module also tries to download ``punkt_tab`` when it is imported; offline that
+attempt fails at once and the tasks above do not need it.
+
+What the project's own generators (``evals.niah``, ``evals.longctx``) still give that lm-eval lacks:
+the needle-depth x length grid and its heatmap (RULER draws depths at random), multi-key retrieval
+with distractors at a controlled depth, multi-value and QA tasks that run offline (RULER's need the
+essay / SQuAD / HotpotQA downloads), the classic / corpus haystacks, and exact token lengths (RULER
+fits prompts under each length); and they produced the committed ``niah`` / ``longctx`` results.
+
+Scores are RULER's string-match accuracies in [0, 1], per task and length, plus their mean.
+lm-eval's RULER generators use fixed seeds (``--seed`` does not change the items). Needs the
+``lmeval`` extra (lm-eval, wonderwords, nltk).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+OFFLINE_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
+DOWNLOAD_TASKS = {
+    **dict.fromkeys(
+        ("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multivalue", "niah_multiquery"),
+        "its haystack is Paul Graham's essays (Hugging Face dataset baber/paul_graham_essays) and it "
+        "needs nltk's punkt_tab",
+    ),
+    "ruler_qa_squad": "it downloads SQuAD v2 (rajpurkar.github.io)",
+    "ruler_qa_hotpot": "it downloads HotpotQA (huggingface.co)",
+    "ruler": "the group includes the tasks that download data; name the offline tasks instead",
+}
+LABEL = "RULER (lm-eval synthetic tasks)"
+
+
+def check_tasks(tasks: Sequence[str]) -> list[str]:
+    """The tasks, or ValueError naming one that needs a download or that RULER does not have."""
+    tasks = list(tasks)
+    for task in tasks:
+        if task in DOWNLOAD_TASKS:
+            raise ValueError(
+                f"RULER task {task!r} does not run offline: {DOWNLOAD_TASKS[task]}; offline tasks: "
+                f"{list(OFFLINE_TASKS)}"
+            )
+        if task not in OFFLINE_TASKS:
+            raise ValueError(f"unknown RULER task {task!r}; offline tasks: {list(OFFLINE_TASKS)}")
+    missing = [m for m in ("lm_eval", "wonderwords", "nltk") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"the ruler suite needs {missing}: pip install 'sparge[lmeval]'")
+    return tasks
+
+
+def run_ruler(
+    model,
+    tokenizer,
+    tasks: Sequence[str],
+    lengths: Sequence[int],
+    *,
+    per_task: int,
+    max_gen_toks: int | None = None,
+) -> dict[str, Any]:
+    """Scores ``{"<task>@<length>": accuracy, "average@<length>": ..., "average": ...}`` of the model
+    with its current attention (apply a method around this call)."""
+    from .lm_eval_adapter import export_tokenizer, lm_eval_scores, ruler_tasks_dir, run_lm_eval
+
+    tasks = check_tasks(tasks)
+    scores: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="sparge-ruler-tok-") as tmp:
+        # RULER sizes its prompts with a tokenizer it loads by name: hand it this model's
+        folder = export_tokenizer(tokenizer, Path(tmp) / "tokenizer")
+        for length in lengths:
+            results = run_lm_eval(
+                model,
+                tokenizer,
+                tasks,
+                include_path=ruler_tasks_dir(),
+                limit=per_task,
+                metadata={"tokenizer": str(folder), "max_seq_lengths": [int(length)]},
+                max_length=int(length),
+                gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None,
+            )
+            flat = lm_eval_scores(results)
+            per_length = []
+            for task in tasks:
+                value = flat.get(task, {}).get(str(length))
+                if value is None or value < 0:
+                    raise RuntimeError(
+                        f"RULER task {task} gave no score at length {length}: {flat.get(task)}"
+                    )
+                scores[f"{task}@{length}"] = value
+                per_length.append(value)
+            scores[f"average@{length}"] = sum(per_length) / len(per_length)
+    scores["average"] = sum(scores[f"average@{length}"] for length in lengths) / len(lengths)
+    return scores
+
+
+def suite_ruler(args, model, tokenizer, settings, model_name: str) -> list[Path]:
+    """``python -m evals ruler``: one result file per method setting."""
+    from .runner import sparsity_summary, write_result
+
+    tasks = check_tasks(args.ruler_tasks or OFFLINE_TASKS)
+    lengths = args.suite_lengths["ruler"]
+    paths = []
+    for s in settings:
+        t0 = time.perf_counter()
+        with s.applied(model, backend=args.backend) as handle:
+            scores = run_ruler(
+                model, tokenizer, tasks, lengths, per_task=args.per_task, max_gen_toks=args.max_gen_toks
+            )
+            spars = sparsity_summary(handle)
+        logger.info("ruler %s: %.3f", s.label, scores["average"])
+        paths.append(
+            write_result(
+                args.out,
+                "ruler",
+                model_name,
+                s,
+                scores=scores,
+                sparsity=spars,
+                timings={"seconds": time.perf_counter() - t0},
+                data={
+                    "tasks": tasks,
+                    "lengths": lengths,
+                    "per_task": args.per_task,
+                    "max_gen_toks": args.max_gen_toks,
+                    "label": LABEL,
+                },
+            )
+        )
+    return paths
