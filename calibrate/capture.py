@@ -164,9 +164,13 @@ def capture_diffusers(model, out_dir: str | os.PathLike, *, model_name: str, ord
     if not fields["samples"] or not sink.written:
         raise ValueError("nothing was captured: run the transformer (or its pipeline) inside the with-block, "
                          "and check that steps= / rows= keep some calls")
+    from sparge_core.params import weights_fingerprint
+
     meta = {"format": FORMAT, "version": VERSION, "model": model_name, **fields,
             "data": {"name": data_name, "sha256": sink.sha256, "window_starts": []},
-            "dtype": str(sink.stored_dtype).removeprefix("torch.")}
+            "dtype": str(sink.stored_dtype).removeprefix("torch."),
+            # the identity a config calibrated from this capture records (checked by diffusers' apply)
+            "architecture": type(model).__name__, "weights_fingerprint": weights_fingerprint(model)}
     write_json_atomic(out / META_FILE, meta)
     logger.info("captured %d samples x %d layers into %s", meta["samples"], len(meta["layers"]), out)
 

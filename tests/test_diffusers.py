@@ -333,6 +333,13 @@ def test_capture_round_trips_through_calibrate(tmp_path):
     assert (
         torch.isfinite(result).all() and applied.summary()["calls"] + sum(applied.dense_calls.values()) == 2
     )
+    # the config records the captured model's identity: other weights of the same shape are refused
+    assert calibrated.model.architecture == "CogVideoXTransformer3DModel" and calibrated.model.fingerprint
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    with pytest.raises(ConfigError, match="weights differ"):
+        D.apply(model, config)
+    D.apply(model, config, allow_other_model=True).remove()
 
 
 def test_capture_refuses_changing_lengths_and_empty_runs(tmp_path):

@@ -146,6 +146,32 @@ def test_from_pretrained_route_uses_the_default_and_apply_still_routes(tmp_path)
     torch.testing.assert_close(_logits(loaded, ids), want, rtol=0, atol=1e-6)
 
 
+def test_from_pretrained_route_uses_a_config_saved_beside_the_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from sparge_core.params import LayerConfig, ModelConfig, ModelInfo, weights_fingerprint
+
+    source = build_tiny_model("llama", seed=6)
+    source.save_pretrained(tmp_path)
+    heads = source.config.num_attention_heads
+    layers = (LayerConfig(0, (-1.0,) * heads, (50.0,) * heads, cdfthreshd=(0.3,) * heads),
+              LayerConfig.dense(1, heads))
+    info = ModelInfo("tiny", 2, heads, source.config.num_key_value_heads, 64, architecture="llama",
+                     fingerprint=weights_fingerprint(source))
+    config = ModelConfig(model=info, layers=layers, l1=0.08, pv_l1=0.09)
+    config.save_pretrained(tmp_path)
+    ids = _ids(7, 400)
+    apply(source, config)
+    try:
+        want = _logits(source, ids)
+    finally:
+        remove(source)
+    assert (want - _logits(source, ids)).abs().max().item() > 1e-3  # the saved config is really sparse
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sparge").eval()
+    torch.testing.assert_close(_logits(model, ids), want, rtol=0, atol=1e-6)
+    assert handle_of(model).methods[1] is None  # layer 1 kept dense, as the config says
+
+
 # ----------------------------------------------------------------------------------------------
 # torch.compile(fullgraph=True)
 # ----------------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..methods import AttentionMethod, get_method, method_names
-from ..params import ModelConfig, ModelInfo
+from ..params import ModelConfig, ModelInfo, weights_fingerprint
 from ..registry import Registry
 from .dit import QKVCapture, QKVSink, SparseDiTAttention, TokenLayout
 
@@ -428,7 +428,8 @@ class SpargeDiffusers:
         self.remove()
 
 
-def _resolve(model, config, params: dict, num_layers: int) -> tuple[dict[int, AttentionMethod | None], str]:
+def _resolve(model, config, params: dict, num_layers: int, *, allow_other_model: bool = False
+             ) -> tuple[dict[int, AttentionMethod | None], str]:
     if isinstance(config, Mapping) and config and all(isinstance(k, int) for k in config):
         _no_params(params, "a per-layer mapping of methods")
         bad = [
@@ -472,6 +473,8 @@ def _resolve(model, config, params: dict, num_layers: int) -> tuple[dict[int, At
         num_kv_heads=info.num_kv_heads,
         head_dim=info.head_dim,
     )
+    config.check_identity(architecture=type(model).__name__, fingerprint=lambda: weights_fingerprint(model),
+                          allow_other_model=allow_other_model)
     from ..methods.sparge import Sparge
 
     methods: dict[int, AttentionMethod | None] = dict.fromkeys(range(num_layers))
@@ -496,6 +499,7 @@ def apply(
     backend: str = "auto",
     quant: str = "auto",
     time_attention: bool = False,
+    allow_other_model: bool = False,
     **method_params,
 ) -> SpargeDiffusers:
     """Route the self-attention layers of a diffusers transformer through sparge.
@@ -510,9 +514,11 @@ def apply(
         order: token order of the visual tokens (``sparge_core.permute.order_names()``).
         backend, quant: kernel settings (``sparge_core.block_sparse_attn``).
         time_attention: measure each sparse call (CUDA-synchronised) for ``summary()["attention_tops"]``.
+        allow_other_model: apply a config calibrated for another model of the same shape (its
+            recorded architecture and weights fingerprint are checked otherwise).
     """
     names = attention_module_names(model)
-    methods, description = _resolve(model, config, method_params, len(names))
+    methods, description = _resolve(model, config, method_params, len(names), allow_other_model=allow_other_model)
     return SpargeDiffusers(
         model,
         methods,

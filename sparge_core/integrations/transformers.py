@@ -66,7 +66,7 @@ from ..api import QUANT_MODES, Selection, _sparge_attn_impl, parse_pvthreshd, re
 from ..methods import AttentionMethod, get_method, method_names
 from ..ops.blocks import BLOCK_Q, allowed_block_count
 from ..ops.reference import causal_token_mask
-from ..params import ModelConfig, weights_fingerprint
+from ..params import CONFIG_FILE_NAME, ModelConfig, weights_fingerprint
 from ..validation import check_choice, resolve_scale
 from .capture import QKVRecorder
 
@@ -273,9 +273,13 @@ def sparge_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 
 
 def default_config(model_config) -> str | os.PathLike | dict | ModelConfig | AttentionMethod:
     """What a model switched to ``attn_implementation="sparge"`` without ``apply`` runs with: anything
-    ``apply`` accepts as ``config``. Today ``DEFAULT_METHOD`` ("sparge-topk" at its defaults:
-    simthreshd1=-0.1, topk=0.5) for every layer; the one place to extend (e.g. a calibrated config saved
-    beside the model, found from ``model_config._name_or_path``)."""
+    ``apply`` accepts as ``config``. A calibrated config saved beside the model
+    (``<model folder>/sparge_config.json``, ``ModelConfig.save_pretrained``; the folder is
+    ``model_config._name_or_path``) when there is one, else ``DEFAULT_METHOD`` ("sparge-topk" at its
+    defaults: simthreshd1=-0.1, topk=0.5) for every layer."""
+    folder = getattr(model_config, "_name_or_path", None)
+    if folder and (Path(folder) / CONFIG_FILE_NAME).is_file():
+        return ModelConfig.load(folder)
     return DEFAULT_METHOD
 
 
