@@ -4,10 +4,16 @@
 
 Steps: load the model, cut ``--samples`` (+ ``--holdout``) windows of ``--seq-len`` tokens from
 ``--data``, capture each layer's post-RoPE Q/K/V once (dense run, to ``<out>.capture/``), then search
-every layer offline (``calibrate.search``), recording each evaluation in an Optuna study
-(``calibrate.study``); finally write the config JSON (atomically), a per-layer sparsity/L1 plot and a
-summary. Interrupt and rerun the same command to resume; ``--workers N`` runs N processes;
-``--join`` adds this machine as a worker to a run in a shared ``--storage`` (PostgreSQL URL).
+every layer offline (``calibrate.search``; ``calibrate.objective`` for the time objective), recording
+each evaluation in an Optuna study (``calibrate.study``); finally write the config JSON (atomically), a
+per-layer sparsity/L1 plot and a summary. Interrupt and rerun the same command to resume; ``--devices
+cuda:0,cuda:1`` (or ``all``, or ``cpu,cpu``) runs one worker process per device and ``--workers N``
+cycles over them (``calibrate.workers``); ``--join`` adds this machine as a worker to a run in a
+shared ``--storage`` (PostgreSQL URL).
+
+Objective: ``--objective time`` (the default when a cost model for the GPU is found, see
+``calibrate.cost``) minimises each layer's predicted attention time over dense SDPA and the sparse
+executors; ``--objective sparsity`` maximises block sparsity as the paper does.
 
 A capture and a study belong to the inputs they were made from: rerunning with other --data,
 --seed, --samples, --holdout or --seq-len (or another model) for the same --out is refused with the
@@ -29,7 +35,7 @@ import time
 from pathlib import Path
 
 from .cli import HelpFormatter, InputError, check_device, check_finite, check_output_folder, exit_code_for
-from .worker import Plan, WorkerFailed, run_search, settings_of
+from .workers import Plan, run_workers, search_settings
 
 logger = logging.getLogger("calibrate")
 
@@ -92,20 +98,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default=None, help="only these layers, e.g. '0-3,7' (others stay dense; default: all)")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: <out stem>.optuna.db, SQLite, next "
                    "to --out); a postgresql:// URL lets workers on several machines share the run")
-    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    p.add_argument("--workers", type=int, default=None, help="worker processes on this machine (default: one per "
+                   "--devices entry, else 1)")
     p.add_argument("--join", action="store_true", help="join an existing run in --storage as an extra worker "
                    "(e.g. from another machine); writes no config")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0, help="seed choosing the calibration windows")
     p.add_argument("--holdout", type=int, default=1, help="extra windows, not used for the search, on which the "
                    "written config is validated per layer (0 to skip)")
-    p.add_argument("--no-pv", action="store_true", help="skip stage 2 (keep pvthreshd=50, i.e. off)")
+    p.add_argument("--no-pv", action="store_true", help="skip stage 2: the config runs without the PV check "
+                   "(pvthreshd=None; version-1 readers see pvthreshd=50)")
     p.add_argument("--non-causal", action="store_true", help="the captured attention is bidirectional (e.g. a "
                    "diffusion transformer captured with evals.dit.capture); LLMs are causal")
-    p.add_argument("--estimator", choices=["keys", "pooled"], default="keys",
+    p.add_argument("--estimator", type=_estimator_list, default="keys",
                    help="block-score estimator of the predictor: 'keys' (the pooled query against every key, "
                    "summed per key block; a lone dominant key is not averaged away) or 'pooled' (the paper's "
-                   "pooled query . pooled key); written into the config")
+                   "pooled query . pooled key); written into the config. With --objective time a list "
+                   "('keys,pooled') lets each layer take the faster one that meets the bound")
+    p.add_argument("--objective", choices=["time", "sparsity"], default=None,
+                   help="what to optimise under the bounds: predicted attention time (default when a cost model "
+                   "for the GPU exists: results/kernel/<gpu>-cost.json or --cost-model) or block sparsity")
+    p.add_argument("--cost-model", default=None, help="cost model JSON of the GPU the config is for (sparge-profile)")
+    p.add_argument("--quants", default=None, help="time objective: quantization variants to consider, e.g. "
+                   "'none,int8' (default: those the cost model and the device have)")
+    p.add_argument("--devices", default=None, help="search workers' devices: 'cuda:0,cuda:1', 'all' (every visible "
+                   "GPU) or 'cpu,cpu'; one worker process per device (--workers N cycles over them)")
+    p.add_argument("--query-blocks", type=int, default=None, help="capture only this many 128-row query blocks "
+                   "per window (position-stratified runs; K/V stay whole): bounded disk and memory for long "
+                   "windows; the bound then holds on those rows (docs/calibration-scaling.md)")
     p.add_argument("--bisect-steps", type=int, default=8, help="bisection steps on cdfthreshd/topk per simthreshd1")
     p.add_argument("--thetas", type=float, nargs="+", default=None,
                    help=f"simthreshd1 grid, values in [-1, 1] (default: {' '.join(map(str, DEFAULT_THETAS))})")
@@ -115,6 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars and no per-layer log lines: only the "
                    "summary, warnings and errors")
     return p
+
+
+def _estimator_list(text: str) -> str:
+    from sparge_core.ops.blocks import ESTIMATORS
+
+    names = [x for x in text.split(",") if x]
+    bad = [x for x in names if x not in ESTIMATORS]
+    if not names or bad or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected estimators from {list(ESTIMATORS)} separated by commas, got {text!r}")
+    return ",".join(names)
 
 
 def validate_args(args: argparse.Namespace) -> Plan:
@@ -131,8 +161,10 @@ def validate_args(args: argparse.Namespace) -> Plan:
         raise InputError(f"--samples must be >= 1, got {args.samples}")
     if args.seq_len < 128:
         raise InputError(f"--seq-len must be at least one query block (128 tokens), got {args.seq_len}")
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers must be >= 1, got {args.workers}")
+    if args.query_blocks is not None and args.query_blocks < 1:
+        raise InputError(f"--query-blocks must be >= 1, got {args.query_blocks}")
     if args.holdout < 0:
         raise InputError(f"--holdout must be >= 0, got {args.holdout}")
     if args.bisect_steps < 1:
@@ -156,7 +188,7 @@ def validate_args(args: argparse.Namespace) -> Plan:
 
     plan = Plan(args, out, capture_dir, args.storage or default_storage_url(out), device)
     try:
-        settings_of(plan)
+        search_settings(args)
     except ValueError as err:
         raise InputError(str(err)) from err
     check_storage_url(plan.storage_url, explicit=args.storage is not None)
@@ -232,6 +264,11 @@ def _capture_differences(meta, plan: Plan, layers: list[int], corpus) -> list[st
     for name, have, want in wanted:
         if have != want:
             diffs.append(f"{name}: {have} there, {want} asked")
+    from .capture import query_chunks_for
+
+    if tuple(meta.query_chunks) != query_chunks_for(a.seq_len, a.query_blocks):
+        diffs.append(f"--query-blocks: {len(meta.query_chunks) or 'every'} stored query chunks there, "
+                     f"{a.query_blocks or 'every block'} asked")
     missing = sorted(set(layers) - set(meta.layers))
     if missing:
         diffs.append(f"layers {missing} are not in it (captured: {list(meta.layers)})")
@@ -319,9 +356,13 @@ def ensure_capture(plan: Plan, layers: list[int] | None):
 
     t1 = time.perf_counter()
     try:
-        meta = capture_to_disk(model, windows, plan.capture_dir, layers, model_name=a.model)
+        meta = capture_to_disk(model, windows, plan.capture_dir, layers, model_name=a.model,
+                               query_blocks=a.query_blocks)
+        from .workers import capture_memory
+
         write_json_atomic(plan.capture_dir / "timing.json",
-                          {"model_load_s": round(load_s, 2), "capture_s": round(time.perf_counter() - t1, 2)})
+                          {"model_load_s": round(load_s, 2), "capture_s": round(time.perf_counter() - t1, 2),
+                           **capture_memory(plan.device)})
     except OSError as err:
         raise InputError(f"writing the capture to {plan.capture_dir} failed ({err.strerror or err}); free disk "
                          f"space or pass --capture-dir on another disk, then rerun (the partial capture is "
@@ -332,8 +373,12 @@ def ensure_capture(plan: Plan, layers: list[int] | None):
 
 def _check_free_space(plan: Plan, spec, layers: list[int] | None, bytes_per_value: int) -> None:
     """Refuse a capture that cannot fit on its disk (with 10% to spare)."""
+    from .capture import query_chunks_for
+
     a = plan.args
-    per_layer = (spec.num_heads + 2 * spec.num_kv_heads) * a.seq_len * spec.head_dim * bytes_per_value
+    chunks = query_chunks_for(a.seq_len, a.query_blocks)
+    query_rows = sum(length for _, length in chunks) if chunks else a.seq_len
+    per_layer = (spec.num_heads * query_rows + 2 * spec.num_kv_heads * a.seq_len) * spec.head_dim * bytes_per_value
     need = int(1.1 * per_layer * (a.samples + a.holdout) * len(layers or range(spec.num_layers)))
     folder = plan.capture_dir if plan.capture_dir.exists() else plan.capture_dir.parent
     free = shutil.disk_usage(folder).free
@@ -345,14 +390,15 @@ def _check_free_space(plan: Plan, spec, layers: list[int] | None, bytes_per_valu
 # --------------------------------------------------------------------------------------------
 # the run's fingerprint (a storage belongs to one model, capture and setting)
 # --------------------------------------------------------------------------------------------
-def fingerprint(meta, plan: Plan, layers: list[int]) -> dict:
+def fingerprint(meta, plan: Plan, layers: list[int], objective=None) -> dict:
     a = plan.args
-    return {"model": meta.model, "num_layers": meta.num_layers, "num_heads": meta.num_heads,
+    extra = {} if objective is None else {**objective.fingerprint(), "query_chunks": [list(c) for c in meta.query_chunks]}
+    return {**extra, "model": meta.model, "num_layers": meta.num_layers, "num_heads": meta.num_heads,
             "num_kv_heads": meta.num_kv_heads, "head_dim": meta.head_dim, "seq_len": meta.seq_len,
             "samples": a.samples, "data_sha256": meta.data_sha256, "seed": meta.seed,
             "window_starts": list(meta.window_starts[: a.samples]), "architecture": meta.architecture,
             "weights_fingerprint": meta.fingerprint, "l1": a.l1, "pv_l1": a.pv_l1, "mode": a.mode,
-            "granularity": a.granularity, "layers": layers, "thetas": list(settings_of(plan).thetas),
+            "granularity": a.granularity, "layers": layers, "thetas": list(search_settings(a).thetas),
             "bisect_steps": a.bisect_steps, "tune_pv": not a.no_pv, "causal": not a.non_causal,
             "estimator": a.estimator, "margin": a.margin}
 
@@ -360,17 +406,19 @@ def fingerprint(meta, plan: Plan, layers: list[int]) -> dict:
 # --------------------------------------------------------------------------------------------
 # output
 # --------------------------------------------------------------------------------------------
-def build_config(plan: Plan, meta, layers: list[int], run: str, timing: dict):
+def build_config(plan: Plan, meta, layers: list[int], run: str, timing: dict, objective=None):
     import torch
     import triton
 
     from sparge_core.params import LayerConfig, ModelConfig, ModelInfo
 
+    from .report import layer_config, predicted_speedup, search_costs
     from .study import CalibrationStore, open_storage
 
     store = CalibrationStore(open_storage(plan.storage_url), run)
     a = plan.args
     entries = []
+    results = []
     total_evals = 0
     for layer in range(meta.num_layers):
         res = store.result(layer) if layer in layers else None
@@ -378,11 +426,8 @@ def build_config(plan: Plan, meta, layers: list[int], run: str, timing: dict):
             entries.append(LayerConfig.dense(layer, meta.num_heads))
             continue
         total_evals += res.evaluations
-        key = "topk" if res.mode == "topk" else "cdfthreshd"
-        entries.append(LayerConfig(
-            layer=layer, simthreshd1=tuple(h.simthreshd1 for h in res.heads), pvthreshd=tuple(h.pvthreshd for h in res.heads),
-            sparsity=round(res.sparsity, 6), l1=round(res.l1, 6), estimator=a.estimator,
-            **{key: tuple(h.budget for h in res.heads)}))
+        results.append(res)
+        entries.append(layer_config(layer, res, search_settings(a).estimator))
     device_name = torch.cuda.get_device_name() if plan.device.startswith("cuda") else "cpu"
     # the inputs as captured (ensure_capture refuses a capture of other inputs than the arguments)
     calibration = {"samples": a.samples, "seq_len": meta.seq_len, "seed": meta.seed,
@@ -390,11 +435,24 @@ def build_config(plan: Plan, meta, layers: list[int], run: str, timing: dict):
                    "window_starts": list(meta.window_starts[: a.samples]),
                    "device": device_name, "seconds": round(timing["search_s"], 2),
                    "model_load_seconds": timing.get("model_load_s"), "capture_seconds": timing.get("capture_s"),
-                   "evaluations": total_evals, "margin": a.margin, "estimator": a.estimator, "mode": a.mode, "granularity": a.granularity,
+                   "evaluations": total_evals, "margin": a.margin, "estimator": a.estimator, "mode": a.mode,
+                   "granularity": a.granularity,
                    "versions": {"torch": torch.__version__, "triton": triton.__version__}}
+    if objective is not None:
+        calibration.update(objective.describe())
+    calibration.update({k: v for k, v in timing.items() if k in ("workers", "devices", "worker_exit_codes",
+                                                                 "capture_peak_rss_bytes", "capture_peak_gpu_bytes")})
+    calibration.update(search_costs(results))
+    if meta.query_chunks:
+        calibration["query_chunks"] = [list(c) for c in meta.query_chunks]
+    calibration["capture_bytes"] = sum(f.stat().st_size for f in plan.capture_dir.rglob("*") if f.is_file())
     info = ModelInfo(meta.model, meta.num_layers, meta.num_heads, meta.num_kv_heads, meta.head_dim,
                      architecture=meta.architecture, fingerprint=meta.fingerprint)
-    return ModelConfig(model=info, layers=tuple(entries), l1=a.l1, pv_l1=a.pv_l1, calibration=calibration)
+    config = ModelConfig(model=info, layers=tuple(entries), l1=a.l1, pv_l1=a.pv_l1, calibration=calibration)
+    model = predicted_speedup(config)
+    if model is not None:
+        calibration["predicted_attention"] = model
+    return config
 
 
 def validate_holdout(plan: Plan, meta, config) -> dict[int, dict[str, float]]:
@@ -410,7 +468,8 @@ def validate_holdout(plan: Plan, meta, config) -> dict[int, dict[str, float]]:
         samples = load_captured(plan.capture_dir, lc.layer)[plan.args.samples:]
         if not samples:
             return {}
-        layer_l1, head_l1 = config_window_errors(samples, lc, is_causal=not plan.args.non_causal, device=plan.device)
+        layer_l1, head_l1 = config_window_errors(samples, lc, is_causal=not plan.args.non_causal, device=plan.device,
+                                                 query_chunks=meta.query_chunks)
         out[lc.layer] = {"layer": max(layer_l1), "worst_head": max(max(h) for h in head_l1)}
     return out
 
@@ -451,21 +510,14 @@ def plot_layers(config, path: Path, holdout: dict[int, dict[str, float]]) -> Non
 
 
 def summary(config, holdout: dict[int, dict[str, float]]) -> str:
-    """One screen: per layer sparsity, calibration L1 (worst head, worst window) and, with held-out
-    windows, their L1 for the whole layer and for its worst head."""
-    lines = [f"{'layer':>5} {'sparsity':>8} {'L1':>7} {'heldout':>8} {'(head)':>7} {'dense heads':>11}"]
-    for lc in config.layers:
-        dense = sum(1 for v in (lc.topk or lc.cdfthreshd) if v >= 1.0)
-        h = holdout.get(lc.layer)
-        held = f"{'':>8} {'':>7}" if h is None else f"{h['layer']:>8.4f} {h['worst_head']:>7.4f}"
-        lines.append(f"{lc.layer:>5} {lc.sparsity or 0:>8.3f} {lc.l1 or 0:>7.4f} {held} {dense:>5}/{lc.num_heads}")
-    mean = sum(lc.sparsity or 0 for lc in config.layers) / len(config.layers)
-    cal = config.calibration
-    lines.append(f"mean sparsity {mean:.3f} over {len(config.layers)} layers; search {cal['seconds']} s, "
-                 f"{cal['evaluations']} evaluations on {cal['device']}")
+    """One screen per calibration (``calibrate.report.summary``), and a plain word when no layer could
+    be made sparse."""
+    from .report import summary as report_summary
+
+    text = report_summary(config, holdout)
     if all(lc.is_dense for lc in config.layers):
-        lines.append(NO_SPARSE_LAYER.format(l1=config.l1, pv_l1=config.pv_l1))
-    return "\n".join(lines)
+        text += "\n" + NO_SPARSE_LAYER.format(l1=config.l1, pv_l1=config.pv_l1)
+    return text
 
 
 NO_SPARSE_LAYER = (
@@ -484,9 +536,6 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"sparge-calibrate: error: {err}", file=sys.stderr)
         return 2
-    except WorkerFailed as err:
-        print(f"sparge-calibrate: error: {err}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("sparge-calibrate: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -515,27 +564,50 @@ def _main(args: argparse.Namespace) -> int:
 
     from sparge_core.params import ModelConfig
 
+    from .objective import ObjectiveError, resolve_objective
     from .study import StorageMismatch
+    from .workers import DeviceError, assign_devices, estimators_of, parse_devices
 
     plan = validate_args(args)
+    try:
+        devices = parse_devices(args.devices, plan.device)
+        devices = assign_devices(args.workers or len(devices), devices)
+    except DeviceError as err:
+        raise InputError(str(err)) from err
+    if args.devices and not args.device:  # capture (and the held-out check) on the workers' kind of device
+        import dataclasses
+
+        plan = dataclasses.replace(plan, device=devices[0])
     layers_arg = parse_layers(args.layers)
+    quants = args.quants.split(",") if args.quants else None
+    try:  # before any work: the objective's inputs (the head dim is checked once the capture gives it)
+        resolve_objective(args.objective, args.cost_model, device=devices[0], head_dim=None,
+                          estimators=estimators_of(args), quants=quants)
+    except ObjectiveError as err:
+        raise InputError(str(err)) from err
     _open_store(plan, f"sparge/{args.model}")  # before the model loads: a bad storage fails in seconds
     meta = ensure_capture(plan, layers_arg)
     layers = layers_arg or list(meta.layers)
+    try:
+        objective = resolve_objective(args.objective, args.cost_model, device=devices[0], head_dim=meta.head_dim,
+                                      estimators=estimators_of(args), quants=quants)
+    except ObjectiveError as err:
+        raise InputError(str(err)) from err
+    logger.info("objective: %s (%s)", objective.name, objective.reason)
     run = f"sparge/{meta.model}"
     store = _open_store(plan, run)
     try:
-        store.check_fingerprint(fingerprint(meta, plan, layers), create=not args.join)
+        store.check_fingerprint(fingerprint(meta, plan, layers, objective), create=not args.join)
     except StorageMismatch as err:
         raise InputError(str(err)) from err
     except SQLAlchemyError as err:
         raise InputError(f"cannot use the Optuna storage {plan.storage_url}: {str(err).splitlines()[0]}") from err
-    done, search_s = run_search(plan, layers, run)
+    done, search_s, worker_info = run_workers(plan, layers, run, devices, objective)
     if args.join:
         print(f"joined {plan.storage_url}: worked on layers {done}; every layer is finished")
         return 0
-    timing = {"search_s": search_s, **_read_timing(plan.capture_dir)}
-    config = build_config(plan, meta, layers, run, timing)
+    timing = {"search_s": search_s, **worker_info, **_read_timing(plan.capture_dir)}
+    config = build_config(plan, meta, layers, run, timing, objective)
     config.save(plan.out)  # written before the hold-out check and the plot: a late error loses nothing
     holdout = validate_holdout(plan, meta, config) if args.holdout else {}
     if holdout:

@@ -547,3 +547,41 @@ def _load_tiny_llama(*, device, dtype, cache):
 @_register("tiny-qwen2", "random seeded Qwen2: 2 layers, 4 query / 2 KV heads, head_dim 64, byte tokenizer (tests)")
 def _load_tiny_qwen2(*, device, dtype, cache):
     return build_tiny_model("qwen2", dtype=dtype, device=device), byte_tokenizer()
+
+
+# --------------------------------------------------------------------------------------------
+# llama8b-random: the attention shape of Llama-3.1-8B with random weights (cost measurements)
+# --------------------------------------------------------------------------------------------
+LLAMA8B_SHAPE = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=128, intermediate_size=14336, vocab_size=128256, max_position_embeddings=131072,
+                     rope_theta=500000.0)
+
+
+def llama8b_config(**overrides):
+    """A ``LlamaConfig`` of Llama-3.1-8B's shape (``LLAMA8B_SHAPE``; overrides for smaller tests)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**{**LLAMA8B_SHAPE, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+                          "tie_word_embeddings": False, **overrides})
+
+
+def build_llama8b_random(*, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                         **overrides):
+    """Seeded random weights in Llama-3.1-8B's shape, initialised on ``device`` directly (16 GB in
+    bf16: on a GPU this takes seconds, on a CPU minutes and 16 GB of memory). Quality is meaningless;
+    it measures what calibration and attention cost at that size."""
+    from transformers import AutoModelForCausalLM
+
+    config = llama8b_config(**overrides)
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with device:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+@_register("llama8b-random", "random weights in Llama-3.1-8B's shape (32 layers, 32/8 heads, head_dim 128, MLP "
+                             "14336), byte tokenizer; for cost measurements (a GPU with 20+ GB)")
+def _load_llama8b_random(*, device, dtype, cache):
+    return build_llama8b_random(device=device, dtype=dtype), byte_tokenizer()

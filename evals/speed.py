@@ -5,7 +5,10 @@
 - **Attention only**: the post-RoPE Q/K/V of every layer at that length are captured once (dense
   run); each layer's attention is then timed alone with the method (prediction included) and with
   dense SDPA, using ``triton.testing.do_bench`` medians on CUDA (a wall clock on CPU). Reported as
-  milliseconds per layer and dense-equivalent TOPS (4 n^2 d heads / time, halved: causal).
+  milliseconds per layer (``ms``; for sparse layers also ``dense_ms``, dense SDPA on the same Q/K/V in
+  the same run, so ``scripts/predicted_vs_measured.py`` can set a config's predicted speed-up against
+  the measured one) and dense-equivalent TOPS (4 n^2 d heads / time, halved: causal). A calibrated
+  config's layers run what the config says (its variant: quantization, stage 2 on or off).
 
 On a CPU the suite runs (the reference backend), and results say ``CPU``: its numbers say nothing
 about GPU speed.
@@ -76,19 +79,20 @@ def attention_ms(layers: dict[int, tuple], method_for_layer, device: torch.devic
     out = {}
     for layer, (q, k, v) in sorted(layers.items()):
         method = method_for_layer(layer)
+        group = q.shape[1] // k.shape[1]
+
+        def dense(q=q, k=k, v=v, group=group):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1)
+
         if method is None:
-            group = q.shape[1] // k.shape[1]
+            out[layer] = {"ms": _time(dense, device, repeats), "density": 1.0}
+            continue
 
-            def run():
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1)
+        def run(m=method, q=q, k=k, v=v):
+            return m(q, k, v, is_causal=True, backend=backend)
 
-            density = 1.0
-        else:
-            def run(m=method):
-                return m(q, k, v, is_causal=True, backend=backend)
-
-            density = method.attend(q, k, v, is_causal=True, backend=backend)[1].density
-        out[layer] = {"ms": _time(run, device, repeats), "density": density}
+        density = method.attend(q, k, v, is_causal=True, backend=backend)[1].density
+        out[layer] = {"ms": _time(run, device, repeats), "density": density, "dense_ms": _time(dense, device, repeats)}
     return out
 
 

@@ -5,9 +5,14 @@ attention layer, each holding per-query-head ``simthreshd1``, ``cdfthreshd`` (or
 ``pvthreshd``. Loading validates everything and names the offending field on error; writing is
 atomic (temporary file + rename).
 
-Format versions: 1 (the model section holds the shape only) and 2 (the model section also holds
-the model's identity, ``architecture`` and a weights ``fingerprint``, recorded at calibration and
-checked by ``check_identity`` before a config is applied). Both load; ``save`` writes version 2.
+Format versions: 1 (the model section holds the shape only) and 2, which adds the model's identity
+(``architecture`` and a weights ``fingerprint`` in the model section, recorded at calibration and
+checked by ``check_identity`` before a config is applied) and two optional objects per layer:
+``"variant"`` (the executor the layer runs: ``{"dense": true}`` or ``{"dense": false, "quant":
+"none"|"int8"|"int8-fp8", "stage2": bool}``; stage 2 off means ``pvthreshd=None``, no PV check at
+all) and ``"predicted"`` (the cost model's attention time of the layer and of dense SDPA at the
+calibration length). Version 1 files (no identity, no variant: the caller's ``quant``, stage 2 as the
+``pvthreshd`` list says) load; ``save`` writes version 2.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ FINGERPRINT_SAMPLES = 4096
 FINGERPRINT_SCHEME = "sha256-bf16-sample"
 #: the file name a config has inside a model folder (``save_pretrained`` / ``load(folder)``)
 CONFIG_FILE_NAME = "sparge_config.json"
+#: quantization variants a layer's variant may name (``sparge_core.api.QUANT_MODES`` without "auto")
+VARIANT_QUANTS = ("none", "int8", "int8-fp8")
 
 
 class ConfigError(ValueError):
@@ -53,6 +60,42 @@ class SpargeParams:
 
 
 @dataclass(frozen=True)
+class LayerVariant:
+    """The executor a calibrated layer runs: dense SDPA, or the sparse kernel with one quantization
+    variant and stage 2 (the PV skip check) on or off. Per call, so per layer, not per head."""
+
+    dense: bool = False
+    quant: str = "none"
+    stage2: bool = True
+
+    @property
+    def key(self) -> str:
+        """``"dense"`` or the kernel key of ``calibrate.cost``: ``<quant>`` or ``<quant>+pv``."""
+        if self.dense:
+            return "dense"
+        return self.quant + ("+pv" if self.stage2 else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dense": True} if self.dense else {"dense": False, "quant": self.quant, "stage2": self.stage2}
+
+
+@dataclass(frozen=True)
+class LayerPrediction:
+    """What the cost model predicted for a layer at the calibration length: milliseconds of one
+    attention call (batch 1) with the layer's variant and of dense SDPA."""
+
+    ms: float
+    dense_ms: float
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_ms / self.ms if self.ms > 0 else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ms": self.ms, "dense_ms": self.dense_ms, "speedup": round(self.speedup, 6)}
+
+
+@dataclass(frozen=True)
 class LayerConfig:
     """Calibrated hyperparameters of one attention layer, one value per query head."""
 
@@ -64,6 +107,8 @@ class LayerConfig:
     sparsity: float | None = None
     l1: float | None = None
     estimator: str = "pooled"  # block-score estimator of the predictor (sparge_core.ops.reference.ESTIMATORS)
+    variant: LayerVariant | None = None  # None (version 1): the caller's quant, stage 2 on
+    predicted: LayerPrediction | None = None
 
     @property
     def num_heads(self) -> int:
@@ -71,15 +116,31 @@ class LayerConfig:
 
     @property
     def is_dense(self) -> bool:
-        """True when every head keeps every block (the layer can run dense attention)."""
+        """True when the layer runs dense attention: its variant says so, or every head keeps every block."""
+        if self.variant is not None and self.variant.dense:
+            return True
         values = self.topk if self.topk is not None else self.cdfthreshd
         return all(v >= 1.0 for v in values)
 
+    @property
+    def quant(self) -> str | None:
+        """The quantization the layer was calibrated with (None: not fixed, version 1)."""
+        return None if self.variant is None or self.variant.dense else self.variant.quant
+
+    @property
+    def stage2(self) -> bool:
+        """Whether the layer runs the stage-2 PV check (version 1 configs always do)."""
+        return self.variant is None or (not self.variant.dense and self.variant.stage2)
+
     def kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``sparge_attn``."""
-        return dict(simthreshd1=list(self.simthreshd1), cdfthreshd=None if self.topk is not None else list(self.cdfthreshd),
-                    topk=None if self.topk is None else list(self.topk), pvthreshd=list(self.pvthreshd),
-                    estimator=self.estimator)
+        """Keyword arguments for ``sparge_attn`` (``quant`` only when the variant fixes it)."""
+        out = dict(simthreshd1=list(self.simthreshd1),
+                   cdfthreshd=None if self.topk is not None else list(self.cdfthreshd),
+                   topk=None if self.topk is None else list(self.topk),
+                   pvthreshd=list(self.pvthreshd) if self.stage2 else None, estimator=self.estimator)
+        if self.quant is not None:
+            out["quant"] = self.quant
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         d = {"layer": self.layer, "simthreshd1": list(self.simthreshd1)}
@@ -94,6 +155,10 @@ class LayerConfig:
             d["sparsity"] = self.sparsity
         if self.l1 is not None:
             d["l1"] = self.l1
+        if self.variant is not None:
+            d["variant"] = self.variant.to_dict()
+        if self.predicted is not None:
+            d["predicted"] = self.predicted.to_dict()
         return d
 
     @classmethod
@@ -252,7 +317,7 @@ _TOP_KEYS = {"format", "version", "model", "kernel", "l1", "pv_l1", "calibration
 _MODEL_REQUIRED = {"name", "num_layers", "num_heads", "num_kv_heads", "head_dim"}
 _MODEL_KEYS = {1: _MODEL_REQUIRED, 2: _MODEL_REQUIRED | {"architecture", "fingerprint"}}
 _LAYER_KEYS_V1 = {"layer", "simthreshd1", "cdfthreshd", "topk", "pvthreshd", "sparsity", "l1", "estimator"}
-_LAYER_KEYS = {1: _LAYER_KEYS_V1, 2: _LAYER_KEYS_V1}
+_LAYER_KEYS = {1: _LAYER_KEYS_V1, 2: _LAYER_KEYS_V1 | {"variant", "predicted"}}
 
 
 def _require_dict(value, where: str) -> dict:
@@ -300,6 +365,28 @@ def _estimator(value, where: str) -> str:
     return value
 
 
+def _variant(value, where: str) -> LayerVariant:
+    v = _require_dict(value, where)
+    if not isinstance(v.get("dense"), bool):
+        raise ConfigError(f"{where}.dense must be true or false, got {v.get('dense')!r}")
+    if v["dense"]:
+        _check_keys(v, {"dense"}, {"dense"}, where)
+        return LayerVariant(dense=True)
+    _check_keys(v, {"dense", "quant", "stage2"}, {"dense", "quant", "stage2"}, where)
+    if v["quant"] not in VARIANT_QUANTS:
+        raise ConfigError(f"{where}.quant must be one of {list(VARIANT_QUANTS)}, got {v['quant']!r}")
+    if not isinstance(v["stage2"], bool):
+        raise ConfigError(f"{where}.stage2 must be true or false, got {v['stage2']!r}")
+    return LayerVariant(dense=False, quant=v["quant"], stage2=v["stage2"])
+
+
+def _prediction(value, where: str) -> LayerPrediction:
+    p = _require_dict(value, where)
+    _check_keys(p, {"ms", "dense_ms", "speedup"}, {"ms", "dense_ms"}, where)
+    return LayerPrediction(_number(p["ms"], f"{where}.ms", 0.0, low_open=True),
+                           _number(p["dense_ms"], f"{where}.dense_ms", 0.0, low_open=True))
+
+
 def _parse_model_config(data: Any) -> ModelConfig:
     d = _require_dict(data, "config")
     _check_keys(d, _TOP_KEYS, {"format", "version", "model", "layers", "l1", "pv_l1"}, "config")
@@ -344,7 +431,7 @@ def _parse_model_config(data: Any) -> ModelConfig:
         if ("cdfthreshd" in ld) == ("topk" in ld):
             raise ConfigError(f"{where} needs exactly one of cdfthreshd and topk")
         h = info.num_heads
-        layers.append(LayerConfig(
+        lc = LayerConfig(
             layer=idx,
             simthreshd1=_head_list(ld["simthreshd1"], f"{where}.simthreshd1", h, -1.0, 1.0),
             pvthreshd=_head_list(ld["pvthreshd"], f"{where}.pvthreshd", h, 0.0, math.inf),
@@ -353,6 +440,13 @@ def _parse_model_config(data: Any) -> ModelConfig:
             sparsity=_number(ld["sparsity"], f"{where}.sparsity", 0.0, 1.0) if "sparsity" in ld else None,
             l1=_number(ld["l1"], f"{where}.l1", 0.0) if "l1" in ld else None,
             estimator=_estimator(ld.get("estimator", "pooled"), f"{where}.estimator"),
-        ))
+            variant=_variant(ld["variant"], f"{where}.variant") if "variant" in ld else None,
+            predicted=_prediction(ld["predicted"], f"{where}.predicted") if "predicted" in ld else None,
+        )
+        if lc.variant is not None and lc.variant.dense and not all(
+                v >= 1.0 for v in (lc.topk if lc.topk is not None else lc.cdfthreshd)):
+            raise ConfigError(f"{where}.variant says dense but its cdfthreshd/topk keep only part of the blocks; "
+                              f"a dense layer keeps every block (1.0 for every head)")
+        layers.append(lc)
     return ModelConfig(model=info, layers=tuple(sorted(layers, key=lambda lc: lc.layer)), l1=l1, pv_l1=pv_l1,
                        calibration=calibration)

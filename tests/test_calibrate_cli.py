@@ -174,15 +174,17 @@ def test_two_workers_on_postgres_equal_one_worker(reference_run, tmp_path):
         pytest.skip("SPARGE_TEST_POSTGRES_URL is not set (.ci/run starts a PostgreSQL server and sets it)")
     import optuna
 
+    from calibrate.study import CalibrationStore, open_storage
+
     for s in optuna.get_all_study_summaries(url):  # a clean run every time
         optuna.delete_study(study_name=s.study_name, storage=url)
+    CalibrationStore(open_storage(url), "sparge/tiny-llama").delete_bookkeeping()
     out = tmp_path / "pg.json"
     assert main([*FAST, "--workers", "2", "--storage", url, "--out", str(out)]) == 0
     assert _layers(ModelConfig.load(out)) == _layers(reference_run)
     # both layers were worked on exactly once (one completed claim each)
-    claims = optuna.load_study(study_name="sparge/tiny-llama/claims", storage=url).get_trials(deepcopy=False)
-    done = [t.user_attrs["layer"] for t in claims if t.state == optuna.trial.TrialState.COMPLETE]
-    assert sorted(done) == [0, 1]
+    claims = CalibrationStore(open_storage(url), "sparge/tiny-llama").claims()
+    assert sorted(c["layer"] for c in claims if c["state"] == "done") == [0, 1]
     # a worker joining a finished run has nothing to do and exits 0
     join = subprocess.run([sys.executable, "-m", "calibrate", *FAST, "--join", "--storage", url,
                            "--out", str(tmp_path / "join.json"), "--capture-dir", str(out.with_name("pg.capture"))],

@@ -84,7 +84,7 @@ def test_resume_from_finished_thetas_gives_the_same_result_with_fewer_evaluation
     done = {}
     search_layer(FakeLayer([1.0, 2.0], [0.2, 0.3], [0.5, 0.5]), 2,
                  SearchSettings(mode="topk", bisect_steps=6, thetas=settings.thetas[:3], tune_pv=False),
-                 on_theta_done=lambda t, b, err, s: done.__setitem__(t, (b, err, s)))
+                 on_theta_done=lambda t, b, err, s, d: done.__setitem__(t, (b, err, s, d)))
     again = FakeLayer([1.0, 2.0], [0.2, 0.3], [0.5, 0.5])
     resumed = search_layer(again, 2, settings, done_thetas=done)
     assert resumed.heads == full.heads

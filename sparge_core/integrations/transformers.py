@@ -582,7 +582,8 @@ def _planned_op(handle, method, layer, query, key, value, mask, causal: bool, sc
         query, key, value, mask, is_causal=causal, scale=resolve_scale(scaling, query.shape[-1]),
         simthreshd1=list(theta), budget=list(budget), topk_mode=sel.topk_mode,
         pvthreshd=None if pv is None else list(pv.for_heads(query.shape[1])),
-        quant=resolve_quant(handle.quant, query.device), estimator=kw["estimator"], window=window,
+        quant=resolve_quant(method._quant(handle.quant) if kw.get("quant") else handle.quant, query.device),
+        estimator=kw["estimator"], window=window,
         backend=resolve_backend(handle.backend, query.device).name)
     if handle.collect_stats:
         _record(handle, layer, allowed, computed, skipped)

@@ -20,7 +20,7 @@ from ..api import (
     sparge_attn,
 )
 from ..ops.blocks import ESTIMATORS
-from ..params import LayerConfig
+from ..params import VARIANT_QUANTS, LayerConfig
 from ..validation import check_choice
 from . import register_method
 from .base import AttentionMethod
@@ -33,15 +33,18 @@ class Sparge(AttentionMethod):
     budget_param = "cdfthreshd"
 
     def __init__(self, simthreshd1=DEFAULT_SIMTHRESHD1, cdfthreshd=DEFAULT_CDFTHRESHD,
-                 pvthreshd=DEFAULT_PVTHRESHD, estimator: str = "pooled"):
+                 pvthreshd=DEFAULT_PVTHRESHD, estimator: str = "pooled", quant: str | None = None):
         self.simthreshd1 = simthreshd1
         self.cdfthreshd = cdfthreshd
         self.pvthreshd = pvthreshd
         self.estimator = estimator
+        self.quant = quant  # None: the caller's quant; else fixed (a calibrated layer's variant)
         self._validate(cdfthreshd=cdfthreshd, topk=None)
 
     def _validate(self, *, cdfthreshd, topk) -> None:
         check_choice("estimator", self.estimator, ESTIMATORS)
+        if self.quant is not None:
+            check_choice("quant", self.quant, VARIANT_QUANTS)
         sel = Selection.parse(self.simthreshd1, cdfthreshd, topk)
         self._checked = dict(simthreshd1=sel.simthreshd1, cdfthreshd=None if sel.topk_mode else sel.budget,
                              topk=sel.budget if sel.topk_mode else None, estimator=self.estimator)
@@ -49,20 +52,36 @@ class Sparge(AttentionMethod):
 
     @classmethod
     def from_layer_config(cls, lc: LayerConfig) -> AttentionMethod:
+        """The layer's method, running exactly what the config says: its hyperparameters, estimator
+        and (version 2) its quantization and stage 2 on or off (off: ``pvthreshd=None``)."""
+        pv = list(lc.pvthreshd) if lc.stage2 else None
         if lc.topk is not None:
-            return SpargeTopk(simthreshd1=list(lc.simthreshd1), topk=list(lc.topk), pvthreshd=list(lc.pvthreshd),
-                              estimator=lc.estimator)
-        return cls(simthreshd1=list(lc.simthreshd1), cdfthreshd=list(lc.cdfthreshd), pvthreshd=list(lc.pvthreshd),
-                   estimator=lc.estimator)
+            return SpargeTopk(simthreshd1=list(lc.simthreshd1), topk=list(lc.topk), pvthreshd=pv,
+                              estimator=lc.estimator, quant=lc.quant)
+        return cls(simthreshd1=list(lc.simthreshd1), cdfthreshd=list(lc.cdfthreshd), pvthreshd=pv,
+                   estimator=lc.estimator, quant=lc.quant)
+
+    def _quant(self, quant: str) -> str:
+        if self.quant is None or quant == "auto":
+            return quant if self.quant is None else self.quant
+        if quant != self.quant:
+            raise ValueError(f"this layer was calibrated with quant={self.quant!r} and its error bound holds for "
+                             f"that; quant={quant!r} was asked for. Pass quant='auto' (run what the config says) "
+                             f"or recalibrate with that quantization")
+        return quant
 
     def _selection(self) -> dict[str, Any]:
         return dict(simthreshd1=self.simthreshd1, cdfthreshd=self.cdfthreshd, estimator=self.estimator)
 
     def params(self) -> dict[str, Any]:
-        return {**self._selection(), "pvthreshd": self.pvthreshd}
+        out = {**self._selection(), "pvthreshd": self.pvthreshd}
+        if self.quant is not None:
+            out["quant"] = self.quant
+        return out
 
     def pipeline_kwargs(self) -> dict[str, Any]:
-        return {**self._checked, "pvthreshd": self._pv}
+        # "quant": the layer's fixed quantization (a calibrated variant), None for the caller's
+        return {**self._checked, "pvthreshd": self._pv, "quant": self.quant}
 
     def _stage2(self):
         return self._pv
@@ -74,7 +93,7 @@ class Sparge(AttentionMethod):
                  return_stats=False, window=None):
         # the fused path: one pass over Q and K for prediction (and quantization)
         return sparge_attn(q, k, v, is_causal=is_causal, scale=scale, pvthreshd=self._pv, backend=backend,
-                           quant=quant, return_stats=return_stats, window=window, **self._checked)
+                           quant=self._quant(quant), return_stats=return_stats, window=window, **self._checked)
 
 
 @register_method("sparge-topk")
@@ -83,11 +102,13 @@ class SpargeTopk(Sparge):
 
     budget_param = "topk"
 
-    def __init__(self, simthreshd1=-0.1, topk=0.5, pvthreshd=DEFAULT_PVTHRESHD, estimator: str = "pooled"):
+    def __init__(self, simthreshd1=-0.1, topk=0.5, pvthreshd=DEFAULT_PVTHRESHD, estimator: str = "pooled",
+                 quant: str | None = None):
         self.simthreshd1 = simthreshd1
         self.topk = topk
         self.pvthreshd = pvthreshd
         self.estimator = estimator
+        self.quant = quant
         self._validate(cdfthreshd=None, topk=topk)
 
     def _selection(self) -> dict[str, Any]:

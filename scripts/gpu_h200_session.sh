@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One 30-minute H200 session in three device calls (< 9 minutes each; the machine stays warm 30 s
+# between them, so the Triton cache and the FA4 staging folder carry over). Every call writes its logs
+# and CSVs under $OUT/<call>/ and packs them into $OUT/<call>.tgz.
+#
+# Here, first:  bash scripts/stage_wheels.sh build          # -> .bundle-fa4/part-1..3
+#               git rev-parse HEAD > .tree-commit
+#   call 1 (carry .bundle-fa4/part-1): bash scripts/gpu_h200_session.sh check-bench .bundle-fa4/part-1
+#       GPU correctness tests of the kernels, predictor, pipeline and integrations; bench_kernel at
+#       8K/32K (headline: shipped defaults) against cuDNN, flash and FlexAttention
+#   call 2 (carry .bundle-fa4/part-2): bash scripts/gpu_h200_session.sh tune-accuracy .bundle-fa4/part-2
+#       tune_kernel at 32K (every variant), kernel_accuracy at 8K/32K, bench_predictor
+#   call 3 (carry .bundle-fa4/part-3): bash scripts/gpu_h200_session.sh fa4-e2e .bundle-fa4/part-3
+#       FA4 install, its tests, the fa4 rows of bench_kernel, bench_e2e (8B shape, random weights)
+# scripts/gpu_kernel_session.sh is the longer plan (128K rows, the full tuner).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+export PYTHONUNBUFFERED=1
+SITE=${SITE:-$HOME/.cache/sparge/fa4-site}
+export PYTHONPATH=$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages:$PWD
+RUNS=runs/kernel
+mkdir -p "$RUNS" "$OUT"
+step() {  # name, time limit (s), command...: log to $DIR/<name>.log, print rc and the tail
+    local name=$1 limit=$2; shift 2
+    echo "== $name ($(date +%T), limit ${limit}s)"
+    timeout "$limit" "$@" > "$DIR/$name.log" 2>&1
+    echo "rc=$?"
+    tail -n 15 "$DIR/$name.log"
+}
+pack() { cp -r "$RUNS"/. "$DIR/" 2>/dev/null; tar czf "$OUT/$1.tgz" -C "$OUT" "$1" && rm -rf "${OUT:?}/$1"; ls -la "$OUT"; }
+
+cmd=${1:?check-bench|tune-accuracy|fa4-e2e}; shift
+case "$cmd" in check-bench|tune-accuracy|fa4-e2e) ;; *) echo "unknown call $cmd" >&2; exit 2 ;; esac
+DIR=$OUT/$cmd; mkdir -p "$DIR"
+for part in "$@"; do bash scripts/stage_wheels.sh receive "$part" >> "$DIR/stage.log" 2>&1; done
+{ echo "# $(date -u +%FT%TZ) call $cmd, tree $(cat .tree-commit 2>/dev/null)"
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv
+  python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)'
+} > "$DIR/env.txt"
+cat "$DIR/env.txt"
+S=$(python3 -c 'from evals.environment import gpu_slug; print(gpu_slug())')
+case "$cmd" in
+  check-bench)
+    step pytest-gpu 200 python3 -m pytest -q -n 12 -p no:cacheprovider tests/test_gpu.py tests/test_attention.py \
+      tests/test_kernel_variants.py tests/test_sliding_window.py tests/test_nonfinite.py tests/test_predict.py \
+      tests/test_api.py tests/test_reference.py tests/test_integration_pipeline.py tests/test_export.py \
+      tests/test_methods_sparge_budget.py tests/test_integration_transformers.py tests/test_density.py
+    step bench 300 python3 scripts/bench_kernel.py --n 8192 32768 --methods sdpa-cudnn sdpa-flash flex sparge \
+      sparge-nopv sparge-exact sparge-quant sparge-quant-fp8 --out "$RUNS/$S.csv" --no-plot
+    pack "$cmd" ;;
+  tune-accuracy)
+    step tune 250 python3 scripts/tune_kernel.py --n 32768 --compile-workers 14 --recommend --out "$RUNS/tune-$S.csv"
+    step accuracy 130 python3 scripts/kernel_accuracy.py --n 8192 32768 --out "$RUNS/accuracy-$S.csv"
+    step predictor 100 python3 scripts/bench_predictor.py --out "$RUNS/predictor-$S.csv"
+    pack "$cmd" ;;
+  fa4-e2e)
+    step fa4-install 60 bash scripts/stage_wheels.sh install
+    step pytest-fa4 120 python3 -m pytest -q -n 4 -p no:cacheprovider tests/test_fa4_backend.py
+    step bench-fa4 120 python3 scripts/bench_kernel.py --n 8192 32768 --methods sdpa-cudnn fa4 sparge \
+      --out "$RUNS/$S-fa4.csv" --no-plot
+    step e2e 220 python3 scripts/bench_e2e.py --parts llama8b --lengths 32768 --topk 0.5 0.2 --out "$RUNS/e2e-$S.csv"
+    pack "$cmd" ;;
+esac

@@ -1,0 +1,125 @@
+"""Predicted vs measured attention time of a calibrated config, per layer and overall.
+
+    python -m evals speed --model smollm2 --config runs/smollm2.json --methods sparge --lengths 8192 --device cuda
+    python scripts/predicted_vs_measured.py --config runs/smollm2.json \\
+        --speed results/speed/smollm2/sparge.json --out results/calibration/smollm2-h200-predicted-vs-measured.md
+
+The config's layers hold ``predicted`` (the cost model's ms of the layer's variant and of dense SDPA
+at the calibration length, batch 1); the speed result holds each layer's measured ms and, for
+sparse layers, the dense SDPA ms on the same Q/K/V (``evals/speed.py``). Writes a Markdown table and
+a JSON file next to it: per layer predicted and measured ms, their relative error, predicted and
+measured speed-up over dense; overall the sums. ``--tolerance`` (default 0.15) marks the rows whose
+error exceeds it; the exit code is 0 either way (it is a report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from calibrate.cli import HelpFormatter  # noqa: E402
+from sparge_core.params import ConfigError, ModelConfig, write_json_atomic, write_text_atomic
+
+
+def compare(config: ModelConfig, speed: dict, length: int | None = None, tolerance: float = 0.15) -> dict:
+    """The comparison rows (see the module docstring) as a dict."""
+    lengths = speed.get("scores", speed).get("lengths")
+    if not lengths:
+        raise ValueError("the speed file has no scores.lengths: is it a python -m evals speed result?")
+    want = length or config.calibration.get("seq_len")
+    key = str(want) if want is not None and str(want) in lengths else max(lengths, key=int)
+    if want is not None and str(want) != key:
+        raise ValueError(f"the speed file has lengths {sorted(lengths, key=int)}, not the config's {want}; pass "
+                         f"--length or measure that length")
+    measured = lengths[key]["layers"]
+    rows, missing = [], []
+    for lc in config.layers:
+        m = measured.get(str(lc.layer))
+        if lc.predicted is None or m is None:
+            missing.append(lc.layer)
+            continue
+        dense_ms = m.get("dense_ms", m["ms"] if lc.is_dense else None)
+        err = (lc.predicted.ms - m["ms"]) / m["ms"]
+        rows.append({
+            "layer": lc.layer, "variant": _variant(lc), "predicted_ms": lc.predicted.ms, "measured_ms": m["ms"],
+            "error": err, "predicted_speedup": lc.predicted.speedup,
+            "measured_speedup": None if dense_ms is None else dense_ms / m["ms"],
+            "predicted_dense_ms": lc.predicted.dense_ms, "measured_dense_ms": dense_ms,
+            "within": abs(err) <= tolerance})
+    if not rows:
+        raise ValueError("no layer has both a prediction (a v2 config calibrated with a cost model) and a measurement")
+    total_pred = sum(r["predicted_ms"] for r in rows)
+    total_meas = sum(r["measured_ms"] for r in rows)
+    dense_pred = sum(r["predicted_dense_ms"] for r in rows)
+    have_dense = all(r["measured_dense_ms"] is not None for r in rows)
+    dense_meas = sum(r["measured_dense_ms"] for r in rows) if have_dense else None
+    overall = {"predicted_ms": total_pred, "measured_ms": total_meas, "error": (total_pred - total_meas) / total_meas,
+               "predicted_speedup": dense_pred / total_pred,
+               "measured_speedup": None if dense_meas is None else dense_meas / total_meas}
+    overall["within"] = abs(overall["error"]) <= tolerance
+    return {"length": int(key), "tolerance": tolerance, "layers": rows, "overall": overall,
+            "layers_without_data": missing, "cost_model": config.calibration.get("cost_model"),
+            "speed_device": speed.get("device") or speed.get("gpu")}
+
+
+def _variant(lc) -> str:
+    if lc.is_dense:
+        return "dense"
+    if lc.variant is None:
+        return "sparse (v1)"
+    return lc.variant.quant + ("+pv" if lc.variant.stage2 else "") + f"/{lc.estimator}"
+
+
+def markdown(result: dict) -> str:
+    def f(x, fmt):
+        return "n/a" if x is None else format(x, fmt)
+
+    lines = [(f"Predicted vs measured attention time, {result['length']} tokens, batch 1 "
+              f"(tolerance {result['tolerance']:.0%}; ! = outside)"), "",
+             "| layer | variant | predicted ms | measured ms | error | predicted speed-up | measured speed-up |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["layers"]:
+        lines.append(f"| {r['layer']} | {r['variant']} | {r['predicted_ms']:.4f} | {r['measured_ms']:.4f} | "
+                     f"{r['error']:+.1%}{'' if r['within'] else ' !'} | {r['predicted_speedup']:.2f}x | "
+                     f"{f(r['measured_speedup'], '.2f')}x |")
+    o = result["overall"]
+    lines.append(f"| all | | {o['predicted_ms']:.4f} | {o['measured_ms']:.4f} | {o['error']:+.1%}"
+                 f"{'' if o['within'] else ' !'} | {o['predicted_speedup']:.2f}x | {f(o['measured_speedup'], '.2f')}x |")
+    inside = sum(r["within"] for r in result["layers"])
+    lines += ["", (f"{inside}/{len(result['layers'])} layers within the tolerance; overall "
+                   f"{'within' if o['within'] else 'outside'}.")]
+    if result["layers_without_data"]:
+        lines.append(f"Layers without a prediction or a measurement: {result['layers_without_data']}.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--config", required=True, help="calibrated config JSON (version 2, with predictions)")
+    ap.add_argument("--speed", required=True, help="python -m evals speed result JSON of that config")
+    ap.add_argument("--length", type=int, default=None, help="context length to compare (default: the config's)")
+    ap.add_argument("--tolerance", type=float, default=0.15)
+    ap.add_argument("--out", default=None, help="Markdown table to write (plus a .json beside it)")
+    args = ap.parse_args(argv)
+    try:
+        config = ModelConfig.load(args.config)
+        speed = json.loads(Path(args.speed).read_text())
+        result = compare(config, speed, args.length, args.tolerance)
+    except (ConfigError, OSError, ValueError, KeyError) as err:
+        print(f"predicted_vs_measured: error: {err}", file=sys.stderr)
+        return 2
+    text = markdown(result)
+    print(text, end="")
+    if args.out:
+        out = Path(args.out)
+        write_text_atomic(out, text)
+        write_json_atomic(out.with_suffix(".json"), {**result, "config": args.config, "speed": args.speed})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
