@@ -29,8 +29,8 @@ step() {  # name, time limit (s), command...: log to $DIR/<name>.log, print rc a
 }
 pack() { cp -r "$RUNS"/. "$DIR/" 2>/dev/null; tar czf "$OUT/$1.tgz" -C "$OUT" "$1" && rm -rf "${OUT:?}/$1"; ls -la "$OUT"; }
 
-cmd=${1:?check-bench|tune-accuracy|fa4-e2e}; shift
-case "$cmd" in check-bench|tune-accuracy|fa4-e2e) ;; *) echo "unknown call $cmd" >&2; exit 2 ;; esac
+cmd=${1:?check-tune|check-bench|tune-accuracy|fa4-e2e}; shift
+case "$cmd" in check-tune|check-bench|tune-accuracy|fa4-e2e) ;; *) echo "unknown call $cmd" >&2; exit 2 ;; esac
 DIR=$OUT/$cmd; mkdir -p "$DIR"
 for part in "$@"; do bash scripts/stage_wheels.sh receive "$part" >> "$DIR/stage.log" 2>&1; done
 { echo "# $(date -u +%FT%TZ) call $cmd, tree $(cat .tree-commit 2>/dev/null)"
@@ -40,6 +40,13 @@ for part in "$@"; do bash scripts/stage_wheels.sh receive "$part" >> "$DIR/stage
 cat "$DIR/env.txt"
 S=$(python3 -c 'from evals.environment import gpu_slug; print(gpu_slug())')
 case "$cmd" in
+  check-tune)  # the re-check after the first call's fixes, and the stage-2 variant sweep
+    step pytest-gpu 200 python3 -m pytest -q -n 12 -p no:cacheprovider tests/test_gpu.py tests/test_attention.py \
+      tests/test_kernel_variants.py tests/test_sliding_window.py tests/test_nonfinite.py tests/test_predict.py \
+      tests/test_api.py tests/test_integration_pipeline.py tests/test_export.py
+    step tune 280 python3 scripts/tune_kernel.py --n 32768 --quant none --compile-workers 14 --recommend \
+      --out "$RUNS/tune-$S.csv"
+    pack "$cmd" ;;
   check-bench)
     step pytest-gpu 200 python3 -m pytest -q -n 12 -p no:cacheprovider tests/test_gpu.py tests/test_attention.py \
       tests/test_kernel_variants.py tests/test_sliding_window.py tests/test_nonfinite.py tests/test_predict.py \

@@ -230,7 +230,9 @@ def test_forward_reads_nothing_on_the_host(tiny_llama, monkeypatch):
             return original(self, *args, **kwargs)
         return wrapper
 
-    ids = _ids(10, 333)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # compiled Triton on a GPU, the interpreter on CPU
+    tiny_llama.to(dev)
+    ids = _ids(10, 333).to(dev)
     handle = apply(tiny_llama, "sparge-topk", simthreshd1=[-0.1, 0.1, 0.2, 0.3], topk=0.4, collect_stats=True,
                    backend="triton")
     try:

@@ -20,6 +20,9 @@ from sparge_core import block_sparse_attn, sparge_attn
 from sparge_core.ops import reference as R
 
 BACKENDS = ["reference", "triton"]
+# The Triton backend runs compiled on a GPU when there is one (fp16 operands there: fp32 inputs would
+# compute in bf16), else under the interpreter on CPU in fp32.
+GPU = torch.cuda.is_available()
 NQ = NK = 320  # 3 query blocks (the last partial), 5 key blocks
 SCALE = 0.125
 
@@ -57,9 +60,24 @@ def _inputs(seed=0):
     return rand_qkv(1, 2, 1, NQ, NK, 64, dtype=torch.float32, seed=seed)
 
 
-def _run(backend, q, k, v, mask, *, causal, pv):
-    return block_sparse_attn(q, k, v, mask, is_causal=causal, scale=SCALE, pvthreshd=pv, quant="none",
-                             backend=backend)
+def _on_backend(backend, *tensors):
+    """The tensors as the backend computes on them: CUDA fp16 for Triton on a GPU, unchanged otherwise."""
+    if backend != "triton" or not GPU:
+        return tensors
+    return tuple(t.cuda() if t.dtype == torch.bool else t.to("cuda", torch.float16) for t in tensors)
+
+
+def _tolerance(backend):
+    return {"rtol": 1e-2, "atol": 2e-3} if backend == "triton" and GPU else {"rtol": 2e-3, "atol": 2e-4}
+
+
+def _run(backend, q, k, v, mask, *, causal, pv, **kw):
+    q, k, v, mask = _on_backend(backend, q, k, v, mask)
+    if isinstance(pv, torch.Tensor):
+        pv = pv.to(q.device)
+    res = block_sparse_attn(q, k, v, mask, is_causal=causal, scale=SCALE, pvthreshd=pv, quant="none",
+                            backend=backend, **kw)
+    return (res[0].float().cpu(), res[1]) if kw.get("return_stats") else res.float().cpu()
 
 
 def _same_nonfinite_pattern(out, want):
@@ -84,7 +102,7 @@ def test_non_finite_input_reaches_exactly_the_rows_that_attend_it(backend, causa
         out = _run(backend, q, k, v, mask, causal=causal, pv=pv)
         _same_nonfinite_pattern(out, want)
         finite = torch.isfinite(want)
-        torch.testing.assert_close(out.double()[finite], want[finite], rtol=2e-3, atol=2e-4)
+        torch.testing.assert_close(out.double()[finite], want[finite], **_tolerance(backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -98,8 +116,8 @@ def test_v_outside_the_kept_blocks_changes_nothing(backend, causal):
         bad[0, 0, 200:256] = value  # key block 3: only query block 1 keeps it
         out = _run(backend, q, k, bad, mask, causal=causal, pv=None)
         assert torch.isfinite(out[:, :, :128]).all() and torch.isfinite(out[:, :, 256:]).all()
-        torch.testing.assert_close(out[:, :, :128], clean[:, :, :128])
-        torch.testing.assert_close(out[:, :, 256:], clean[:, :, 256:])
+        torch.testing.assert_close(out[:, :, :128], clean[:, :, :128], **_tolerance(backend))
+        torch.testing.assert_close(out[:, :, 256:], clean[:, :, 256:], **_tolerance(backend))
         assert not torch.isfinite(out[:, :, 128:256]).all()
 
 
@@ -139,21 +157,22 @@ def test_a_row_already_nan_does_not_change_the_other_rows_skips(backend):
     q, k, v = _skip_friendly_inputs()
     q[0, 0, 10] = math.nan  # one row of query block 0 is NaN from its first block on: it no longer votes
     ref, counts = R.masked_attention(q, k, v, FULL, is_causal=False, scale=SCALE, pvthreshd=PV)
-    out, stats = block_sparse_attn(q, k, v, FULL, is_causal=False, scale=SCALE, pvthreshd=PV, quant="none",
-                                   backend=backend, return_stats=True)
+    out, stats = _run(backend, q, k, v, FULL, causal=False, pv=PV, return_stats=True)
     assert counts.pv_skipped.item() == 6  # both query blocks still skip their 3 later blocks
-    assert torch.equal(stats.pv_skipped_blocks, counts.pv_skipped)
+    assert torch.equal(stats.pv_skipped_blocks.cpu(), counts.pv_skipped)
     assert torch.isnan(out[0, 0, 10]).all() and torch.isfinite(out[0, 0, :10]).all()
     assert torch.isfinite(out[0, 0, 11:]).all()
     finite = torch.isfinite(ref)
-    torch.testing.assert_close(out[finite], ref[finite], rtol=2e-3, atol=2e-4)
+    torch.testing.assert_close(out[finite], ref[finite], **_tolerance(backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sparge_attn_end_to_end_propagates_a_nan_in_k(backend):
     q, k, v = rand_qkv(1, 2, 1, NQ, NK, 64, dtype=torch.float32, seed=4)
     k[0, 0, 200, 3] = math.nan
-    out = sparge_attn(q, k, v, is_causal=True, backend=backend)
+    q, k, v = _on_backend(backend, q, k, v)
+    out = sparge_attn(q, k, v, is_causal=True, backend=backend).float().cpu()
+    q, k, v = (t.float().cpu() for t in (q, k, v))
     full = torch.ones(1, 2, 3, 5, dtype=torch.bool)
     want = oracle(q, k, v, full, is_causal=True)
     _same_nonfinite_pattern(out, want)

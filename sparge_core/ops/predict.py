@@ -105,22 +105,23 @@ def _q_stats_k_sums_kernel(
     o_d = tl.arange(0, D_PAD)
     m_d = o_d < HEAD_DIM
     if pid < n_sum_programs:
-        # -- a partial sum of K's rows over blocks [kb0, kb1) of one (batch, KV head)
+        # -- a partial sum of K's rows over blocks [kb0, kb1) of one (batch, KV head). The two branches
+        # use distinct names: compiled Triton merges a name bound in both, and their shapes differ.
         i_part = pid % n_parts
-        i_bh = pid // n_parts
-        i_b = i_bh // n_kv_heads
-        i_h = i_bh % n_kv_heads
-        base = K + i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
-        o_n = tl.arange(0, BLOCK_K)
+        i_kbh = pid // n_parts
+        i_kb = i_kbh // n_kv_heads
+        i_kh = i_kbh % n_kv_heads
+        k_base = K + i_kb.to(tl.int64) * stride_kb + i_kh.to(tl.int64) * stride_kh
+        o_kr = tl.arange(0, BLOCK_K)
         acc = tl.zeros([D_PAD], dtype=tl.float32)
         kb0 = i_part * blocks_per_part
         kb1 = tl.minimum(kb0 + blocks_per_part, n_kblocks)
         for kb in range(kb0, kb1):
-            rows = kb * BLOCK_K + o_n
-            b_k = tl.load(base + rows[:, None] * stride_kn + o_d[None, :] * stride_kd,
+            rows = kb * BLOCK_K + o_kr
+            b_k = tl.load(k_base + rows[:, None] * stride_kn + o_d[None, :] * stride_kd,
                           mask=(rows < n_k)[:, None] & m_d[None, :], other=0.0).to(tl.float32)
             acc += tl.sum(b_k, axis=0)
-        tl.store(KSUM + (i_bh.to(tl.int64) * n_parts + i_part) * D_PAD + o_d, acc)
+        tl.store(KSUM + (i_kbh.to(tl.int64) * n_parts + i_part) * D_PAD + o_d, acc)
     else:
         # -- one block of Q
         p = pid - n_sum_programs
