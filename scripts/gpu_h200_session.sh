@@ -47,18 +47,34 @@ case "$cmd" in
     step tune 280 python3 scripts/tune_kernel.py --n 32768 --quant none --compile-workers 14 --recommend \
       --out "$RUNS/tune-$S.csv"
     pack "$cmd" ;;
-  check-bench)
-    step pytest-gpu 200 python3 -m pytest -q -n 12 -p no:cacheprovider tests/test_gpu.py tests/test_attention.py \
-      tests/test_kernel_variants.py tests/test_sliding_window.py tests/test_nonfinite.py tests/test_predict.py \
-      tests/test_api.py tests/test_reference.py tests/test_integration_pipeline.py tests/test_export.py \
-      tests/test_methods_sparge_budget.py tests/test_integration_transformers.py tests/test_density.py
-    step bench 300 python3 scripts/bench_kernel.py --n 8192 32768 --methods sdpa-cudnn sdpa-flash flex sparge \
-      sparge-nopv sparge-exact sparge-quant sparge-quant-fp8 --out "$RUNS/$S.csv" --no-plot
+  check-bench)  # the shipped defaults against the dense and block-sparse peers; accuracy of each variant
+    step bench 340 python3 scripts/bench_kernel.py --n 8192 32768 --methods sdpa-cudnn sdpa-flash flex sparge \
+      sparge-nopv sparge-exact sparge-quant sparge-quant-fp8 --tune-csv results/kernel/tune-h200.csv \
+      --out "$RUNS/$S.csv" --no-plot
+    step accuracy 150 python3 scripts/kernel_accuracy.py --n 8192 32768 --out "$RUNS/accuracy-$S.csv"
     pack "$cmd" ;;
-  tune-accuracy)
-    step tune 250 python3 scripts/tune_kernel.py --n 32768 --compile-workers 14 --recommend --out "$RUNS/tune-$S.csv"
-    step accuracy 130 python3 scripts/kernel_accuracy.py --n 8192 32768 --out "$RUNS/accuracy-$S.csv"
+  tune-accuracy)  # the predictor and pipeline against cuDNN; TTFT of the 8B shape; compiled vs eager
     step predictor 100 python3 scripts/bench_predictor.py --out "$RUNS/predictor-$S.csv"
+    step e2e 230 python3 scripts/bench_e2e.py --parts llama8b --lengths 32768 --topk 0.5 0.2 --out "$RUNS/e2e-$S.csv"
+    step compile-vs-eager 90 python3 - <<'PY'
+import torch
+from calibrate.models import build_tiny_model
+from sparge_core.integrations.transformers import apply, remove
+ids = torch.randint(3, 259, (1, 1024), generator=torch.Generator().manual_seed(11)).cuda()
+for backend in ("triton", "reference"):
+    torch._dynamo.reset()
+    model = build_tiny_model("llama", dtype=torch.bfloat16, device="cuda", seed=1)
+    with torch.no_grad():
+        dense = model(ids).logits.float()
+        apply(model, "sparge-topk", simthreshd1=-1.0, topk=0.4, backend=backend)
+        eager = model(ids).logits.float()
+        comp = torch.compile(model, fullgraph=True)(ids).logits.float()
+        eager2 = model(ids).logits.float()
+    remove(model)
+    d = lambda a, b: ((a - b).abs().sum() / b.abs().sum()).item()
+    print(backend, "eager~dense", d(eager, dense), "compiled~dense", d(comp, dense), "compiled~eager", d(comp, eager),
+          "eager-after~eager", d(eager2, eager))
+PY
     pack "$cmd" ;;
   fa4-e2e)
     step fa4-install 60 bash scripts/stage_wheels.sh install

@@ -281,7 +281,7 @@ def main() -> None:
                    config=case.cfg.name, ms=ms, tops=flops / (ms * 1e-3) / 1e12, pv_skip=skip,
                    structured=case.structured)
         rows.append(row)
-        log.add(**{**row, "ms": f"{ms:.4f}", "tops": f"{row['tops']:.1f}", "pv_skip": f"{skip:.4f}",
+        log.add(**{**{c: row[c] for c in row if c in COLUMNS}, "ms": f"{ms:.4f}", "tops": f"{row['tops']:.1f}", "pv_skip": f"{skip:.4f}",
                    "density": "structured" if case.structured else case.density})
         if i % 25 == 0:
             print(f"  [{i}/{len(all_cases)}, {time.time() - t0:.0f}s] n={case.n} d={case.d} {case.quant} "

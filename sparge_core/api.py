@@ -34,7 +34,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SIMTHRESHD1 = 0.6
 DEFAULT_CDFTHRESHD = 0.98
-DEFAULT_PVTHRESHD = 50.0
+# Stage 2 (the PV skip) is off unless asked for: on an H200 (results/kernel/tune-h200.csv, N=32K) the
+# decision costs 17-41% at density 1 in every code shape and at best breaks even when it skips ~45% of
+# the kept blocks. A calibrated config or an explicit ``pvthreshd`` still turns it on per head.
+DEFAULT_PVTHRESHD = None
 QUANT_MODES = ("auto", "int8", "int8-fp8", "none")
 # What quant="auto" means on a CUDA GPU. "none" until the quantized path meets its accuracy bound
 # on real data (see results/kernel/); the CPU paths never quantize under "auto".

@@ -141,14 +141,16 @@ class KernelConfig:
 
 
 def default_kernel_config(head_dim: int, device: torch.device, quant: str = "none") -> KernelConfig:
-    """Launch config chosen by measurement (``scripts/tune_kernel.py`` on an H100, N=32K, dense and 0.3
-    density, causal or not; results/kernel/tune-h100-80gb-hbm3.csv): the best or within 3% of it.
-    ``pv_check="select"`` and pointer loads are the choice before the H200 sweep over the new variants
-    (``results/kernel/NOTES.md``): the only stage-2 shape whose loop compiles like the stage-2-off one."""
+    """Launch config chosen by measurement: ``scripts/tune_kernel.py`` at N=32K, dense and 0.5 density,
+    causal or not, stage 2 off (the shipped default). bf16: the H200 sweep over every variant
+    (results/kernel/tune-h200.csv): D=128 runs fastest with tensor-descriptor loads, D=64 with
+    pointer loads. INT8 QK^T: the H100 sweep (results/kernel/tune-h100-80gb-hbm3.csv)."""
     if device.type != "cuda":
         return KernelConfig(num_warps=4, num_stages=1)
     if head_dim > 64:
-        return KernelConfig(num_warps=4, num_stages=2 if quant == "none" else 3)
+        if quant == "none":
+            return KernelConfig(num_warps=4, num_stages=2, tile_loads="descriptor")
+        return KernelConfig(num_warps=4, num_stages=3)
     return KernelConfig(num_warps=8, num_stages=3)
 
 
