@@ -54,8 +54,12 @@ case "$cmd" in
     step accuracy 150 python3 scripts/kernel_accuracy.py --n 8192 32768 --out "$RUNS/accuracy-$S.csv"
     pack "$cmd" ;;
   tune-accuracy)  # the predictor and pipeline against cuDNN; TTFT of the 8B shape; compiled vs eager
-    step predictor 100 python3 scripts/bench_predictor.py --out "$RUNS/predictor-$S.csv"
-    step e2e 230 python3 scripts/bench_e2e.py --parts llama8b --lengths 32768 --topk 0.5 0.2 --out "$RUNS/e2e-$S.csv"
+    step pytest-gpu 170 python3 -m pytest -q -n 12 -p no:cacheprovider tests/test_gpu.py tests/test_attention.py \
+      tests/test_kernel_variants.py tests/test_sliding_window.py tests/test_nonfinite.py tests/test_predict.py \
+      tests/test_api.py tests/test_integration_pipeline.py tests/test_export.py tests/test_integration_transformers.py \
+      tests/test_methods_sparge_budget.py tests/test_density.py tests/test_fa4_backend.py
+    step predictor 150 python3 scripts/bench_predictor.py --out "$RUNS/predictor-$S.csv"
+    [ -n "${SKIP_E2E:-}" ] || step e2e 230 python3 scripts/bench_e2e.py --parts llama8b --lengths 32768 --topk 0.5 0.2 --out "$RUNS/e2e-$S.csv"
     step compile-vs-eager 90 python3 - <<'PY'
 import torch
 from calibrate.models import build_tiny_model

@@ -39,9 +39,7 @@ HEAD_DIM_ALIGNMENT = 8
 
 
 @functools.lru_cache(maxsize=1)
-def installed() -> bool:
-    """Whether ``flash-attn-4`` (``flash_attn.cute``) and the CuTe DSL (``cutlass``) can be imported
-    (looked up without importing them)."""
+def _find_fa4() -> bool:
     try:
         return (importlib.util.find_spec("flash_attn.cute") is not None
                 and importlib.util.find_spec("cutlass") is not None)
@@ -49,9 +47,23 @@ def installed() -> bool:
         return False
 
 
+# Both lookups run on the host once; under torch.compile they are constants of the graph (dynamo
+# cannot trace importlib's finder, and a graph break would forbid fullgraph compiles of a model).
+@torch.compiler.assume_constant_result
+def installed() -> bool:
+    """Whether ``flash-attn-4`` (``flash_attn.cute``) and the CuTe DSL (``cutlass``) can be imported
+    (looked up without importing them)."""
+    return _find_fa4()
+
+
 @functools.lru_cache(maxsize=16)
-def _capability(index: int) -> tuple[int, int]:
+def _device_capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
+
+
+@torch.compiler.assume_constant_result
+def _capability(index: int) -> tuple[int, int]:
+    return _device_capability(index)
 
 
 def supported(device: torch.device, head_dim: int, dtype: torch.dtype) -> str | None:
