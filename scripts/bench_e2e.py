@@ -54,7 +54,6 @@ import platform
 import re
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -104,11 +103,10 @@ def versions() -> dict[str, str]:
     out = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
            "transformers": transformers.__version__, "cuda": str(torch.version.cuda),
            "cudnn": str(torch.backends.cudnn.version())}
-    try:
-        out["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=ROOT, check=False).stdout.strip()
-    except OSError:
-        pass
+    from evals.environment import git_state  # .tree-commit wins on a copied tree
+
+    commit, dirty = git_state()
+    out["git"] = (commit or "")[:7] + ("+dirty" if dirty else "")
     return out
 
 

@@ -27,7 +27,6 @@ import argparse
 import json
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -54,8 +53,10 @@ def _slug(name: str) -> str:
 def _versions() -> dict:
     import triton
 
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                         check=False).stdout.strip()
+    from evals.environment import git_state  # .tree-commit wins on a copied tree
+
+    commit, dirty = git_state()
+    git = (commit or "")[:7] + ("+dirty" if dirty else "")
     return {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version(), "git": git}
 

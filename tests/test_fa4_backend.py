@@ -59,7 +59,7 @@ def test_fa4_backend_refuses_what_it_cannot_run_exactly():
     q, k, v = rand_qkv(1, 2, 1, 256, 256, 64, seed=1)
     mask = torch.ones(1, 2, 2, 4, dtype=torch.bool)
     with pytest.raises(ValueError, match="no stage-2 PV skip: pass pvthreshd=None"):
-        block_sparse_attn(q, k, v, mask, backend="fa4")  # the default pvthreshd is stage 2 on
+        block_sparse_attn(q, k, v, mask, backend="fa4", pvthreshd=50.0)  # stage 2 asked for
     with pytest.raises(ValueError, match="quant must be 'none'"):
         block_sparse_attn(q, k, v, mask, backend="fa4", pvthreshd=None, quant="int8")
     with pytest.raises(ValueError, match="runs on CUDA GPUs only"):
