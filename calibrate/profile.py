@@ -342,20 +342,60 @@ def _base_ms(model: CostModel, p: Measured) -> float:
 BENCH_ROWS = {"sparge": "none", "sparge-quant-kernel": "int8"}
 
 
-def cost_model_from_bench_csv(path: str | Path, *, stage2_factor: float = ASSUMED_STAGE2_FACTOR) -> CostModel:
-    """Fit a cost model from ``scripts/bench_kernel.py`` output; the parts it lacks are assumptions."""
-    from sparge_core.ops.blocks import BLOCK_K, BLOCK_Q, allowed_block_count, num_blocks
-
-    path = Path(path)
+def _read_csv(path: Path, need: set[str], what: str) -> list[dict]:
     try:
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
     except OSError as err:
         raise ProfileInputError(f"cannot read {path}: {err}") from err
-    need = {"gpu", "n", "d", "heads", "causal", "density", "method", "ms"}
     if not rows or not need <= set(rows[0]):
-        raise ProfileInputError(f"{path} is not a bench_kernel.py CSV (columns {sorted(need)} expected)")
+        raise ProfileInputError(f"{path} is not a {what} CSV (columns {sorted(need)} expected)")
+    return rows
+
+
+def stage2_factors_from_tune_csv(path: str | Path) -> dict[int, float]:
+    """Per head dim, the measured cost of stage 2 on: the shipped bf16 launch config's time at
+    ``pv=50`` (which skips almost nothing) over its time with stage 2 off, dense maps, mean over the
+    causal settings (``scripts/tune_kernel.py`` rows)."""
+    import torch
+
+    from sparge_core.ops.attention import default_kernel_config
+
+    rows = _read_csv(Path(path), {"d", "quant", "pv", "config", "density", "causal", "ms"}, "tune_kernel.py")
+    out = {}
+    for d in sorted({int(r["d"]) for r in rows}):
+        cfg = default_kernel_config(d, torch.device("cuda"), "none").name
+        ratios = []
+        for causal in ("False", "True"):
+            at = {r["pv"]: float(r["ms"]) for r in rows if int(r["d"]) == d and r["config"] == cfg
+                  and r["quant"] == "none" and r["density"] in ("1.0", "1") and r["causal"] == causal}
+            if "off" in at and "50" in at:
+                ratios.append(at["50"] / at["off"])
+        if ratios:
+            out[d] = sum(ratios) / len(ratios)
+    if not out:
+        raise ProfileInputError(f"{path} has no pv=off / pv=50 pair of the shipped launch config at density 1")
+    return out
+
+
+def cost_model_from_bench_csv(path: str | Path, *, stage2_factor: float = ASSUMED_STAGE2_FACTOR,
+                              predictor_csv: str | Path | None = None,
+                              tune_csv: str | Path | None = None) -> CostModel:
+    """Fit a cost model from ``scripts/bench_kernel.py`` output; the parts it lacks are assumptions.
+    ``predictor_csv`` (``scripts/bench_predictor.py`` rows) measures both estimators and the whole
+    ``sparge_attn``; ``tune_csv`` (``scripts/tune_kernel.py`` rows) measures stage 2's cost."""
+    from sparge_core.ops.blocks import BLOCK_K, BLOCK_Q, allowed_block_count, num_blocks
+
+    path = Path(path)
+    rows = _read_csv(path, {"gpu", "n", "d", "heads", "causal", "density", "method", "ms"}, "bench_kernel.py")
     gpu = rows[0]["gpu"]
+    prow = []
+    if predictor_csv is not None:
+        prow = _read_csv(Path(predictor_csv), {"gpu", "n", "d", "heads", "causal", "density", "method", "ms"},
+                         "bench_predictor.py")
+        if prow[0]["gpu"] != gpu:
+            raise ProfileInputError(f"{predictor_csv} was measured on {prow[0]['gpu']}, {path} on {gpu}")
+    factors = stage2_factors_from_tune_csv(tune_csv) if tune_csv is not None else {}
 
     def feats(r, kind):
         n, h, causal, dens = int(r["n"]), int(r["heads"]), r["causal"] == "True", float(r["density"])
@@ -370,16 +410,28 @@ def cost_model_from_bench_csv(path: str | Path, *, stage2_factor: float = ASSUME
     kernels: dict[str, dict[int, LinearCost]] = {}
     predictors: dict[str, dict[int, LinearCost]] = {}
     dims = sorted({int(r["d"]) for r in rows})
-    assumptions = [
+    assumptions = [] if factors else [
         (f"stage 2 on ('<quant>+pv'): not in the CSV; per_pair_ns and per_row_ns = {stage2_factor} x the "
          f"stage-2-off kernel's, pv_saved_ns = 0 (an earlier H200 measurement found the stage-2 check costs "
          f"1.35-1.6x the stage-2-off kernel whether or not it skips); replace by running sparge-profile on this card"),
+    ]
+    if factors:
+        assumptions.append(
+            f"stage 2 on ('<quant>+pv'): per head dim, the shipped launch config's pv=50 / pv=off time at density 1 "
+            f"from {Path(tune_csv).name} ({', '.join(f'D={d}: {f:.2f}x' for d, f in factors.items())}), applied to "
+            f"the int8 kernel too (not measured for it); pv_saved_ns = 0 (where stage 2 skips ~45% of the blocks "
+            f"the best shape only breaks even)")
+    if not any(r["method"] == "predict-keys" for r in prow):
+        assumptions.append(
         (f"predictor 'keys': not in the CSV; the pooled fit plus {ASSUMED_KEYS_EXTRA_NS_PER_SCORE_PAIR_D128:.3f} ns "
          f"per score pair at head dim 128, proportional to the head dim (an earlier H200 measurement: keys 5.66 ms "
-         f"vs pooled 0.56 ms at N=32K, H=32, D=128)"),
+         f"vs pooled 0.56 ms at N=32K, H=32, D=128)"))
+    assumptions += [
         ("int8: the 'sparge-quant-kernel' rows (the INT8 kernel on Q/K quantized beforehand, which is what "
          "sparge_attn runs after its predictor pass quantizes them); the quantization inside that pass is in "
-         "launch_ms.int8"),
+         "launch_ms.int8") if any(r["method"] == "sparge-quant-kernel" for r in rows) else
+        ("int8: the 'sparge-quant' rows (block_sparse_attn quant='int8': its own quantization pass included, "
+         "which sparge_attn instead fuses into the predictor's pass, so this over-counts a sparse call a little)"),
         "int8-fp8: not in the CSV (no entry: calibration does not consider it with this file)",
     ]
     for d in dims:
@@ -387,8 +439,14 @@ def cost_model_from_bench_csv(path: str | Path, *, stage2_factor: float = ASSUME
         dense = [feats(r, "dense") for r in at if r["method"] == "sdpa-cudnn"]
         if dense:
             kernels.setdefault(DENSE, {})[d] = fit_linear(dense, source="measured")
-        pred = [feats(r, "predictor") for r in at if r["method"] == "predict"]
-        if pred:
+        pat = [r for r in prow if int(r["d"]) == d]
+        keys = [feats(r, "predictor") for r in pat if r["method"] == "predict-keys"]
+        pred = [feats(r, "predictor") for r in at + pat if r["method"] in ("predict", "predict-topk")]
+        if keys:
+            predictors.setdefault("keys", {})[d] = fit_linear(keys, source="measured")
+        if pred and keys:
+            predictors.setdefault("pooled", {})[d] = fit_linear(pred, source="measured")
+        elif pred:
             pooled = fit_linear(pred, source="measured")
             predictors.setdefault("pooled", {})[d] = pooled
             extra = ASSUMED_KEYS_EXTRA_NS_PER_SCORE_PAIR_D128 * d / 128
@@ -398,17 +456,25 @@ def cost_model_from_bench_csv(path: str | Path, *, stage2_factor: float = ASSUME
                        "(see assumptions)")
         for method, quant in BENCH_ROWS.items():
             sel = [feats(r, "kernel") for r in at if r["method"] == method]
+            if not sel and method == "sparge-quant-kernel":  # newer CSVs: the INT8 row with its quantization
+                sel = [feats(r, "kernel") for r in at if r["method"] == "sparge-quant"]
             if not sel:
                 continue
             off = fit_linear(sel, source="measured")
             kernels.setdefault(quant, {})[d] = off
+            factor = factors.get(d, stage2_factor)
             kernels.setdefault(quant + "+pv", {})[d] = LinearCost(
-                off.fixed_ms, off.per_row_ns * stage2_factor, off.per_pair_ns * stage2_factor, 0.0,
-                source=f"assumed: {stage2_factor} x the stage-2-off kernel (see assumptions)")
+                off.fixed_ms, off.per_row_ns * factor, off.per_pair_ns * factor, 0.0,
+                source=(f"fitted: {factor:.2f} x the stage-2-off kernel, the factor measured (see assumptions)" if d in factors
+                        else f"assumed: {stage2_factor} x the stage-2-off kernel (see assumptions)"))
     partial = CostModel(gpu, kernels, predictors, {"none": 0.0, "int8": 0.0})
     launch, checks = {}, {}
     for method, quant in (("sparge-pipeline-bf16", "none"), ("sparge-pipeline", "int8")):
         sel = [r for r in rows if r["method"] == method]
+        stage2 = "+pv"  # these bench_kernel rows ran sparge_attn with stage 2 on (pvthreshd 50)
+        if not sel:  # bench_predictor's rows: sparge_attn(topk=0.5) at its defaults, stage 2 off
+            sel = [r for r in prow if r["method"] == {"none": "pipeline", "int8": "pipeline-int8"}[quant]]
+            stage2 = ""
         if not sel:
             launch[quant] = 0.0
             continue
@@ -418,21 +484,27 @@ def cost_model_from_bench_csv(path: str | Path, *, stage2_factor: float = ASSUME
             d = int(r["d"])
             p = partial.predictor("pooled", d).ms(t.rows, t.rows * num_blocks(int(r["n"]), BLOCK_K))
             preds.append(p)
-            base.append(p + partial.kernel(quant + "+pv", d).ms(t.rows, t.pairs))
+            base.append(p + partial.kernel(quant + stage2, d).ms(t.rows, t.pairs))
             base_off.append(partial.kernel(quant, d).ms(t.rows, t.pairs))
             meas.append(t.ms)
             labels.append(t.label)
         w = [1.0 / m ** 2 for m in meas]
-        launch[quant] = sum(wi * (m - b) for wi, m, b in zip(w, meas, base)) / sum(w)
+        # non-negative, as every other coefficient: a negative residual means the parts overlap
+        launch[quant] = max(0.0, sum(wi * (m - b) for wi, m, b in zip(w, meas, base)) / sum(w))
         err = fit_error([b + launch[quant] for b in base], meas, labels)
         checks[f"sparge_attn.{quant}"] = {
-            **err.to_dict(), "what": f"'{method}' rows (sparge_attn topk=0.5, pooled, pvthreshd 50 = stage 2 on) "
-                                     f"vs launch_ms + predictor + assumed stage-2-on kernel"}
-        checks[f"implied_stage2_factor.{quant}"] = _implied_stage2_factor(meas, preds, base_off)
+            **err.to_dict(), "what": (f"'{method}' rows (sparge_attn topk=0.5, pooled, pvthreshd 50 = stage 2 on) "
+                                      f"vs launch_ms + predictor + assumed stage-2-on kernel") if stage2 else
+                                     ("bench_predictor 'pipeline' rows (sparge_attn topk=0.5, pooled, stage 2 off) "
+                                      "vs launch_ms + predictor + stage-2-off kernel")}
+        if stage2:
+            checks[f"implied_stage2_factor.{quant}"] = _implied_stage2_factor(meas, preds, base_off)
     model = CostModel(
         gpu, kernels, predictors, launch,
         source=f"fitted from {path.name} (scripts/bench_kernel.py, B=1, H=32, bf16) by "
-               f"python -m calibrate.profile --from-bench-csv {path.as_posix()}",
+               f"python -m calibrate.profile --from-bench-csv {path.as_posix()}"
+               + (f" --predictor-csv {Path(predictor_csv).as_posix()}" if predictor_csv is not None else "")
+               + (f" --tune-csv {Path(tune_csv).as_posix()}" if tune_csv is not None else ""),
         assumptions=tuple(assumptions), checks=checks)
     return model
 
@@ -471,6 +543,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(known costs), file marked as such")
     p.add_argument("--from-bench-csv", default=None, help="fit from a scripts/bench_kernel.py CSV instead of "
                    "measuring (no GPU needed)")
+    p.add_argument("--predictor-csv", default=None, help="with --from-bench-csv: scripts/bench_predictor.py rows "
+                   "of the same GPU (measures both estimators and the whole sparge_attn)")
+    p.add_argument("--tune-csv", default=None, help="with --from-bench-csv: scripts/tune_kernel.py rows of the same "
+                   "GPU (measures stage 2's cost instead of --stage2-factor)")
     p.add_argument("--stage2-factor", type=float, default=ASSUMED_STAGE2_FACTOR,
                    help="with --from-bench-csv: the assumed cost of stage 2 on, x the stage-2-off kernel")
     p.add_argument("--merge", nargs="+", default=None, help="combine cost models of one GPU made by separate runs "
@@ -551,7 +627,8 @@ def _main(args) -> int:
     if args.from_bench_csv:
         if not args.stage2_factor >= 1:
             raise ProfileInputError(f"--stage2-factor must be >= 1, got {args.stage2_factor}")
-        model = cost_model_from_bench_csv(args.from_bench_csv, stage2_factor=args.stage2_factor)
+        model = cost_model_from_bench_csv(args.from_bench_csv, stage2_factor=args.stage2_factor,
+                                          predictor_csv=args.predictor_csv, tune_csv=args.tune_csv)
         out = Path(args.out or Path(args.from_bench_csv).with_name(gpu_slug(model.gpu) + "-cost.json"))
         model.save(out)
         CostModel.load(out)

@@ -57,8 +57,11 @@ def build_folder(size: dict, folder: Path, dtype) -> None:
                                  num_attention_heads=size["heads"], num_key_value_heads=size["kv_heads"],
                                  head_dim=size["head_dim"], intermediate_size=int(3.5 * hidden), vocab_size=320,
                                  max_position_embeddings=max(4096, size["seq_len"]))
-    model.save_pretrained(folder)
-    byte_tokenizer().save_pretrained(folder)
+    from sparge_core.atomic import atomic_dir
+
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp)
+        byte_tokenizer().save_pretrained(tmp)
 
 
 def run_size(size: dict, device: str, work: Path, extra: list[str], repeats: int = 1, threads: int | None = None) -> dict:
@@ -146,8 +149,8 @@ def main() -> int:
     extra = args.extra or ["--thetas", "-1", "0.5", "--bisect-steps", "4"]
     rows = []
     for size in sizes:
-        work = Path(tempfile.mkdtemp(prefix="sparge-scaling-"))
-        rows.append(run_size(size, args.device, work, extra, args.repeats, args.threads))
+        with tempfile.TemporaryDirectory(prefix="sparge-scaling-", ignore_cleanup_errors=True) as work:
+            rows.append(run_size(size, args.device, Path(work), extra, args.repeats, args.threads))
         print(json.dumps({k: rows[-1][k] for k in ("label", "search_seconds", "evaluations", "capture_bytes",
                                                    "peak_host_rss_bytes")}), flush=True)
     from sparge_core.params import write_json_atomic, write_text_atomic

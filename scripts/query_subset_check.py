@@ -41,7 +41,8 @@ def main() -> int:
     from calibrate.data import token_windows
     from calibrate.models import load_model
 
-    tmp = Path(tempfile.mkdtemp(prefix="sparge-subset-"))
+    scratch = tempfile.TemporaryDirectory(prefix="sparge-subset-")  # removed when the script ends
+    tmp = Path(scratch.name)
     cfg_path = tmp / "sub.json"
     cmd = [sys.executable, "-m", "calibrate", "--model", args.model, "--data", args.data, "--samples",
            str(args.samples), "--holdout", str(args.holdout), "--seq-len", str(args.seq_len), "--device", args.device,

@@ -211,6 +211,31 @@ def test_profile_from_the_committed_bench_csv_reproduces_the_shipped_file(tmp_pa
     assert fresh == shipped
 
 
+def test_profile_from_the_h200_csvs_measures_stage2_and_both_estimators(tmp_path):
+    out = tmp_path / "h200.json"
+    kernel_dir = REPO / "results/kernel"
+    args = ["--from-bench-csv", str(kernel_dir / "h200.csv"), "--predictor-csv", str(REPO / "results/predictor/h200.csv"),
+            "--tune-csv", str(kernel_dir / "tune-h200.csv"), "--out", str(out)]
+    assert profile_main(args) == 0
+    fresh, shipped = json.loads(out.read_text()), json.loads((kernel_dir / "h200-cost.json").read_text())
+    fresh.pop("source"), shipped.pop("source")
+    assert fresh == shipped
+    m = CostModel.load(out)
+    assert m.predictor("keys", 128).source == "measured" and m.predictor("pooled", 128).source == "measured"
+    for d in (64, 128):  # stage 2 costs more than it saves on this card: every +pv kernel is slower
+        on, off = m.kernel("none+pv", d), m.kernel("none", d)
+        assert on.source.startswith("fitted") and on.per_pair_ns > 1.1 * off.per_pair_ns
+    assert m.launch("none") >= 0 and m.launch("int8") >= 0
+
+
+def test_profile_refuses_a_tune_csv_without_the_shipped_config(tmp_path):
+    bad = tmp_path / "tune.csv"
+    bad.write_text("gpu,n,d,heads,causal,density,quant,pv,config,ms\nX,8192,128,32,False,1.0,none,off,w1s1-select-pointer,1.0\n")
+    args = ["--from-bench-csv", str(REPO / "results/kernel/h200.csv"), "--tune-csv", str(bad),
+            "--out", str(tmp_path / "o.json")]
+    assert profile_main(args) == 2
+
+
 def test_profile_merge(tmp_path, capsys):
     a, b = _model(), _model()
     b["kernels"] = {"dense": {"128": a["kernels"]["dense"]["64"]}, "none": {"128": a["kernels"]["none"]["64"]}}
