@@ -347,6 +347,9 @@ def run_workers(plan, layers: list[int], run: str, devices: list[str], objective
         proc = ctx.Process(target=worker_main, args=(plan, layers, run, device, objective), daemon=False)
         proc.start()
         procs.append((device, proc))
+    if procs:
+        logger.info("started %d extra worker process%s (%s); this process works on %s", len(procs),
+                    "" if len(procs) == 1 else "es", ", ".join(d for d, _ in procs), devices[0])
     try:
         done = run_worker(plan, layers, run, quiet=plan.args.quiet, device=devices[0], objective=objective)
     finally:

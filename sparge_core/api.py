@@ -318,7 +318,7 @@ def block_sparse_attn(
         mask: bool ``(B, Hq, ceil(Nq/BLOCK_Q), ceil(Nk/BLOCK_K))``; B and Hq may be 1 (broadcast).
         is_causal: bottom-right aligned causal mask (query i sees keys j <= i + Nk - Nq).
         pvthreshd: stage-2 skip threshold (lambda = -pvthreshd, base-2 units), float or per head;
-            None turns stage 2 off. 50 (the default) almost never skips.
+            None (the default) turns stage 2 off; 50 almost never skips but still pays for the check.
         quant: "auto" | "int8" | "none" (see ``resolve_quant``).
         backend: "auto" | "triton" | "reference" | "fa4" (see the module docstring; "auto" picks FA4 only
             for exact calls, ``pvthreshd=None``, when it is installed and the GPU is sm90).
