@@ -14,30 +14,14 @@
 #       FA4 install, its tests, the fa4 rows of bench_kernel, bench_e2e (8B shape, random weights)
 # scripts/gpu_kernel_session.sh is the longer plan (128K rows, the full tuner).
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-export PYTHONUNBUFFERED=1
-SITE=${SITE:-$HOME/.cache/sparge/fa4-site}
-export PYTHONPATH=$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages:$PWD
-RUNS=runs/kernel
-mkdir -p "$RUNS" "$OUT"
-step() {  # name, time limit (s), command...: log to $DIR/<name>.log, print rc and the tail
-    local name=$1 limit=$2; shift 2
-    echo "== $name ($(date +%T), limit ${limit}s)"
-    timeout "$limit" "$@" > "$DIR/$name.log" 2>&1
-    echo "rc=$?"
-    tail -n 15 "$DIR/$name.log"
-}
-pack() { cp -r "$RUNS"/. "$DIR/" 2>/dev/null; tar czf "$OUT/$1.tgz" -C "$OUT" "$1" && rm -rf "${OUT:?}/$1"; ls -la "$OUT"; }
+STEP_TAIL=15
+source "$(dirname "$0")/gpu_session_common.sh"
 
 cmd=${1:?check-tune|check-bench|tune-accuracy|fa4-e2e}; shift
 case "$cmd" in check-tune|check-bench|tune-accuracy|fa4-e2e) ;; *) echo "unknown call $cmd" >&2; exit 2 ;; esac
 DIR=$OUT/$cmd; mkdir -p "$DIR"
 for part in "$@"; do bash scripts/stage_wheels.sh receive "$part" >> "$DIR/stage.log" 2>&1; done
-{ echo "# $(date -u +%FT%TZ) call $cmd, tree $(cat .tree-commit 2>/dev/null)"
-  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv
-  python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)'
-} > "$DIR/env.txt"
-cat "$DIR/env.txt"
+header "$cmd"
 S=$(python3 -c 'from evals.environment import gpu_slug; print(gpu_slug())')
 case "$cmd" in
   check-tune)  # the re-check after the first call's fixes, and the stage-2 variant sweep

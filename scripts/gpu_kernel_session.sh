@@ -24,30 +24,8 @@
 #                                                                                              -> ~5 min
 #   total ~28 min of the 30. If time runs short, drop call 4 (the 128K rows) first, then call 2.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-export PYTHONUNBUFFERED=1
-SITE=${SITE:-$HOME/.cache/sparge/fa4-site}
-# the FA4 install (scripts/stage_wheels.sh; cutlass sits in dsl_packages, which a .pth adds in a normal install)
-export PYTHONPATH=$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages:$PWD
-RUNS=runs/kernel
-mkdir -p "$RUNS" "$OUT"
+source "$(dirname "$0")/gpu_session_common.sh"
 slug() { python3 -c 'from evals.environment import gpu_slug; print(gpu_slug())'; }
-step() {  # name, time limit (s), command...: log to $DIR/<name>.log, print rc and the tail
-    local name=$1 limit=$2; shift 2
-    echo "== $name ($(date +%T), limit ${limit}s)"
-    timeout "$limit" "$@" > "$DIR/$name.log" 2>&1
-    echo "rc=$?"
-    tail -n 25 "$DIR/$name.log"
-}
-header() {
-    { echo "# $(date -u +%FT%TZ) call $1, tree $(cat .tree-commit 2>/dev/null || git rev-parse --short HEAD 2>/dev/null)"
-      nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv
-      python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)'
-      python3 -c 'import flash_attn.cute, cutlass; print("fa4 importable")' 2>&1 | tail -1; } > "$DIR/env.txt"
-    cat "$DIR/env.txt"
-}
-pack() { cp "$RUNS"/* "$DIR/" 2>/dev/null; tar czf "$OUT/$1.tgz" -C "$OUT" "$1" && rm -rf "${OUT:?}/$1"; ls -la "$OUT"; }
-
 cmd=${1:?tests-tune|accuracy|fa4-bench|bench-large}; shift
 case "$cmd" in tests-tune|accuracy|fa4-bench|bench-large) ;; *) echo "unknown call $cmd (tests-tune|accuracy|fa4-bench|bench-large)" >&2; exit 2 ;; esac
 DIR=$OUT/$cmd; mkdir -p "$DIR"
