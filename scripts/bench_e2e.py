@@ -50,7 +50,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import shlex
 import statistics
@@ -97,17 +96,11 @@ def gpu_slug(name: str) -> str:
 
 
 def versions() -> dict[str, str]:
-    import transformers
-    import triton
+    from evals.environment import (
+        versions as base_versions,  # the git state from .tree-commit on a copied tree
+    )
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
-           "transformers": transformers.__version__, "cuda": str(torch.version.cuda),
-           "cudnn": str(torch.backends.cudnn.version())}
-    from evals.environment import git_state  # .tree-commit wins on a copied tree
-
-    commit, dirty = git_state()
-    out["git"] = (commit or "")[:7] + ("+dirty" if dirty else "")
-    return out
+    return {**base_versions(extra=("transformers",)), "cudnn": str(torch.backends.cudnn.version())}
 
 
 # --------------------------------------------------------------------------------------------

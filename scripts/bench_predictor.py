@@ -51,14 +51,9 @@ def _slug(name: str) -> str:
 
 
 def _versions() -> dict:
-    import triton
+    from evals.environment import versions  # the git state from .tree-commit on a copied tree
 
-    from evals.environment import git_state  # .tree-commit wins on a copied tree
-
-    commit, dirty = git_state()
-    git = (commit or "")[:7] + ("+dirty" if dirty else "")
-    return {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version(), "git": git}
+    return {**versions(), "cudnn": torch.backends.cudnn.version()}
 
 
 def _bench(fn) -> float:
