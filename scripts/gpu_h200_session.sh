@@ -12,13 +12,20 @@
 #       tune_kernel at 32K (every variant), kernel_accuracy at 8K/32K, bench_predictor
 #   call 3 (carry .bundle-fa4/part-3): bash scripts/gpu_h200_session.sh fa4-e2e .bundle-fa4/part-3
 #       FA4 install, its tests, the fa4 rows of bench_kernel, bench_e2e (8B shape, random weights)
-# scripts/gpu_kernel_session.sh is the longer plan (128K rows, the full tuner).
+# The second session (the first one's fixes re-checked, the rows it did not reach):
+#   call 1 (carry .bundle-fa4/part-1): ... verify-128k .bundle-fa4/part-1
+#       the GPU tests again (fixes made on CPU after the first session), bench_kernel at 128K (D=128)
+#   call 2 (carry .bundle-fa4/part-2): ... profile-e2e .bundle-fa4/part-2
+#       sparge-profile's measured sweep (D=128 and D=64, merged here) and bench_e2e at 64K
+#   call 3 (carry .bundle-fa4/part-3): ... fa4-bench .bundle-fa4/part-3
+#       FA4 install, its tests, the fa4 rows of bench_kernel at 8K/32K (every shape) and 128K (D=128)
+# scripts/gpu_kernel_session.sh is the longer plan (the full tuner).
 set -uo pipefail
 STEP_TAIL=15
 source "$(dirname "$0")/gpu_session_common.sh"
 
-cmd=${1:?check-tune|check-bench|tune-accuracy|fa4-e2e}; shift
-case "$cmd" in check-tune|check-bench|tune-accuracy|fa4-e2e) ;; *) echo "unknown call $cmd" >&2; exit 2 ;; esac
+cmd=${1:?check-tune|check-bench|tune-accuracy|fa4-e2e|verify-128k|profile-e2e|fa4-bench}; shift
+case "$cmd" in check-tune|check-bench|tune-accuracy|fa4-e2e|verify-128k|profile-e2e|fa4-bench) ;; *) echo "unknown call $cmd" >&2; exit 2 ;; esac
 DIR=$OUT/$cmd; mkdir -p "$DIR"
 for part in "$@"; do bash scripts/stage_wheels.sh receive "$part" >> "$DIR/stage.log" 2>&1; done
 header "$cmd"
@@ -70,5 +77,26 @@ PY
     step bench-fa4 120 python3 scripts/bench_kernel.py --n 8192 32768 --methods sdpa-cudnn fa4 sparge \
       --out "$RUNS/$S-fa4.csv" --no-plot
     step e2e 220 python3 scripts/bench_e2e.py --parts llama8b --lengths 32768 --topk 0.5 0.2 --out "$RUNS/e2e-$S.csv"
+    pack "$cmd" ;;
+  verify-128k)  # the CPU-side fixes on the GPU; the 128K rows (D=128: one row costs ~0.5 s dense)
+    step pytest-gpu 200 python3 -m pytest -q -n 12 -p no:cacheprovider tests/test_gpu.py tests/test_attention.py \
+      tests/test_kernel_variants.py tests/test_sliding_window.py tests/test_nonfinite.py tests/test_predict.py \
+      tests/test_api.py tests/test_integration_pipeline.py tests/test_export.py tests/test_integration_transformers.py \
+      tests/test_methods_sparge_budget.py tests/test_density.py tests/test_fa4_backend.py
+    step bench-128k 300 python3 scripts/bench_kernel.py --n 131072 --d 128 --methods sdpa-cudnn sdpa-flash flex \
+      sparge sparge-quant --out "$RUNS/$S-128k.csv" --no-plot
+    pack "$cmd" ;;
+  profile-e2e)  # the measured cost model (one run per head dim, merged on the CPU side); TTFT at 64K
+    step profile-d128 220 python3 -m calibrate.profile --head-dims 128 --n 8192 32768 --out "$RUNS/$S-cost-d128.json"
+    step profile-d64 200 python3 -m calibrate.profile --head-dims 64 --n 8192 32768 --out "$RUNS/$S-cost-d64.json"
+    step e2e-64k 150 python3 scripts/bench_e2e.py --parts llama8b --lengths 65536 --topk 0.2 --out "$RUNS/e2e-$S-64k.csv"
+    pack "$cmd" ;;
+  fa4-bench)
+    step fa4-install 60 bash scripts/stage_wheels.sh install
+    step pytest-fa4 120 python3 -m pytest -q -n 4 -p no:cacheprovider tests/test_fa4_backend.py
+    step bench-fa4 200 python3 scripts/bench_kernel.py --n 8192 32768 --methods sdpa-cudnn fa4 sparge sparge-quant \
+      --out "$RUNS/$S-fa4.csv" --no-plot
+    step bench-fa4-128k 150 python3 scripts/bench_kernel.py --n 131072 --d 128 --methods sdpa-cudnn fa4 \
+      --out "$RUNS/$S-fa4-128k.csv" --no-plot
     pack "$cmd" ;;
 esac
