@@ -654,7 +654,7 @@ def _main(args) -> int:
             quants = ["none", "int8"] + (["int8-fp8"] if torch.cuda.get_device_capability(device) >= (8, 9) else [])
         sweep = Sweep(tuple(args.n), tuple(args.head_dims), args.heads, tuple(sorted(args.densities, reverse=True)),
                       tuple(quants), tuple(args.estimators))
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device.index if device.index is not None else torch.cuda.current_device())
         gpu = torch.cuda.get_device_name(device)
         source = (f"python -m calibrate.profile on {gpu}, {_dt.date.today().isoformat()}: n {list(sweep.ns)}, "
                   f"head dims {list(sweep.head_dims)}, heads {sweep.heads}, densities {list(sweep.densities)}")

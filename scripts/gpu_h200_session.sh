@@ -16,7 +16,8 @@
 #   call 1 (carry .bundle-fa4/part-1): ... verify-128k .bundle-fa4/part-1
 #       the GPU tests again (fixes made on CPU after the first session), bench_kernel at 128K (D=128)
 #   call 2 (carry .bundle-fa4/part-2): ... profile-e2e .bundle-fa4/part-2
-#       sparge-profile's measured sweep (D=128 and D=64, merged here) and bench_e2e at 64K
+#       sparge-profile's measured sweep (D=128 and D=64, merged here) and bench_e2e at 64K (SKIP_E2E=1: not)
+#   (a later call: ... e2e-128k: bench_e2e at 128K)
 #   call 3 (carry .bundle-fa4/part-3): ... fa4-bench .bundle-fa4/part-3
 #       FA4 install, its tests, the fa4 rows of bench_kernel at 8K/32K (every shape) and 128K (D=128)
 # scripts/gpu_kernel_session.sh is the longer plan (the full tuner).
@@ -24,8 +25,8 @@ set -uo pipefail
 STEP_TAIL=15
 source "$(dirname "$0")/gpu_session_common.sh"
 
-cmd=${1:?check-tune|check-bench|tune-accuracy|fa4-e2e|verify-128k|profile-e2e|fa4-bench}; shift
-case "$cmd" in check-tune|check-bench|tune-accuracy|fa4-e2e|verify-128k|profile-e2e|fa4-bench) ;; *) echo "unknown call $cmd" >&2; exit 2 ;; esac
+cmd=${1:?check-tune|check-bench|tune-accuracy|fa4-e2e|verify-128k|profile-e2e|e2e-128k|fa4-bench}; shift
+case "$cmd" in check-tune|check-bench|tune-accuracy|fa4-e2e|verify-128k|profile-e2e|e2e-128k|fa4-bench) ;; *) echo "unknown call $cmd" >&2; exit 2 ;; esac
 DIR=$OUT/$cmd; mkdir -p "$DIR"
 for part in "$@"; do bash scripts/stage_wheels.sh receive "$part" >> "$DIR/stage.log" 2>&1; done
 header "$cmd"
@@ -87,9 +88,14 @@ PY
       sparge sparge-quant --out "$RUNS/$S-128k.csv" --no-plot
     pack "$cmd" ;;
   profile-e2e)  # the measured cost model (one run per head dim, merged on the CPU side); TTFT at 64K
-    step profile-d128 220 python3 -m calibrate.profile --head-dims 128 --n 8192 32768 --out "$RUNS/$S-cost-d128.json"
+    step profile-d128 260 python3 -m calibrate.profile --head-dims 128 --n 8192 32768 --out "$RUNS/$S-cost-d128.json"
     step profile-d64 200 python3 -m calibrate.profile --head-dims 64 --n 8192 32768 --out "$RUNS/$S-cost-d64.json"
-    step e2e-64k 150 python3 scripts/bench_e2e.py --parts llama8b --lengths 65536 --topk 0.2 --out "$RUNS/e2e-$S-64k.csv"
+    [ -n "${SKIP_E2E:-}" ] || step e2e-64k 150 python3 scripts/bench_e2e.py --parts llama8b --lengths 65536 --topk 0.2 \
+      --out "$RUNS/e2e-$S-64k.csv"
+    pack "$cmd" ;;
+  e2e-128k)  # TTFT of the 8B shape at 128K (dense ~10 s a run)
+    step e2e-128k 230 python3 scripts/bench_e2e.py --parts llama8b --lengths 131072 --topk 0.2 --warmup 1 \
+      --out "$RUNS/e2e-$S-128k.csv"
     pack "$cmd" ;;
   fa4-bench)
     step fa4-install 60 bash scripts/stage_wheels.sh install

@@ -20,30 +20,54 @@ HAS_FA4 = importlib.util.find_spec("cutlass") is not None and fa4.installed()
     (1000, 1000, False, None), (1000, 1000, True, None), (333, 700, True, None), (700, 333, True, None),
     (900, 900, True, 200), (129, 500, True, 97), (64, 64, True, 1),
 ])
-def test_block_lists_match_the_plain_torch_conversion(device, nq, nk, causal, window):
+@pytest.mark.parametrize("split_full", [True, False], ids=["split", "mask-only"])
+def test_block_lists_match_the_plain_torch_conversion(device, nq, nk, causal, window, split_full):
     mask = random_block_mask(2, 3, nq, nk, 0.4, seed=nq + nk, device=device)
-    count, idx = fa4.block_lists(mask, nq, nk, causal, window)
-    ref_count, ref_idx = fa4.block_lists_reference(mask, nq, nk, causal, window)
-    assert count.dtype == idx.dtype == torch.int32
-    assert count.shape == mask.shape[:3] and idx.shape == mask.shape
-    assert torch.equal(count.cpu(), ref_count.cpu())
-    used = torch.arange(mask.shape[-1], device=device) < count[..., None]
-    assert torch.equal(torch.where(used, idx, -1).cpu(), ref_idx.cpu())
-    # what the lists hold is exactly the kept blocks that attention may touch, ascending
+    got = fa4.block_lists(mask, nq, nk, causal, window, split_full=split_full)
+    ref = fa4.block_lists_reference(mask, nq, nk, causal, window, split_full=split_full)
+    seen = torch.zeros(mask.shape, dtype=torch.int32, device=device)
+    for cnt, idx, ref_cnt, ref_idx in ((got.mask_cnt, got.mask_idx, ref.mask_cnt, ref.mask_idx),
+                                       (got.full_cnt, got.full_idx, ref.full_cnt, ref.full_idx)):
+        assert cnt.dtype == idx.dtype == torch.int32 and cnt.shape == mask.shape[:3]
+        assert torch.equal(cnt.cpu(), ref_cnt.cpu())
+        used = torch.arange(idx.shape[-1], device=device) < cnt[..., None]
+        assert torch.equal(torch.where(used, idx, -1).cpu(), ref_idx[..., :idx.shape[-1]].cpu())
+        assert (torch.diff(idx.float(), dim=-1)[used[..., 1:]] > 0).all()  # ascending
+        seen.scatter_add_(-1, torch.where(used, idx, 0).long(), used.to(torch.int32))
+    # together the lists hold exactly the kept blocks that attention may touch, each once
     kept = mask & R.allowed_block_mask(nq, nk, causal, device=device, window=window)
-    dense = torch.zeros(kept.shape, dtype=torch.int32, device=device)
-    dense = dense.scatter_add_(-1, torch.where(used, idx, 0).long(), used.to(torch.int32)) > 0
-    assert torch.equal(dense.cpu(), kept.cpu())
-    assert (torch.diff(ref_idx.clamp(min=-1).float(), dim=-1)[used[..., 1:]] > 0).all()
+    assert torch.equal(seen.cpu(), kept.to(torch.int32).cpu())
+    # a full block needs no token mask: every real query row sees every key of it
+    full_used = torch.arange(got.full_idx.shape[-1], device=device) < got.full_cnt[..., None]
+    full = torch.zeros(mask.shape, dtype=torch.int32, device=device).scatter_add_(
+        -1, torch.where(full_used, got.full_idx, 0).long(), full_used.to(torch.int32)) > 0
+    unmasked = fa4.unmasked_block_mask_reference(nq, nk, causal, window, device=device)
+    assert not (full & ~unmasked).any()
+    if split_full:
+        assert torch.equal(full.cpu(), (kept & unmasked).cpu())
+        if not causal and nk % 64 == 0:
+            assert got.mask_cnt.eq(0).all()
+    else:
+        assert not full.any()
+
+
+def test_unmasked_blocks_by_hand():
+    # causal 256 x 256: row 0 sees key 0 only, so query block 0 has no whole key block; query block 1
+    # (rows 128..255) sees keys 0..127 from its first row on: key blocks 0 and 1 are whole, 2 is not
+    um = fa4.unmasked_block_mask_reference(256, 256, True)
+    assert um.tolist() == [[False, False, False, False], [True, True, False, False]]
+    # non-causal, K ends inside block 1: only block 0 is whole
+    assert fa4.unmasked_block_mask_reference(100, 100, False).tolist() == [[True, False]]
 
 
 def test_block_lists_broadcast_map_and_empty_rows(device):
     mask = torch.zeros(1, 1, 4, 8, dtype=torch.bool, device=device)
     mask[..., 1, :] = True
-    count, idx = fa4.block_lists(mask.expand(2, 3, -1, -1), 512, 512, False)
-    assert count.shape == (2, 3, 4)
-    assert count[..., 0].eq(0).all() and count[..., 1].eq(8).all()
-    assert torch.equal(idx[0, 0, 1].cpu(), torch.arange(8, dtype=torch.int32))
+    lists = fa4.block_lists(mask.expand(2, 3, -1, -1), 512, 512, False)
+    assert lists.full_cnt.shape == (2, 3, 4)
+    assert lists.full_cnt[..., 0].eq(0).all() and lists.full_cnt[..., 1].eq(8).all()
+    assert lists.mask_cnt.eq(0).all()  # non-causal, K a whole number of blocks: nothing needs a mask
+    assert torch.equal(lists.full_idx[0, 0, 1].cpu(), torch.arange(8, dtype=torch.int32))
 
 
 def test_registry_and_auto_choice():
@@ -120,3 +144,19 @@ def test_fa4_empty_map_gives_zeros_and_fp32_inputs_come_back_fp32():
     empty = torch.zeros(1, 2, 8, 16, dtype=torch.bool, device="cuda")
     out = block_sparse_attn(q, k, v, empty, pvthreshd=None, backend="fa4")
     assert out.dtype == torch.float32 and (out == 0).all()
+
+
+@pytest.mark.gpu
+@needs_fa4
+@pytest.mark.parametrize("split_full", [True, False], ids=["split", "mask-only"])
+@pytest.mark.parametrize("nq,nk,causal", [(3000, 3000, True), (1000, 3000, True), (2000, 2000, False)])
+def test_fa4_both_list_layouts_agree_with_the_reference(nq, nk, causal, split_full):
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("FA4 runs 128x64 maps on sm90 only")
+    q, k, v = rand_qkv(1, 4, 2, nq, nk, 128, dtype=torch.bfloat16, device="cuda", seed=nq)
+    mask = random_block_mask(1, 4, nq, nk, 0.5, seed=nk, device="cuda")
+    out, counts = fa4.attend(q, k, v.contiguous(), mask, is_causal=causal, scale=128 ** -0.5, pvthreshd=None,
+                             quant="none", split_full=split_full)
+    assert_within_lowp_rule(out, q, k, v, mask, is_causal=causal, scale=128 ** -0.5)
+    _, ref_counts = R.masked_attention(q, k, v, mask, is_causal=causal, scale=128 ** -0.5)
+    assert torch.equal(counts.computed, ref_counts.computed)

@@ -5,10 +5,13 @@ libraries). Nothing here imports it at module level; ``attend`` imports it on fi
 
 What it runs: exact softmax attention restricted to the kept blocks of a BLOCK_Q x BLOCK_K (128 x 64)
 map, with FA4's ``flash_attn_func(..., block_sparse_tensors=BlockSparseTensorsTorch(...))``. The map is
-handed over as FA4's "mask block" lists: per (batch, query head, query block) the ascending kept key
-blocks and their count, i.e. exactly the index list the Triton kernel reads (``build_block_lut``:
-causal fully-future blocks and blocks wholly before a sliding window are dropped first). FA4 applies
-the causal (and window) token mask itself on every listed block and masks the end of K.
+handed over as FA4's two block lists per (batch, query head, query block), built from the index list
+the Triton kernel reads (``build_block_lut``: causal fully-future blocks and blocks wholly before a
+sliding window are dropped first): the "full" blocks, wholly inside the causal triangle / window and
+inside K, which FA4 computes without a token mask, and the "mask" blocks (diagonal, window edge, the
+partial last key block), on which FA4 applies the causal / window / end-of-K mask itself. FA4 4.0.0b36
+on sm90 needs the full lists even when nothing is full (it traces their loads): ``split_full=False``
+passes empty ones.
 
 Block geometry (read from FA4 4.0.0b36's ``interface.py`` / ``block_sparsity.py``): on sm90 (Hopper)
 FA4 shrinks its tiles to the sparse block (tile 128 x 64 for a (128, 64) block size, any head dim up to
@@ -27,10 +30,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from dataclasses import dataclass
 
 import torch
 
-from .blocks import BLOCK_K, BLOCK_Q, BlockCounts, allowed_block_count
+from .blocks import BLOCK_K, BLOCK_Q, BlockCounts, allowed_block_count, num_blocks
 
 #: The block sizes FA4 can run exactly, per compute-capability major version.
 FA4_BLOCK_GEOMETRY = {9: (BLOCK_Q, BLOCK_K)}
@@ -92,34 +96,81 @@ def auto_eligible(q: torch.Tensor, *, pvthreshd, quant: str, window: int | None)
     return installed() and supported(q.device, q.shape[-1], q.dtype) is None
 
 
-def block_lists(mask: torch.Tensor, nq: int, nk: int, is_causal: bool, window: int | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FA4's mask-block lists for a bool block map ``(B, Hq, nqb, nkb)``: ``(count (B, Hq, nqb) int32,
-    indices (B, Hq, nqb, nkb) int32)``, ascending kept key blocks first (the tail is unspecified; FA4
-    reads ``indices[..., :count]`` only). Causal fully-future blocks and blocks wholly before a window
-    are dropped. One small Triton kernel (the same index list the Triton executor reads)."""
+@dataclass(frozen=True)
+class FA4BlockLists:
+    """A block map as FA4 reads it, per (batch, query head, query block): the "mask" blocks (FA4 applies
+    the causal / window / end-of-K token mask on them) and the "full" blocks (no token mask), each as
+    ascending key-block indices (``*_idx[..., :*_cnt]``; the tail is unspecified) and a count."""
+
+    mask_cnt: torch.Tensor  # (B, Hq, nqb) int32
+    mask_idx: torch.Tensor  # (B, Hq, nqb, nkb) int32
+    full_cnt: torch.Tensor  # (B, Hq, nqb) int32
+    full_idx: torch.Tensor  # (B, Hq, nqb, nkb) int32, or (B, Hq, nqb, 1) when nothing is listed full
+
+
+def block_lists(mask: torch.Tensor, nq: int, nk: int, is_causal: bool, window: int | None = None,
+                split_full: bool = True) -> FA4BlockLists:
+    """FA4's block lists for a bool block map ``(B, Hq, nqb, nkb)``. Causal fully-future blocks and
+    blocks wholly before a window are dropped. With ``split_full`` the kept blocks that need no token
+    mask (wholly inside the causal triangle / the window and inside K) go to the full lists, the rest
+    to the mask lists; without it every kept block is a mask block and the full lists are empty (FA4
+    4.0.0b36 on sm90 needs the full lists present: it traces their loads even when they are empty).
+    One small Triton kernel (the index list the Triton executor reads) and two gathers; no host sync."""
     from .attention import build_block_lut
 
     lut = build_block_lut(mask, nq, nk, is_causal, window)
-    return lut.count, lut.indices
+    if not split_full:
+        zeros = torch.zeros_like(lut.count)
+        return FA4BlockLists(lut.count, lut.indices, zeros, torch.zeros_like(lut.indices[..., :1]))
+    # the Triton LUT is ordered [n_low window-edge blocks | n_unmasked blocks | the rest (masked)]
+    last = lut.indices.shape[-1] - 1
+    pos = torch.arange(last + 1, device=mask.device, dtype=torch.int32)
+    n_low, n_full = lut.n_low[..., None], lut.n_unmasked[..., None]
+    full_idx = torch.gather(lut.indices, -1, (pos + n_low).clamp_(max=last).long())
+    mask_src = torch.where(pos < n_low, pos, pos + n_full).clamp_(max=last)
+    mask_idx = torch.gather(lut.indices, -1, mask_src.long())
+    return FA4BlockLists(lut.count - lut.n_unmasked, mask_idx, lut.n_unmasked, full_idx)
 
 
-def block_lists_reference(mask: torch.Tensor, nq: int, nk: int, is_causal: bool, window: int | None = None
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-torch ``block_lists`` (for tests): the kept and allowed blocks of each row in ascending
-    order, then -1 padding."""
+def unmasked_block_mask_reference(nq: int, nk: int, is_causal: bool, window: int | None = None,
+                                  device=None) -> torch.Tensor:
+    """``(nqb, nkb)`` bool, plain torch at token level (for tests): the block pairs in which every real
+    query row may attend every key of the block (and every key exists)."""
+    from .reference import causal_token_mask
+
+    nqb, nkb = num_blocks(nq, BLOCK_Q), num_blocks(nk, BLOCK_K)
+    allowed = (causal_token_mask(nq, nk, device=device, window=window) if is_causal
+               else torch.ones(nq, nk, dtype=torch.bool, device=device))
+    padded = torch.zeros(nqb * BLOCK_Q, nkb * BLOCK_K, dtype=torch.bool, device=device)
+    padded[:nq, :nk] = allowed
+    padded[nq:, :nk] = True  # rows past the end of Q do not exist: they constrain nothing
+    return padded.view(nqb, BLOCK_Q, nkb, BLOCK_K).all(dim=3).all(dim=1)
+
+
+def block_lists_reference(mask: torch.Tensor, nq: int, nk: int, is_causal: bool, window: int | None = None,
+                          split_full: bool = True) -> FA4BlockLists:
+    """Plain-torch ``block_lists`` (for tests): each list's blocks in ascending order, then -1 padding."""
     from .reference import allowed_block_mask
 
     kept = mask & allowed_block_mask(nq, nk, is_causal, device=mask.device, window=window)
-    count = kept.sum(dim=-1, dtype=torch.int32)
-    cols = torch.arange(kept.shape[-1], device=mask.device, dtype=torch.int32).expand_as(kept)
-    order = torch.argsort((~kept).to(torch.int8), dim=-1, stable=True)  # kept columns first, ascending
-    indices = torch.gather(cols, -1, order)
-    indices = torch.where(torch.arange(kept.shape[-1], device=mask.device) < count[..., None], indices, -1)
-    return count, indices.to(torch.int32)
+    full = kept & unmasked_block_mask_reference(nq, nk, is_causal, window, device=mask.device)
+    if not split_full:
+        full = torch.zeros_like(kept)
+
+    def listed(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        count = sel.sum(dim=-1, dtype=torch.int32)
+        cols = torch.arange(sel.shape[-1], device=mask.device, dtype=torch.int32).expand_as(sel)
+        order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True)  # selected columns first, ascending
+        indices = torch.gather(cols, -1, order)
+        indices = torch.where(torch.arange(sel.shape[-1], device=mask.device) < count[..., None], indices, -1)
+        return count, indices.to(torch.int32)
+
+    mask_cnt, mask_idx = listed(kept & ~full)
+    full_cnt, full_idx = listed(full)
+    return FA4BlockLists(mask_cnt, mask_idx, full_cnt, full_idx)
 
 
-def attend(q, k, v, mask, *, is_causal, scale, pvthreshd, quant, window=None, quantized=None):
+def attend(q, k, v, mask, *, is_causal, scale, pvthreshd, quant, window=None, quantized=None, split_full=True):
     """The registry's ``attend`` for FA4 (inputs already validated; ``mask`` expanded to (B, Hq, ...)).
     Returns the output in ``q``'s layout (a (B, Hq, N, D) view of FA4's (B, N, Hq, D) result) and the
     block counts."""
@@ -139,8 +190,9 @@ def attend(q, k, v, mask, *, is_causal, scale, pvthreshd, quant, window=None, qu
 
     bsz, num_q_heads, nq, _ = q.shape
     nk = k.shape[2]
-    count, indices = block_lists(mask, nq, nk, is_causal, window)
-    sparse = BlockSparseTensorsTorch(mask_block_cnt=count, mask_block_idx=indices,
+    lists = block_lists(mask, nq, nk, is_causal, window, split_full=split_full)
+    sparse = BlockSparseTensorsTorch(mask_block_cnt=lists.mask_cnt, mask_block_idx=lists.mask_idx,
+                                     full_block_cnt=lists.full_cnt, full_block_idx=lists.full_idx,
                                      block_size=(BLOCK_Q, BLOCK_K))
     in_dtype = q.dtype
     if in_dtype == torch.float32:
@@ -155,7 +207,7 @@ def attend(q, k, v, mask, *, is_causal, scale, pvthreshd, quant, window=None, qu
     counts = BlockCounts(
         allowed=torch.full((bsz, num_q_heads), allowed_block_count(nq, nk, is_causal, window),
                            dtype=torch.long, device=q.device),
-        computed=count.sum(dim=-1, dtype=torch.long),
+        computed=lists.mask_cnt.sum(dim=-1, dtype=torch.long) + lists.full_cnt.sum(dim=-1, dtype=torch.long),
         pv_skipped=torch.zeros(bsz, num_q_heads, dtype=torch.long, device=q.device),
     )
     return out, counts
