@@ -336,7 +336,8 @@ def block_sparse_attn(
     mask = validation.check_block_mask(mask, (q.shape[0], q.shape[1], nqb, nkb), q.device)
     pv = _pv_values(pvthreshd, q.shape[1])
     variant = resolve_quant(quant, q.device)
-    fa4_ok = fa4.auto_eligible(q, pvthreshd=pv, quant=variant, window=window)
+    fa4_ok = fa4.auto_eligible(q, pvthreshd=pv, quant=variant, window=window, nk=k.shape[2],
+                                is_causal=is_causal)
     backend = resolve_backend(backend, q.device, fa4_ok=fa4_ok).name
     kw = dict(is_causal=is_causal, scale=sm_scale, pvthreshd=pv, quant=variant, window=window,
               backend=backend)
@@ -384,7 +385,8 @@ def sparge_attn(
     theta, budget = sel.for_heads(q.shape[1])
     pv = _pv_values(pvthreshd, q.shape[1])
     variant = resolve_quant(quant, q.device)
-    fa4_ok = fa4.auto_eligible(q, pvthreshd=pv, quant=variant, window=window)
+    fa4_ok = fa4.auto_eligible(q, pvthreshd=pv, quant=variant, window=window, nk=k.shape[2],
+                                is_causal=is_causal)
     backend = resolve_backend(backend, q.device, fa4_ok=fa4_ok).name
     kw = dict(is_causal=is_causal, scale=sm_scale, simthreshd1=theta, budget=budget, topk_mode=sel.topk_mode,
               pvthreshd=pv, quant=variant, estimator=estimator, window=window, backend=backend)

@@ -79,6 +79,14 @@ def test_registry_and_auto_choice():
     assert fa4.supported(cpu, 64, torch.bfloat16).startswith("backend 'fa4' runs on CUDA")
 
 
+def test_auto_hands_fa4_only_large_calls():
+    q = torch.empty(1, 32, 32768, 128, device="meta")
+    assert fa4.dense_work(q, 32768, False) == 2 * fa4.dense_work(q, 32768, True) == 2 ** 42
+    assert fa4.dense_work(q, 32768, True) >= fa4.AUTO_MIN_WORK  # the 8B shape at 32K, causal
+    assert fa4.dense_work(q[:, :, :8192], 8192, False) < fa4.AUTO_MIN_WORK  # 8K: the Triton kernel
+    assert fa4.dense_work(q[..., :64], 32768, True) < fa4.AUTO_MIN_WORK  # D=64 causal 32K: Triton
+
+
 def test_fa4_backend_refuses_what_it_cannot_run_exactly():
     q, k, v = rand_qkv(1, 2, 1, 256, 256, 64, seed=1)
     mask = torch.ones(1, 2, 2, 4, dtype=torch.bool)
@@ -94,7 +102,10 @@ def test_fa4_backend_refuses_what_it_cannot_run_exactly():
 def test_auto_prefers_fa4_only_for_exact_calls_on_sm90():
     q = torch.randn(1, 2, 256, 64, device="cuda", dtype=torch.bfloat16)
     sm90 = torch.cuda.get_device_capability()[0] == 9
-    assert fa4.auto_eligible(q, pvthreshd=None, quant="none", window=None) == (HAS_FA4 and sm90)
+    assert not fa4.auto_eligible(q, pvthreshd=None, quant="none", window=None)  # too little work for FA4
+    big = torch.empty(1, 32, 32768, 128, device="cuda", dtype=torch.bfloat16)
+    assert fa4.auto_eligible(big, pvthreshd=None, quant="none", window=None, is_causal=True) == (HAS_FA4 and sm90)
+    assert not fa4.auto_eligible(big[:, :, :8192], pvthreshd=None, quant="none", window=None, nk=8192)
     assert not fa4.auto_eligible(q, pvthreshd=torch.full((2,), 50.0), quant="none", window=None)
     assert not fa4.auto_eligible(q, pvthreshd=None, quant="int8", window=None)
     assert not fa4.auto_eligible(q, pvthreshd=None, quant="none", window=128)

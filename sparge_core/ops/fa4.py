@@ -87,11 +87,33 @@ def supported(device: torch.device, head_dim: int, dtype: torch.dtype) -> str | 
     return None
 
 
-def auto_eligible(q: torch.Tensor, *, pvthreshd, quant: str, window: int | None) -> bool:
+#: ``backend="auto"`` hands a call to FA4 only from this much dense work on (B * Hq * Nq * Nk * D
+#: multiply-adds, halved under causal masking: 2**41 is B=1, 32 heads, 32K x 32K, D=128, causal). Below
+#: it FA4's per-call host cost (~0.6-0.9 ms through its Python interface on an H200) exceeds the kernel
+#: time at low density: at N=8K (32 heads) the H200 measured FA4 at 0.7-3.2x cuDNN at densities 0.2 / 0.1
+#: where the Triton kernel reached 1.3-5.6x; at 32K, D=128 FA4 was the faster exact kernel at every
+#: density (0.92-8.3x against 0.80-7.6x; at D=64, causal, 32K it was not at densities <= 0.5, hence the
+#: halving under causal masking). Measured in two runs on one card: results/kernel/h200-fa4.csv and
+#: results/kernel/h200.csv of the repository.
+AUTO_MIN_WORK = 2 ** 41
+
+
+def dense_work(q: torch.Tensor, nk: int, is_causal: bool) -> int:
+    """Multiply-adds of dense attention for this call's shape (host arithmetic on sizes only)."""
+    bsz, heads, nq, d = q.shape
+    work = bsz * heads * nq * nk * d
+    return work // 2 if is_causal else work
+
+
+def auto_eligible(q: torch.Tensor, *, pvthreshd, quant: str, window: int | None, nk: int | None = None,
+                  is_causal: bool = False) -> bool:
     """Whether ``backend="auto"`` may pick FA4 for this call: installed, a GPU where the map fits
-    (sm90), exact attention asked for (``pvthreshd=None``, ``quant`` resolved to "none") and no
-    sliding window (FA4's block-sparse local mode is not part of what auto relies on)."""
+    (sm90), exact attention asked for (``pvthreshd=None``, ``quant`` resolved to "none"), no sliding
+    window (FA4's block-sparse local mode is not part of what auto relies on) and at least
+    ``AUTO_MIN_WORK`` of dense work (``nk``: the key length, default ``q``'s)."""
     if pvthreshd is not None or quant != "none" or window is not None or q.device.type != "cuda":
+        return False
+    if dense_work(q, q.shape[2] if nk is None else nk, is_causal) < AUTO_MIN_WORK:
         return False
     return installed() and supported(q.device, q.shape[-1], q.dtype) is None
 
