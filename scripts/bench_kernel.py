@@ -31,6 +31,7 @@ Outputs: ``results/kernel/<gpu>.csv`` (columns ``gpu,n,d,heads,causal,density,me
     python scripts/bench_kernel.py --smoke --out /tmp/smoke.csv     # CPU plumbing check (interpreter)
     python scripts/bench_kernel.py --readme-table results/kernel/h200.csv   # README's kernel table
     python scripts/bench_kernel.py --update-readme results/kernel/h200.csv  # ... written into README.md
+    python scripts/bench_kernel.py --update-readme results/kernel/h200.csv --fa4-csv results/kernel/h200-fa4.csv
 """
 
 from __future__ import annotations
@@ -331,30 +332,40 @@ def plot(csv_path: Path, png_path: Path) -> None:
         fig.savefig(tmp, dpi=110, format="png")
 
 
-def readme_table(csv_path: Path, n: int = 32768, d: int = 128, extra_n: int = 8192) -> str:
-    """README's kernel table from a benchmark CSV: speed-up over ``sdpa-cudnn`` of the same run at N=n,
-    D=d, every density, causal or not, plus N=extra_n at density 0.5; ``sparge`` is the public API at
-    its shipped defaults."""
-    rows = _rows(csv_path)
-    gpu = rows[0]["gpu"] if rows else "?"
-    cols = ["sparge", "sparge-quant", "sparge-exact", "fa4", "flex"]
+def readme_table(csv_path: Path, n: int = 32768, d: int = 128, extra_n: int = 8192, large_n: int = 131072,
+                 fa4_csv: Path | None = None) -> str:
+    """README's kernel table from a benchmark CSV: speed-up over ``sdpa-cudnn`` of the same run at N=n
+    and N=large_n (where measured), D=d, every density, causal or not, plus N=extra_n at density 0.5;
+    ``sparge`` is the public API at its shipped defaults. ``fa4_csv``: a run with FlashAttention-4
+    installed; its ``fa4`` rows and its ``sparge`` rows (``sparge[fa4]``: the shipped defaults with the
+    extra installed, where ``backend="auto"`` hands exact calls to FA4) are ratios to that run's own
+    ``sdpa-cudnn``."""
+    runs = [(_rows(csv_path), {m: m for m in ("sparge", "sparge-quant", "sparge-exact", "fa4", "flex")})]
+    if fa4_csv is not None:
+        runs.append((_rows(fa4_csv), {"fa4": "fa4", "sparge": "sparge[fa4]"}))
+    gpu = runs[0][0][0]["gpu"] if runs[0][0] else "?"
+    cols = ["sparge", "sparge-quant", "sparge-exact", "sparge[fa4]", "fa4", "flex"]
 
     def speedups(nn, causal):
-        sel = [r for r in rows if int(r["n"]) == nn and int(r["d"]) == d and r["causal"] == str(causal)]
-        base = [float(r["ms"]) for r in sel if r["method"] == "sdpa-cudnn"]
-        if not base:
-            return {}
         table = {}
-        for r in sel:
-            if r["method"] in cols:
-                table.setdefault(round(float(r["density"]), 1), {})[r["method"]] = base[0] / float(r["ms"])
+        for rows, names in runs:
+            sel = [r for r in rows if int(r["n"]) == nn and int(r["d"]) == d and r["causal"] == str(causal)]
+            base = [float(r["ms"]) for r in sel if r["method"] == "sdpa-cudnn"]
+            if not base:
+                continue
+            for r in sel:
+                if r["method"] in names:
+                    table.setdefault(round(float(r["density"]), 1), {})[names[r["method"]]] = base[0] / float(r["ms"])
         return table
 
-    lines = [f"Kernel benchmark ({gpu}; `make bench`, one run, `{csv_path.as_posix()}`), B=1, H=32, "
+    sources = f"`{csv_path.as_posix()}`" + (f"; `fa4`, `sparge[fa4]`: `{fa4_csv.as_posix()}`" if fa4_csv else "")
+    lines = [f"Kernel benchmark ({gpu}; `make bench`, {sources}), B=1, H=32, "
              f"D={d}, bf16, speed-up over `sdpa-cudnn` in the same run (random block maps, diagonal kept); "
-             "`sparge` is `block_sparse_attn` at its shipped defaults:", "",
+             "`sparge` is `block_sparse_attn` at its shipped defaults"
+             + (", `sparge[fa4]` the same with the `fa4` extra installed" if fa4_csv else "") + ":", "",
              "| N | causal | density | " + " | ".join(cols) + " |", "|" + " --- |" * (3 + len(cols))]
-    for nn, causal, only in [(n, False, None), (n, True, None), (extra_n, False, 0.5), (extra_n, True, 0.5)]:
+    for nn, causal, only in [(n, False, None), (n, True, None), (large_n, False, None), (large_n, True, None),
+                             (extra_n, False, 0.5), (extra_n, True, 0.5)]:
         table = speedups(nn, causal)
         for dens in sorted(table, reverse=True):
             if only is not None and dens != only:
@@ -364,13 +375,13 @@ def readme_table(csv_path: Path, n: int = 32768, d: int = 128, extra_n: int = 81
     return "\n".join(lines) + "\n"
 
 
-def update_readme(csv_path: Path, readme: Path = ROOT / "README.md") -> None:
+def update_readme(csv_path: Path, readme: Path = ROOT / "README.md", fa4_csv: Path | None = None) -> None:
     text = readme.read_text()
     if README_BEGIN not in text or README_END not in text:
         raise SystemExit(f"{readme} has no {README_BEGIN!r} ... {README_END!r} block to replace")
     head, rest = text.split(README_BEGIN, 1)
     _, tail = rest.split(README_END, 1)
-    write_text_atomic(readme, head + README_BEGIN + "\n" + readme_table(csv_path) + README_END + tail)
+    write_text_atomic(readme, head + README_BEGIN + "\n" + readme_table(csv_path, fa4_csv=fa4_csv) + README_END + tail)
 
 
 def main() -> None:
@@ -394,6 +405,8 @@ def main() -> None:
     ap.add_argument("--plot-only", default=None, help="only draw the plot of an existing CSV")
     ap.add_argument("--readme-table", default=None, help="print README's kernel table from a CSV")
     ap.add_argument("--update-readme", default=None, help="write README's kernel table from a CSV")
+    ap.add_argument("--fa4-csv", default=None,
+                    help="with --readme-table / --update-readme: a run with FA4 installed (its fa4 and sparge rows)")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU plumbing check: tiny shapes under the Triton interpreter, host timer "
                          "(not a benchmark)")
@@ -402,10 +415,10 @@ def main() -> None:
         plot(Path(args.plot_only), Path(args.plot_only).with_suffix(".png"))
         return
     if args.readme_table:
-        print(readme_table(Path(args.readme_table)), end="")
+        print(readme_table(Path(args.readme_table), fa4_csv=args.fa4_csv and Path(args.fa4_csv)), end="")
         return
     if args.update_readme:
-        update_readme(Path(args.update_readme))
+        update_readme(Path(args.update_readme), fa4_csv=args.fa4_csv and Path(args.fa4_csv))
         return
     for name in (args.exact_configs or []) + (args.quant_configs or []):
         try:

@@ -103,10 +103,17 @@ def test_readme_table_is_the_speedup_over_cudnn_of_the_same_run(tmp_path):
     _write_csv(path, rows)
     table = bench_kernel.readme_table(path)
     lines = [line for line in table.splitlines() if line.startswith("| 32768") or line.startswith("| 8192")]
-    assert lines[0] == "| 32768 | no | 1.0 | 0.50x | - | - | 1.00x | - |"
-    assert lines[1] == "| 32768 | no | 0.5 | 2.00x | - | - | 4.00x | - |"
+    assert lines[0] == "| 32768 | no | 1.0 | 0.50x | - | - | - | 1.00x | - |"
+    assert lines[1] == "| 32768 | no | 0.5 | 2.00x | - | - | - | 4.00x | - |"
     assert lines[2].startswith("| 32768 | yes | 1.0 | 0.50x")
-    assert lines[-1] == "| 8192 | no | 0.5 | 2.00x | - | - | - | - |"
+    assert lines[-1] == "| 8192 | no | 0.5 | 2.00x | - | - | - | - | - |"
+    # a second run with FA4 installed: its own cudnn baseline; its sparge rows are the sparge[fa4] column
+    fa4_path = tmp_path / "fa4.csv"
+    _write_csv(fa4_path, [dict(n=32768, d=128, causal=False, density=1.0, method="sdpa-cudnn", ms=3.0),
+                          dict(n=32768, d=128, causal=False, density=1.0, method="sparge", ms=2.0),
+                          dict(n=32768, d=128, causal=False, density=1.0, method="fa4", ms=1.5)])
+    both = bench_kernel.readme_table(path, fa4_csv=fa4_path)
+    assert "| 32768 | no | 1.0 | 0.50x | - | - | 1.50x | 2.00x | - |" in both.splitlines()
     readme = tmp_path / "README.md"
     readme.write_text(f"before\n{bench_kernel.README_BEGIN}\nold\n{bench_kernel.README_END}\nafter\n")
     bench_kernel.update_readme(path, readme)
