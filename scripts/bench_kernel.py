@@ -298,8 +298,10 @@ def _rows(csv_path: Path) -> list[dict]:
     return list(csv.DictReader(open(csv_path)))
 
 
-def plot(csv_path: Path, png_path: Path) -> None:
-    """TOPS vs sparsity per (D, causal) at the largest N, dense kernels as flat lines (paper Fig. 10)."""
+def plot(csv_path: Path, png_path: Path, fa4_csv: Path | None = None) -> None:
+    """TOPS vs sparsity per (D, causal) at the largest N measured for that D, dense kernels as flat
+    lines (paper Fig. 10). ``fa4_csv``: a run with FA4 installed; its ``fa4`` rows and its ``sparge``
+    rows (as ``sparge[fa4]``) are drawn too (TOPS are absolute, so two runs share the axes)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -308,24 +310,29 @@ def plot(csv_path: Path, png_path: Path) -> None:
     rows = _rows(csv_path)
     if not rows:
         return
-    n_max = max(int(r["n"]) for r in rows)
+    if fa4_csv is not None:
+        rename = {"fa4": "fa4", "sparge": "sparge[fa4]"}
+        rows += [{**r, "method": rename[r["method"]]} for r in _rows(fa4_csv) if r["method"] in rename]
+    order = METHODS + ["sparge[fa4]"]
     combos = sorted({(int(r["d"]), r["causal"]) for r in rows})
     fig, axes = plt.subplots(1, len(combos), figsize=(5 * len(combos), 4), squeeze=False)
     for ax, (d, causal) in zip(axes[0], combos):
+        n_max = max(int(r["n"]) for r in rows if int(r["d"]) == d and r["method"] == "sparge")
         sel = [r for r in rows if int(r["n"]) == n_max and int(r["d"]) == d and r["causal"] == causal]
-        for method in [m for m in METHODS if any(r["method"] == m for r in sel)]:
+        for method in [m for m in order if any(r["method"] == m for r in sel)]:
             pts = sorted((1 - float(r["density"]), float(r["tops"])) for r in sel if r["method"] == method)
             if method.startswith("sdpa"):
                 ax.axhline(pts[0][1], linestyle="--", label=method,
                            color="gray" if "flash" in method else "black")
             else:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method,
-                        linewidth=2.5 if method == "sparge" else 1.2)
+                        linewidth=2.5 if method == "sparge" else 1.2,
+                        linestyle=":" if method.endswith("[fa4]") else "-")
         ax.set_title(f"N={n_max} D={d} causal={causal}")
         ax.set_xlabel("sparsity (1 - density)")
         ax.set_ylabel("dense-equivalent TOPS")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+        ax.legend(fontsize=7)
     fig.suptitle(rows[0]["gpu"])
     fig.tight_layout()
     with atomic_path(png_path) as tmp:
@@ -406,13 +413,14 @@ def main() -> None:
     ap.add_argument("--readme-table", default=None, help="print README's kernel table from a CSV")
     ap.add_argument("--update-readme", default=None, help="write README's kernel table from a CSV")
     ap.add_argument("--fa4-csv", default=None,
-                    help="with --readme-table / --update-readme: a run with FA4 installed (its fa4 and sparge rows)")
+                    help="with --readme-table / --update-readme / --plot-only: a run with FA4 installed (its fa4 and "
+                         "sparge rows)")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU plumbing check: tiny shapes under the Triton interpreter, host timer "
                          "(not a benchmark)")
     args = ap.parse_args()
     if args.plot_only:
-        plot(Path(args.plot_only), Path(args.plot_only).with_suffix(".png"))
+        plot(Path(args.plot_only), Path(args.plot_only).with_suffix(".png"), fa4_csv=args.fa4_csv and Path(args.fa4_csv))
         return
     if args.readme_table:
         print(readme_table(Path(args.readme_table), fa4_csv=args.fa4_csv and Path(args.fa4_csv)), end="")
