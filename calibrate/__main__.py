@@ -516,9 +516,21 @@ def summary(config, holdout: dict[int, dict[str, float]]) -> str:
 
     text = report_summary(config, holdout)
     if all(lc.is_dense for lc in config.layers):
-        text += "\n" + NO_SPARSE_LAYER.format(l1=config.l1, pv_l1=config.pv_l1)
+        cal = config.calibration
+        if cal.get("objective") == "time" and cal.get("pruned_candidates"):
+            gpu = (cal.get("cost_model") or {}).get("gpu", "the GPU")
+            text += "\n" + DENSE_IS_FASTER.format(gpu=gpu, seq_len=cal.get("seq_len"), pruned=cal["pruned_candidates"])
+        else:
+            text += "\n" + NO_SPARSE_LAYER.format(l1=config.l1, pv_l1=config.pv_l1)
     return text
 
+
+DENSE_IS_FASTER = (
+    "the time objective kept every layer dense: on {gpu} the cost model predicts dense SDPA at this shape "
+    "({seq_len} tokens, batch 1) faster than the least a sparse call costs ({pruned} executor candidates ruled out "
+    "before any evaluation: predictor, launch and per-row kernel costs alone exceed the dense time). Sparse "
+    "attention pays there from longer sequences or more heads per layer; --objective sparsity gives the sparsest "
+    "config within the bound regardless of time.")
 
 NO_SPARSE_LAYER = (
     "no layer could be made sparse within the bound (l1 {l1:g}, pv_l1 {pv_l1:g}): every head stays dense, so the "

@@ -263,6 +263,13 @@ def test_summary_says_when_no_layer_could_be_made_sparse():
     cfg2 = ModelConfig(cfg.model, (sparse, LayerConfig.dense(1, heads)), l1=0.08, pv_l1=0.09,
                        calibration=cfg.calibration)
     assert "no layer could be made sparse" not in summary(cfg2, {})
+    # the time objective that ruled every sparse candidate out says that dense was faster, not "could not"
+    timed = ModelConfig(cfg.model, cfg.layers, l1=0.08, pv_l1=0.09, calibration={
+        **cfg.calibration, "objective": "time", "pruned_candidates": 4, "seq_len": 8192,
+        "cost_model": {"gpu": "NVIDIA H200"}})
+    text = summary(timed, {})
+    assert "the time objective kept every layer dense: on NVIDIA H200" in text and "4 executor candidates" in text
+    assert "no layer could be made sparse" not in text
 
 
 def test_a_capture_made_elsewhere_is_calibrated_without_data_checks(tmp_path):
