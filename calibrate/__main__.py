@@ -115,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "summed per key block; a lone dominant key is not averaged away) or 'pooled' (the paper's "
                    "pooled query . pooled key); written into the config. With --objective time a list "
                    "('keys,pooled') lets each layer take the faster one that meets the bound")
+    p.add_argument("--local-blocks", type=int, default=0, metavar="N",
+                   help="causal only: the predictor also keeps the N key blocks (64 tokens each) just before each "
+                   "query block's diagonal, so the first rows of every 128-row query block keep their nearest "
+                   "context (beyond the paper; 0: the paper's forced set, sink + diagonal). The search runs "
+                   "with them, so the bound accounts for them; written into every layer of the config")
     p.add_argument("--objective", choices=["time", "sparsity"], default=None,
                    help="what to optimise under the bounds: predicted attention time (default when a cost model "
                    "for the GPU exists: results/kernel/<gpu>-cost.json or --cost-model) or block sparsity")
@@ -169,6 +174,11 @@ def validate_args(args: argparse.Namespace) -> Plan:
         raise InputError(f"--holdout must be >= 0, got {args.holdout}")
     if args.bisect_steps < 1:
         raise InputError(f"--bisect-steps must be >= 1, got {args.bisect_steps}")
+    if args.local_blocks < 0:
+        raise InputError(f"--local-blocks must be an integer >= 0 (key blocks), got {args.local_blocks}")
+    if args.local_blocks and args.non_causal:
+        raise InputError(f"--local-blocks {args.local_blocks} forces key blocks before each query block's causal "
+                         f"diagonal; with --non-causal nothing is forced: drop --local-blocks")
     for theta in args.thetas or DEFAULT_THETAS:
         if not (math.isfinite(theta) and -1.0 <= theta <= 1.0):
             raise InputError(f"--thetas must be numbers in [-1, 1] (simthreshd1 values), got {theta}")
@@ -400,13 +410,16 @@ def fingerprint(meta, plan: Plan, layers: list[int], objective=None) -> dict:
             "weights_fingerprint": meta.fingerprint, "l1": a.l1, "pv_l1": a.pv_l1, "mode": a.mode,
             "granularity": a.granularity, "layers": layers, "thetas": list(search_settings(a).thetas),
             "bisect_steps": a.bisect_steps, "tune_pv": not a.no_pv, "causal": not a.non_causal,
-            "estimator": a.estimator, "margin": a.margin}
+            "estimator": a.estimator, "margin": a.margin,
+            **({"local_blocks": a.local_blocks} if a.local_blocks else {})}  # (0: the fingerprint of older runs)
 
 
 # --------------------------------------------------------------------------------------------
 # output
 # --------------------------------------------------------------------------------------------
 def build_config(plan: Plan, meta, layers: list[int], run: str, timing: dict, objective=None):
+    import dataclasses
+
     import torch
     import triton
 
@@ -423,11 +436,11 @@ def build_config(plan: Plan, meta, layers: list[int], run: str, timing: dict, ob
     for layer in range(meta.num_layers):
         res = store.result(layer) if layer in layers else None
         if res is None:
-            entries.append(LayerConfig.dense(layer, meta.num_heads))
+            entries.append(dataclasses.replace(LayerConfig.dense(layer, meta.num_heads), local_blocks=a.local_blocks))
             continue
         total_evals += res.evaluations
         results.append(res)
-        entries.append(layer_config(layer, res, search_settings(a).estimator))
+        entries.append(layer_config(layer, res, search_settings(a).estimator, a.local_blocks))
     device_name = torch.cuda.get_device_name() if plan.device.startswith("cuda") else "cpu"
     # the inputs as captured (ensure_capture refuses a capture of other inputs than the arguments)
     calibration = {"samples": a.samples, "seq_len": meta.seq_len, "seed": meta.seed,
@@ -438,6 +451,8 @@ def build_config(plan: Plan, meta, layers: list[int], run: str, timing: dict, ob
                    "evaluations": total_evals, "margin": a.margin, "estimator": a.estimator, "mode": a.mode,
                    "granularity": a.granularity,
                    "versions": {"torch": torch.__version__, "triton": triton.__version__}}
+    if a.local_blocks:
+        calibration["local_blocks"] = a.local_blocks
     if objective is not None:
         calibration.update(objective.describe())
     calibration.update({k: v for k, v in timing.items() if k in ("workers", "devices", "worker_exit_codes",

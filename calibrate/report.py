@@ -9,8 +9,9 @@ from sparge_core.params import LayerConfig, LayerPrediction, LayerVariant, Model
 from .search import LayerResult
 
 
-def layer_config(layer: int, res: LayerResult, default_estimator: str) -> LayerConfig:
-    """The config entry of a searched layer: hyperparameters, estimator, variant, prediction."""
+def layer_config(layer: int, res: LayerResult, default_estimator: str, local_blocks: int = 0) -> LayerConfig:
+    """The config entry of a searched layer: hyperparameters, estimator, variant, prediction, and the
+    ``local_blocks`` the search ran with."""
     key = "topk" if res.mode == "topk" else "cdfthreshd"
     variant = LayerVariant(**res.variant) if res.variant else None
     predicted = None
@@ -19,7 +20,7 @@ def layer_config(layer: int, res: LayerResult, default_estimator: str) -> LayerC
     return LayerConfig(
         layer=layer, simthreshd1=tuple(h.simthreshd1 for h in res.heads), pvthreshd=tuple(h.pvthreshd for h in res.heads),
         sparsity=round(res.sparsity, 6), l1=round(res.l1, 6), estimator=res.estimator or default_estimator,
-        variant=variant, predicted=predicted, **{key: tuple(h.budget for h in res.heads)})
+        variant=variant, predicted=predicted, local_blocks=local_blocks, **{key: tuple(h.budget for h in res.heads)})
 
 
 def predicted_speedup(config: ModelConfig) -> dict[str, float] | None:

@@ -33,7 +33,7 @@ from sparge_core import block_sparse_attn, predict_block_mask, sparge_attn
 from sparge_core.ops import reference
 from sparge_core.ops.blocks import BLOCK_Q, ESTIMATORS
 from sparge_core.params import LayerConfig
-from sparge_core.validation import check_choice
+from sparge_core.validation import check_choice, check_local_blocks
 
 DEFAULT_THETAS: tuple[float, ...] = (-1.0, 0.2, 0.4, 0.55, 0.7, 0.85)
 CDF_U_MAX = 4.0  # cdfthreshd = 1 - 10^-u: u = 4 is 0.9999
@@ -56,6 +56,8 @@ class SearchSettings:
     backend: str = "auto"
     is_causal: bool = True
     estimator: str = "keys"  # the predictor's block-score estimator ("pooled": the paper's)
+    #: key blocks the predictor forces before each query block's diagonal (causal only; 0: none)
+    local_blocks: int = 0
 
     def __post_init__(self):
         if not (self.l1 > 0 and math.isfinite(self.l1)):
@@ -69,6 +71,7 @@ class SearchSettings:
         if not self.thetas or any(not -1.0 <= t <= 1.0 for t in self.thetas):
             raise ValueError(f"thetas must be values in [-1, 1], got {self.thetas}")
         check_choice("estimator", self.estimator, ESTIMATORS)
+        check_local_blocks(self.local_blocks, self.is_causal)
 
 
 @dataclass(frozen=True)
@@ -175,16 +178,19 @@ class LayerEvaluator:
     computation as ``sparge_attn`` for those rows (INT8 scales are per block too), at a fraction of
     the kernel's work. Errors, densities and skips then cover the stored rows. Dense outputs are
     computed once (SDPA in float32) and cached. ``quant``/``estimator`` pick the executor;
-    ``variant`` makes a sibling sharing the data.
+    ``variant`` makes a sibling sharing the data. ``local_blocks`` is the predictor's (causal only):
+    every evaluation runs with those forced key blocks, so the bound accounts for them.
     """
 
     def __init__(self, samples: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], *, is_causal: bool,
                  backend: str = "auto", device: torch.device | str | None = None, quant: str = "none",
-                 estimator: str = "keys", query_chunks: Sequence[tuple[int, int]] | None = None):
+                 estimator: str = "keys", query_chunks: Sequence[tuple[int, int]] | None = None,
+                 local_blocks: int = 0):
         if not samples:
             raise ValueError("a layer needs at least one captured sample")
         dev = torch.device(device) if device is not None else samples[0][0].device
         self.is_causal = is_causal
+        self.local_blocks = check_local_blocks(local_blocks, is_causal)
         self.backend = backend
         self.quant = quant
         self.estimator = estimator
@@ -240,11 +246,11 @@ class LayerEvaluator:
         if not self.subset:
             out, stats = sparge_attn(q, k, v, is_causal=self.is_causal, simthreshd1=theta, pvthreshd=pv,
                                      backend=self.backend, quant=self.quant, return_stats=True,
-                                     estimator=self.estimator, **sel)
+                                     estimator=self.estimator, local_blocks=self.local_blocks, **sel)
             return out, stats.allowed_blocks, stats.computed_blocks, stats.pv_skipped_blocks
         full, keep, rows, allowed = self._placed[g]
         mask = predict_block_mask(full, k, is_causal=self.is_causal, simthreshd1=theta, backend=self.backend,
-                                  estimator=self.estimator, **sel)
+                                  estimator=self.estimator, local_blocks=self.local_blocks, **sel)
         mask = mask & keep[None, None, :, None]
         out, stats = block_sparse_attn(full, k, v, mask, is_causal=self.is_causal, pvthreshd=pv, quant=self.quant,
                                        backend=self.backend, return_stats=True)
@@ -323,11 +329,11 @@ def config_window_errors(samples: Sequence[tuple[torch.Tensor, torch.Tensor, tor
                          is_causal: bool, device: torch.device | str | None = None,
                          query_chunks: Sequence[tuple[int, int]] | None = None
                          ) -> tuple[list[float], list[list[float]]]:
-    """``LayerEvaluator.window_errors`` of a calibrated layer (its own hyperparameters, estimator and,
-    version 2, quantization and stage 2 on or off) on ``samples``: per sample, the whole layer's
-    relative L1 and each head's."""
+    """``LayerEvaluator.window_errors`` of a calibrated layer (its own hyperparameters, estimator,
+    ``local_blocks`` and, version 2, quantization and stage 2 on or off) on ``samples``: per sample, the
+    whole layer's relative L1 and each head's."""
     ev = LayerEvaluator(samples, is_causal=is_causal, device=device, estimator=lc.estimator,
-                        quant=lc.quant or "none", query_chunks=query_chunks)
+                        quant=lc.quant or "none", query_chunks=query_chunks, local_blocks=lc.local_blocks)
     topk = lc.topk is not None
     return ev.window_errors(torch.tensor(lc.simthreshd1), torch.tensor(lc.topk if topk else lc.cdfthreshd),
                             torch.tensor(lc.pvthreshd) if lc.stage2 else None, "topk" if topk else "cdf")

@@ -105,7 +105,7 @@ def search_settings(args):
     return SearchSettings(l1=args.l1 * args.margin, pv_l1=args.pv_l1 * args.margin, mode=args.mode,
                           granularity=args.granularity, thetas=tuple(args.thetas) if args.thetas else DEFAULT_THETAS,
                           bisect_steps=args.bisect_steps, tune_pv=not args.no_pv, is_causal=not args.non_causal,
-                          estimator=estimators_of(args)[0])
+                          estimator=estimators_of(args)[0], local_blocks=getattr(args, "local_blocks", 0))
 
 
 def estimators_of(args) -> tuple[str, ...]:
@@ -192,7 +192,7 @@ def search_one_layer(plan, store, layer: int, device: str, objective, settings, 
         torch.cuda.reset_peak_memory_stats(device)
     samples = load_layer(plan.capture_dir, layer, device, range(plan.args.samples))
     evaluator = LayerEvaluator(samples, is_causal=settings.is_causal, device=device, estimator=settings.estimator,
-                               query_chunks=meta.query_chunks)
+                               query_chunks=meta.query_chunks, local_blocks=settings.local_blocks)
     del samples
     load_s = time.perf_counter() - t0
     timer = None

@@ -51,7 +51,8 @@ AUTO_QUANT_ON_CUDA = "none"
 class Backend:
     """How one backend predicts a block map and runs block-sparse attention.
 
-    ``predict(q, k, *, is_causal, scale, simthreshd1, cdfthreshd, topk, estimator, window) -> mask`` and
+    ``predict(q, k, *, is_causal, scale, simthreshd1, cdfthreshd, topk, estimator, window, local_blocks) -> mask``
+    and
     ``attend(q, k, v, mask, *, is_causal, scale, pvthreshd, quant, window=None, quantized=None) -> (out,
     BlockCounts)`` take validated inputs with per-head hyperparameters as device tensors (simthreshd1
     and pvthreshd float32, the cdfthreshd/topk budget float64). ``predict_quantized`` (optional, same
@@ -197,7 +198,7 @@ def _on_device(values, device, dtype=torch.float32) -> torch.Tensor | None:
 # implementations (validated arguments; the custom ops of sparge_core.library call these too)
 # --------------------------------------------------------------------------------------------
 def _predict_impl(q, k, *, is_causal: bool, scale: float, simthreshd1: tuple, budget: tuple, topk_mode: bool,
-                  estimator: str, window: int | None, backend: str) -> torch.Tensor:
+                  estimator: str, window: int | None, backend: str, local_blocks: int = 0) -> torch.Tensor:
     if all(b >= 1.0 for b in budget):
         allowed = reference.allowed_block_mask(q.shape[2], k.shape[2], is_causal, device=q.device, window=window)
         return _full_mask(q, k) & allowed
@@ -205,7 +206,7 @@ def _predict_impl(q, k, *, is_causal: bool, scale: float, simthreshd1: tuple, bu
     theta_t, budget_t = _on_device(simthreshd1, q.device), _on_device(budget, q.device, torch.float64)
     return impl.predict(q, k, is_causal=is_causal, scale=scale, simthreshd1=theta_t,
                         cdfthreshd=None if topk_mode else budget_t, topk=budget_t if topk_mode else None,
-                        estimator=estimator, window=window)
+                        estimator=estimator, window=window, local_blocks=local_blocks)
 
 
 def _attend_impl(q, k, v, mask, *, is_causal: bool, scale: float, pvthreshd: tuple | None, quant: str,
@@ -218,7 +219,7 @@ def _attend_impl(q, k, v, mask, *, is_causal: bool, scale: float, pvthreshd: tup
 
 def _sparge_attn_impl(q, k, v, *, is_causal: bool, scale: float, simthreshd1: tuple, budget: tuple,
                       topk_mode: bool, pvthreshd: tuple | None, quant: str, estimator: str,
-                      window: int | None, backend: str) -> tuple[torch.Tensor, BlockCounts]:
+                      window: int | None, backend: str, local_blocks: int = 0) -> tuple[torch.Tensor, BlockCounts]:
     impl = resolve_backend(backend, q.device)
     quantized = None
     if all(b >= 1.0 for b in budget):
@@ -227,7 +228,7 @@ def _sparge_attn_impl(q, k, v, *, is_causal: bool, scale: float, simthreshd1: tu
         theta_t, budget_t = _on_device(simthreshd1, q.device), _on_device(budget, q.device, torch.float64)
         kw = dict(is_causal=is_causal, scale=scale, simthreshd1=theta_t,
                   cdfthreshd=None if topk_mode else budget_t, topk=budget_t if topk_mode else None,
-                  estimator=estimator, window=window)
+                  estimator=estimator, window=window, local_blocks=local_blocks)
         if quant != "none" and impl.predict_quantized is not None:
             # one pass over Q and K gives the predictor's blocks and the INT8 tensors
             mask, quantized = impl.predict_quantized(q, k, quant_multiplier=scale * LOG2E, **kw)
@@ -260,6 +261,7 @@ def predict_block_mask(
     backend: str = "auto",
     estimator: str = "pooled",
     window: int | None = None,
+    local_blocks: int = 0,
 ) -> torch.Tensor:
     """Stage-1 SpargeAttn block predictor.
 
@@ -277,6 +279,12 @@ def predict_block_mask(
             ``Q K^T``). See ``reference.key_resolved_scores``.
         window: a causal sliding window (query at position p sees keys p - window < j <= p): blocks
             wholly outside it are never kept.
+        local_blocks: causal only (an integer >= 0; > 0 with ``is_causal=False`` is a ValueError): also
+            force the ``local_blocks`` key blocks just before each query block's diagonal key blocks
+            (beside the sink and the diagonal, which causal selection always keeps), so the first rows
+            of every query block keep their nearest context; never outside the causal mask or the
+            window. 0 (the default) is the map without the option, bit for bit. See
+            ``reference.select_blocks`` rule 5.
 
     Returns:
         bool ``(B, Hq, ceil(Nq / BLOCK_Q), ceil(Nk / BLOCK_K))``; True = compute this block pair.
@@ -286,11 +294,12 @@ def predict_block_mask(
     window = validation.check_window(window, is_causal)
     sm_scale = validation.resolve_scale(scale, q.shape[-1])
     validation.check_choice("estimator", estimator, reference.ESTIMATORS)
+    local_blocks = validation.check_local_blocks(local_blocks, is_causal)
     sel = Selection.parse(simthreshd1, cdfthreshd, topk)
     theta, budget = sel.for_heads(q.shape[1])
     backend = resolve_backend(backend, q.device).name
     kw = dict(is_causal=is_causal, scale=sm_scale, simthreshd1=theta, budget=budget, topk_mode=sel.topk_mode,
-              estimator=estimator, window=window, backend=backend)
+              estimator=estimator, window=window, backend=backend, local_blocks=local_blocks)
     if _compiling():
         kw.update(simthreshd1=list(theta), budget=list(budget))
         return torch.ops.sparge.predict_block_mask(q, k, **kw)
@@ -366,13 +375,15 @@ def sparge_attn(
     return_stats: bool = False,
     estimator: str = "pooled",
     window: int | None = None,
+    local_blocks: int = 0,
 ):
     """SpargeAttn: predict the block map, then run block-sparse attention with the stage-2 skip.
 
     A drop-in for ``F.scaled_dot_product_attention(q, k, v, is_causal=..., scale=...)`` on
     ``(B, H, N, D)`` tensors, with GQA (``Hq % Hkv == 0``) and any lengths. See
     ``predict_block_mask`` and ``block_sparse_attn`` for the hyperparameters (``window``: a causal
-    sliding window, intersected with the predicted map). With ``return_stats`` returns
+    sliding window, intersected with the predicted map; ``local_blocks``: causal only, key blocks
+    forced before each query block's diagonal). With ``return_stats`` returns
     ``(out, SparsityStats)``; its counts stay on the device until a figure is read.
     """
     validation.check_qkv(q, k, v)
@@ -381,6 +392,7 @@ def sparge_attn(
     window = validation.check_window(window, is_causal)
     sm_scale = validation.resolve_scale(scale, q.shape[-1])
     validation.check_choice("estimator", estimator, reference.ESTIMATORS)
+    local_blocks = validation.check_local_blocks(local_blocks, is_causal)
     sel = Selection.parse(simthreshd1, cdfthreshd, topk)
     theta, budget = sel.for_heads(q.shape[1])
     pv = _pv_values(pvthreshd, q.shape[1])
@@ -389,7 +401,8 @@ def sparge_attn(
                                 is_causal=is_causal)
     backend = resolve_backend(backend, q.device, fa4_ok=fa4_ok).name
     kw = dict(is_causal=is_causal, scale=sm_scale, simthreshd1=theta, budget=budget, topk_mode=sel.topk_mode,
-              pvthreshd=pv, quant=variant, estimator=estimator, window=window, backend=backend)
+              pvthreshd=pv, quant=variant, estimator=estimator, window=window, backend=backend,
+              local_blocks=local_blocks)
     if _compiling():
         kw.update(simthreshd1=list(theta), budget=list(budget), pvthreshd=None if pv is None else list(pv))
         out, *counts = torch.ops.sparge.sparge_attn(q, k, v, **kw)

@@ -30,12 +30,12 @@ def _count_like(q: torch.Tensor) -> torch.Tensor:
 def sparge_attn_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool, scale: float,
     simthreshd1: list[float], budget: list[float], topk_mode: bool, pvthreshd: list[float] | None, quant: str, estimator: str,
-    window: int | None, backend: str,
+    window: int | None, backend: str, local_blocks: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     out, counts = api._sparge_attn_impl(
         q, k, v, is_causal=is_causal, scale=scale, simthreshd1=tuple(simthreshd1), budget=tuple(budget),
         topk_mode=topk_mode, pvthreshd=None if pvthreshd is None else tuple(pvthreshd), quant=quant,
-        estimator=estimator, window=window, backend=backend)
+        estimator=estimator, window=window, backend=backend, local_blocks=local_blocks)
     return out, counts.allowed, counts.computed, counts.pv_skipped
 
 
@@ -49,10 +49,11 @@ def _(q, k, v, **_kw):
 def predict_block_mask_op(
     q: torch.Tensor, k: torch.Tensor, *, is_causal: bool, scale: float, simthreshd1: list[float],
     budget: list[float], topk_mode: bool, estimator: str, window: int | None, backend: str,
+    local_blocks: int = 0,
 ) -> torch.Tensor:
     return api._predict_impl(q, k, is_causal=is_causal, scale=scale, simthreshd1=tuple(simthreshd1),
                              budget=tuple(budget), topk_mode=topk_mode, estimator=estimator, window=window,
-                             backend=backend)
+                             backend=backend, local_blocks=local_blocks)
 
 
 @predict_block_mask_op.register_fake

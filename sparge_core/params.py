@@ -11,8 +11,10 @@ checked by ``check_identity`` before a config is applied) and two optional objec
 ``"variant"`` (the executor the layer runs: ``{"dense": true}`` or ``{"dense": false, "quant":
 "none"|"int8"|"int8-fp8", "stage2": bool}``; stage 2 off means ``pvthreshd=None``, no PV check at
 all) and ``"predicted"`` (the cost model's attention time of the layer and of dense SDPA at the
-calibration length). Version 1 files (no identity, no variant: the caller's ``quant``, stage 2 as the
-``pvthreshd`` list says) load; ``save`` writes version 2.
+calibration length). Version 2 layers may also hold ``"local_blocks"`` (an integer >= 0, default 0 and
+then not written: the predictor's forced key blocks before each query block's causal diagonal,
+``sparge_core.ops.reference.select_blocks`` rule 5). Version 1 files (no identity, no variant: the
+caller's ``quant``, stage 2 as the ``pvthreshd`` list says) load; ``save`` writes version 2.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -52,11 +54,13 @@ class SpargeParams:
     topk: float | tuple[float, ...] | None = None
     pvthreshd: float | tuple[float, ...] | None = 50.0
     estimator: str = "pooled"
+    local_blocks: int = 0  # causal only: key blocks forced before each query block's diagonal
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``sparge_attn``."""
         return dict(simthreshd1=self.simthreshd1, cdfthreshd=None if self.topk is not None else self.cdfthreshd,
-                    topk=self.topk, pvthreshd=self.pvthreshd, estimator=self.estimator)
+                    topk=self.topk, pvthreshd=self.pvthreshd, estimator=self.estimator,
+                    local_blocks=self.local_blocks)
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,8 @@ class LayerConfig:
     estimator: str = "pooled"  # block-score estimator of the predictor (sparge_core.ops.reference.ESTIMATORS)
     variant: LayerVariant | None = None  # None (version 1): the caller's quant, stage 2 on
     predicted: LayerPrediction | None = None
+    #: causal only: the predictor also keeps this many key blocks before each query block's diagonal
+    local_blocks: int = 0
 
     @property
     def num_heads(self) -> int:
@@ -140,6 +146,8 @@ class LayerConfig:
                    pvthreshd=list(self.pvthreshd) if self.stage2 else None, estimator=self.estimator)
         if self.quant is not None:
             out["quant"] = self.quant
+        if self.local_blocks:
+            out["local_blocks"] = self.local_blocks
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -151,6 +159,8 @@ class LayerConfig:
         d["pvthreshd"] = list(self.pvthreshd)
         if self.estimator != "pooled":
             d["estimator"] = self.estimator
+        if self.local_blocks:  # 0 (the default) is not written: a file without the option stays as it was
+            d["local_blocks"] = self.local_blocks
         if self.sparsity is not None:
             d["sparsity"] = self.sparsity
         if self.l1 is not None:
@@ -218,6 +228,13 @@ class ModelConfig:
     calibration: dict[str, Any] = field(default_factory=dict)
     block_q: int = BLOCK_Q
     block_k: int = BLOCK_K
+
+    def with_local_blocks(self, local_blocks: int) -> ModelConfig:
+        """This config with ``local_blocks`` set in every layer (the predictor's forced key blocks before
+        each query block's causal diagonal); everything else unchanged, so its recorded errors and
+        sparsities are those of the config as calibrated, not of the new setting."""
+        _int(local_blocks, "local_blocks", low=0)
+        return replace(self, layers=tuple(replace(lc, local_blocks=local_blocks) for lc in self.layers))
 
     def layer(self, index: int) -> LayerConfig:
         for lc in self.layers:
@@ -299,6 +316,15 @@ class ModelConfig:
                 f"{want.fingerprint[-12:]} in the config, {have[-12:]} here): calibrate this model "
                 f"(sparge-calibrate --model ...) or, to reuse the config deliberately, pass {override_hint}")
 
+    def check_bidirectional(self, what: str) -> None:
+        """Raise ConfigError if a sparse layer sets ``local_blocks``, which only causal attention has:
+        called where the config is applied to bidirectional attention (``what``: e.g. "a DiT")."""
+        bad = [lc.layer for lc in self.layers if lc.local_blocks and not lc.is_dense]
+        if bad:
+            raise ConfigError(f"layers {bad} set local_blocks (key blocks forced before each query block's causal "
+                              f"diagonal), but {what} attends bidirectionally (non-causal); set local_blocks to 0 "
+                              f"or calibrate without --local-blocks")
+
     def check_matches(self, *, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         """Raise ConfigError if this config was made for a model of another shape."""
         for name, want in (("num_layers", num_layers), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
@@ -317,7 +343,7 @@ _TOP_KEYS = {"format", "version", "model", "kernel", "l1", "pv_l1", "calibration
 _MODEL_REQUIRED = {"name", "num_layers", "num_heads", "num_kv_heads", "head_dim"}
 _MODEL_KEYS = {1: _MODEL_REQUIRED, 2: _MODEL_REQUIRED | {"architecture", "fingerprint"}}
 _LAYER_KEYS_V1 = {"layer", "simthreshd1", "cdfthreshd", "topk", "pvthreshd", "sparsity", "l1", "estimator"}
-_LAYER_KEYS = {1: _LAYER_KEYS_V1, 2: _LAYER_KEYS_V1 | {"variant", "predicted"}}
+_LAYER_KEYS = {1: _LAYER_KEYS_V1, 2: _LAYER_KEYS_V1 | {"variant", "predicted", "local_blocks"}}
 
 
 def _require_dict(value, where: str) -> dict:
@@ -442,6 +468,7 @@ def _parse_model_config(data: Any) -> ModelConfig:
             estimator=_estimator(ld.get("estimator", "pooled"), f"{where}.estimator"),
             variant=_variant(ld["variant"], f"{where}.variant") if "variant" in ld else None,
             predicted=_prediction(ld["predicted"], f"{where}.predicted") if "predicted" in ld else None,
+            local_blocks=_int(ld.get("local_blocks", 0), f"{where}.local_blocks", low=0),
         )
         if lc.variant is not None and lc.variant.dense and not all(
                 v >= 1.0 for v in (lc.topk if lc.topk is not None else lc.cdfthreshd)):

@@ -80,6 +80,19 @@ def check_window(window, is_causal: bool) -> int | None:
     return window
 
 
+def check_local_blocks(local_blocks, is_causal: bool | None = None) -> int:
+    """The predictor's ``local_blocks``: an integer >= 0 (key blocks forced before each query block's
+    diagonal). With ``is_causal`` given, a value > 0 also needs causal attention: non-causal selection
+    forces no block, so the option has no meaning there and is refused rather than ignored."""
+    if isinstance(local_blocks, bool) or not isinstance(local_blocks, int) or local_blocks < 0:
+        raise ValueError(f"local_blocks must be an integer >= 0 (key blocks), got {local_blocks!r}")
+    if local_blocks and is_causal is False:
+        raise ValueError(f"local_blocks={local_blocks} needs is_causal=True: it forces the key blocks just before "
+                         f"each query block's causal diagonal, and non-causal selection forces no block; use "
+                         f"local_blocks=0 for bidirectional attention")
+    return local_blocks
+
+
 def check_flag(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")

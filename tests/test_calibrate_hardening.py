@@ -62,6 +62,8 @@ def _err(capsys) -> str:
     (["--storage", "foo://bar"], "is not a database URL"),
     (["--layers", "1-0"], "--layers range '1-0' is empty"),
     (["--data", "/no/such/corpus.txt"], "does not exist"),
+    (["--local-blocks", "-1"], "--local-blocks must be an integer >= 0"),
+    (["--local-blocks", "1", "--non-causal"], "with --non-causal nothing is forced: drop --local-blocks"),
 ])
 def test_bad_input_exits_2_before_the_model_loads(tmp_path, capsys, no_model_load, extra, fragment):
     assert main([*CHEAP, "--out", str(tmp_path / "c.json"), *extra]) == 2
@@ -142,6 +144,33 @@ def test_the_config_describes_the_inputs_and_the_model_it_was_made_from(cheap_ru
     model = calibrate.models.build_tiny_model("llama")
     assert cfg.model.fingerprint == weights_fingerprint(model)
     assert json.loads(cheap_run.read_text())["version"] == 2
+
+
+def test_local_blocks_are_searched_with_and_written_into_every_layer(tmp_path):
+    """``--local-blocks 1``: every layer of the config carries it, the calibration section records it,
+    and the recorded sparsity is the one of the predictor *with* the forced blocks (the search
+    evaluated it so: without them the same hyperparameters keep fewer blocks)."""
+    from calibrate.capture import load_layer
+    from calibrate.search import LayerEvaluator
+
+    args = [*CHEAP, "--seq-len", "512", "--bisect-steps", "4"]  # 4 query blocks: room beyond the forced set
+    out = tmp_path / "local.json"
+    assert main([*args, "--local-blocks", "1", "--out", str(out)]) == 0
+    cfg = ModelConfig.load(out)
+    assert [lc.local_blocks for lc in cfg.layers] == [1] * len(cfg.layers) and len(cfg.layers) == 2
+    assert cfg.calibration["local_blocks"] == 1
+    assert all(layer["local_blocks"] == 1 for layer in json.loads(out.read_text())["layers"])
+    lc = cfg.layer(0)
+    assert not lc.is_dense and lc.sparsity > 0
+    samples = load_layer(out.with_name("local.capture"), 0, "cpu", range(1))
+    theta, budget = torch.tensor(lc.simthreshd1), torch.tensor(lc.cdfthreshd)
+    spars = {local: LayerEvaluator(samples, is_causal=True, estimator=lc.estimator, local_blocks=local)
+             .evaluate(theta, budget, None, "cdf").sparsity.mean().item() for local in (0, 1)}
+    assert abs(spars[1] - lc.sparsity) < 1e-5 and spars[0] > spars[1] + 1e-3
+    plain = tmp_path / "plain.json"  # without the flag: nothing written, as before
+    assert main([*args, "--out", str(plain)]) == 0
+    assert "local_blocks" not in ModelConfig.load(plain).calibration
+    assert all("local_blocks" not in layer for layer in json.loads(plain.read_text())["layers"])
 
 
 def test_files_get_normal_permissions(tmp_path, umask_022):

@@ -137,3 +137,76 @@ def test_the_transformers_integration_runs_the_configs_variant(tmp_path):
     report = handle.sparsity_report()["layers"]
     assert report[0]["sparse_calls"] == 1 and report[0]["pv_skip"] == 0.0 and report[1]["dense_calls"] == 1
     remove(model)
+
+
+# ----------------------------------------------------------------------------------------------
+# local_blocks: a per-layer field (version 2), 0 by default and then not written
+# ----------------------------------------------------------------------------------------------
+def test_local_blocks_round_trip_and_zero_is_not_written(tmp_path):
+    cfg = _config()
+    cfg.save(tmp_path / "zero.json")
+    assert all("local_blocks" not in layer for layer in json.loads((tmp_path / "zero.json").read_text())["layers"])
+    assert all(lc.local_blocks == 0 for lc in ModelConfig.load(tmp_path / "zero.json").layers)
+    local = cfg.with_local_blocks(2)
+    assert [lc.local_blocks for lc in local.layers] == [2, 2, 2] and local.layers[0].simthreshd1 == cfg.layers[0].simthreshd1
+    local.save(tmp_path / "two.json")
+    data = json.loads((tmp_path / "two.json").read_text())
+    assert [layer["local_blocks"] for layer in data["layers"]] == [2, 2, 2]
+    back = ModelConfig.load(tmp_path / "two.json")
+    assert back == local and back != cfg
+    assert back.layers[0].kwargs()["local_blocks"] == 2 and "local_blocks" not in cfg.layers[0].kwargs()
+    with pytest.raises(ConfigError, match="local_blocks must be an integer >= 0"):
+        cfg.with_local_blocks(-1)
+
+
+def test_old_files_write_unchanged():
+    """A committed config, loaded and written again, has the same layers (no local_blocks key)."""
+    path = REPO / "results/calibration/smollm2-h100.json"
+    assert ModelConfig.load(path).to_dict()["layers"] == json.loads(path.read_text())["layers"]
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "1", None])
+def test_bad_local_blocks_are_named(value):
+    d = copy.deepcopy(_dict())
+    d["layers"][1]["local_blocks"] = value
+    with pytest.raises(ConfigError, match=r"layers\[1\]\.local_blocks must be an integer >= 0"):
+        ModelConfig.from_dict(d)
+    d["layers"][1]["local_blocks"] = 1
+    assert ModelConfig.from_dict(d).layers[1].local_blocks == 1
+    d["version"] = 1
+    for layer in d["layers"]:
+        layer.pop("variant"), layer.pop("predicted")
+    with pytest.raises(ConfigError, match=r"layers\[1\] has unknown key\(s\) \['local_blocks'\]"):
+        ModelConfig.from_dict(d)  # a version-2 field
+
+
+def test_the_layer_method_runs_the_configs_local_blocks():
+    g = torch.Generator().manual_seed(5)  # Gaussian: flat rows, so the selection misses local blocks
+    q, k = torch.randn(1, H, 900, 64, generator=g), torch.randn(1, 2, 900, 64, generator=g)
+    layers = (LayerConfig(0, (-1.0,) * H, (50.0,) * H, cdfthreshd=(0.3, 0.4, 0.5, 0.6)),
+              LayerConfig(1, (-1.0,) * H, (50.0,) * H, topk=(0.1, 0.15, 0.2, 0.25)))
+    for lc0 in layers:
+        lc = ModelConfig(ModelInfo("m", 2, H, 2, 64), (lc0,), 0.1, 0.1).with_local_blocks(1).layers[0]
+        m = Sparge.from_layer_config(lc)
+        assert m.local_blocks == 1 and m.pipeline_kwargs()["local_blocks"] == 1 and m.params()["local_blocks"] == 1
+        got = m.block_mask(q, k, is_causal=True)
+        base = Sparge.from_layer_config(lc0)
+        assert "local_blocks" not in base.params() and base.pipeline_kwargs()["local_blocks"] == 0
+        before = base.block_mask(q, k, is_causal=True)
+        assert (got | ~before).all() and got.sum() > before.sum()
+        with pytest.raises(ValueError, match="needs is_causal=True"):
+            m.block_mask(q, k, is_causal=False)
+    for bad in (-2, 0.5):
+        with pytest.raises(ValueError, match="sparge: local_blocks must be an integer >= 0"):
+            Sparge(local_blocks=bad)
+        with pytest.raises(ValueError, match="sparge-topk: local_blocks must be an integer >= 0"):
+            SpargeTopk(local_blocks=bad)
+
+
+def test_a_bidirectional_integration_refuses_local_blocks():
+    from sparge_core.integrations.dit import SparseDiTAttention, TokenLayout
+
+    cfg = _config().with_local_blocks(1)
+    with pytest.raises(ConfigError, match=r"layers \[0, 1\] set local_blocks"):
+        SparseDiTAttention.from_config(cfg, TokenLayout(0, (4, 4)))
+    SparseDiTAttention.from_config(_config(), TokenLayout(0, (4, 4)))

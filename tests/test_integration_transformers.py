@@ -184,6 +184,47 @@ def test_layer_estimator_round_trips_and_reaches_the_method(llama):
         ModelConfig.from_dict(cfg)
 
 
+def test_layer_local_blocks_reach_the_predictor(llama, tmp_path):
+    """A config file's per-layer local_blocks is what the applied layer runs: more computed blocks than
+    the same config without it, and exactly sparge_attn's map with that local_blocks."""
+    cfg = ModelConfig.from_dict(_two_layer_config(llama, dense_layer=0))
+    ids = _ids(8, 700)
+    computed, logits = {}, {}
+    for local in (0, 2):
+        path = tmp_path / f"local{local}.json"
+        cfg.with_local_blocks(local).save(path)
+        handle = apply(llama, str(path), backend="reference", collect_stats=True)
+        try:
+            assert handle.method_for(1).local_blocks == local
+            logits[local] = _logits(llama, ids)
+        finally:
+            remove(llama)
+        stats = handle.layer_stats(1)
+        computed[local] = int(stats.computed.sum())
+    assert computed[2] > computed[0]
+    assert (logits[2] - logits[0]).abs().max().item() > 1e-4
+
+
+def test_the_compiled_padded_batch_op_takes_local_blocks():
+    """The custom op that plans a materialized mask under torch.compile passes local_blocks on."""
+    from sparge_core import sparge_attn
+
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, h, 600, 64, generator=g) for h in (4, 2, 2))
+    mask = torch.ones(600, 600, dtype=torch.bool).tril()[None, None]
+    kw = dict(is_causal=True, scale=0.125, simthreshd1=[-1.0] * 4, budget=[0.2] * 4, topk_mode=True, pvthreshd=None,
+              quant="none", estimator="pooled", window=None, backend="reference")
+    total = {}
+    for local in (0, 1):
+        out, allowed, computed, _ = torch.ops.sparge.hf_planned_attention(q, k, v, mask, local_blocks=local, **kw)
+        want, st = sparge_attn(q, k, v, is_causal=True, simthreshd1=-1.0, topk=0.2, cdfthreshd=None, pvthreshd=None,
+                               backend="reference", local_blocks=local, return_stats=True)
+        torch.testing.assert_close(out, want)
+        assert torch.equal(computed, st.computed_blocks)
+        total[local] = int(computed.sum())
+    assert total[1] > total[0]
+
+
 def test_unknown_method_and_bad_config_type(llama):
     with pytest.raises(ValueError, match="neither a known method"):
         apply(llama, "sparse-magic")

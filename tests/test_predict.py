@@ -1,10 +1,14 @@
 """Contract 1: the Triton predictor against the float64 reference."""
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
 from helpers import rand_qkv
-from sparge_core import predict_block_mask
+from sparge_core import block_sparse_attn, predict_block_mask, sparge_attn
 from sparge_core.ops import predict as P
 from sparge_core.ops import reference as R
 from sparge_core.synthetic import structured_qkv
@@ -40,7 +44,7 @@ def test_fused_quantization_matches_reference(device):
 
 
 def _stable_reference_rows(q, k, causal, scale, theta, tau=None, topk=None, delta=1e-4, estimator="pooled",
-                           window=None):
+                           window=None, local_blocks=0):
     """The float64 reference mask, and which block rows keep the same mask when the thresholds move
     by +-delta (rows whose selection sits on a float32 rounding tie are excluded from equality)."""
     def run(dt, dc):
@@ -50,7 +54,7 @@ def _stable_reference_rows(q, k, causal, scale, theta, tau=None, topk=None, delt
         else:
             kw = dict(topk=topk)
         return R.predict_block_mask(q, k, is_causal=causal, scale=scale, simthreshd1=theta + dt, estimator=estimator,
-                                    window=window, **kw)
+                                    window=window, local_blocks=local_blocks, **kw)
     base = run(0.0, 0.0)
     stable = torch.ones(base.shape[:-1], dtype=torch.bool, device=base.device)
     for dt, dc in [(delta, 0), (-delta, 0), (0, delta), (0, -delta)]:
@@ -287,6 +291,150 @@ def test_predictor_is_three_launches_and_allocations_only(device, monkeypatch):
                                    estimator=estimator, quant_multiplier=0.18)
         assert launches == ["_q_stats_k_sums_kernel", "_block_stats_kernel", "_score_select_kernel"]
         assert set(mode.ops) <= {"aten.empty", "aten.view", "aten.detach"}, mode.ops  # (a dtype view)
+
+
+# ----------------------------------------------------------------------------------------------
+# local_blocks: key blocks forced just before each query block's causal diagonal
+# ----------------------------------------------------------------------------------------------
+#: (b, hq, hkv, nq, nk, d, causal, window, mode, estimator) of the maps in
+#: fixtures/predictor_maps_before_local_blocks.json, written by the code before local_blocks existed
+LEGACY_CASES = {
+    "causal-g4-N700-D64-cdf-pooled": (1, 4, 1, 700, 700, 64, True, None, "cdf", "pooled"),
+    "causal-g2-N900-D64-W200-topk-keys": (1, 4, 2, 900, 900, 64, True, 200, "topk", "keys"),
+    "causal-Nq129-Nk517-D128-cdf-keys": (1, 2, 1, 129, 517, 128, True, None, "cdf", "keys"),
+    "noncausal-N333-D128-topk-pooled": (2, 2, 2, 333, 333, 128, False, None, "topk", "pooled"),
+}
+LEGACY_FIXTURE = Path(__file__).parent / "fixtures" / "predictor_maps_before_local_blocks.json"
+
+
+def _legacy_case_mask(name: str, backend: str, **extra) -> torch.Tensor:
+    b, hq, hkv, nq, nk, d, causal, window, mode, estimator = LEGACY_CASES[name]
+    q, k, _ = structured_qkv(b, hq, hkv, nq, d, nk=nk, dtype=torch.float16, seed=nq + nk + d + 7)
+    theta = torch.linspace(-0.3, 0.6, hq)
+    budget = (torch.linspace(0.5, 0.95, hq, dtype=torch.float64) if mode == "cdf"
+              else torch.linspace(0.1, 0.5, hq, dtype=torch.float64))
+    kw = dict(cdfthreshd=budget) if mode == "cdf" else dict(topk=budget)
+    fn = R.predict_block_mask if backend == "reference" else P.predict_block_mask
+    return fn(q, k, is_causal=causal, scale=d ** -0.5, simthreshd1=theta, estimator=estimator, window=window,
+              **kw, **extra)
+
+
+@pytest.mark.parametrize("name", list(LEGACY_CASES))
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_local_blocks_zero_is_the_old_map_bit_for_bit(name, backend):
+    """local_blocks=0 (given or left out) reproduces the maps the predictor made before the option
+    existed (the fixture was written by that code, on CPU: the Triton maps by its interpreter)."""
+    if backend == "triton" and torch.cuda.is_available():
+        pytest.skip("the fixture's Triton maps are the CPU interpreter's (compiled float32 may differ at ties)")
+    want = json.loads(LEGACY_FIXTURE.read_text())["cases"][f"{name}/{backend}"]
+    for extra in ({}, {"local_blocks": 0}):
+        got = _legacy_case_mask(name, backend, **extra)
+        assert list(got.shape) == want["shape"]
+        bits = np.packbits(got.cpu().numpy().reshape(-1)).tobytes().hex()
+        assert bits == want["bits"], (name, backend, extra)
+    if LEGACY_CASES[name][6]:  # causal: the option does change the map (the comparison can fail)
+        assert not torch.equal(_legacy_case_mask(name, backend, local_blocks=1), got)
+
+
+LOCAL_CASES = [
+    # b, hq, hkv, nq, nk, d, causal, window, dtype
+    pytest.param(1, 4, 2, 700, 700, 64, None, torch.float16, id="GQA-N700-D64-fp16"),
+    pytest.param(1, 2, 1, 333, 333, 128, None, torch.float32, id="g2-N333-D128-fp32"),
+    pytest.param(2, 3, 3, 200, 650, 64, None, torch.float16, id="B2-Nq200-Nk650-D64-fp16"),
+    pytest.param(1, 2, 2, 129, 517, 128, 300, torch.float32, id="Nq129-Nk517-D128-W300-fp32"),
+    pytest.param(1, 4, 1, 900, 900, 64, 200, torch.float16, id="g4-N900-W200-fp16"),
+]
+
+
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,window,dtype", LOCAL_CASES)
+def test_triton_local_blocks_equal_the_reference(device, b, hq, hkv, nq, nk, d, window, dtype):
+    g = torch.Generator().manual_seed(nq * 7 + nk + d)
+    seed = int(torch.randint(0, 10_000, (1,), generator=g))
+    q, k, _ = structured_qkv(b, hq, hkv, nq, d, nk=nk, dtype=dtype, device=device, seed=seed)
+    scale = d ** -0.5
+    theta = torch.linspace(-0.3, 0.6, hq, device=device)
+    taus = torch.linspace(0.4, 0.9, hq, device=device, dtype=torch.float64)
+    tops = torch.linspace(0.05, 0.4, hq, device=device, dtype=torch.float64)
+    maps = {}
+    for local in (0, 1, 2):
+        for mode, budget in (("cdf", taus), ("topk", tops)):
+            estimator = "keys" if local == 1 else "pooled"
+            kw = dict(cdfthreshd=budget) if mode == "cdf" else dict(topk=budget)
+            got = P.predict_block_mask(q, k, is_causal=True, scale=scale, simthreshd1=theta, estimator=estimator,
+                                       window=window, local_blocks=local, **kw)
+            ref, stable = _stable_reference_rows(q, k, True, scale, theta, tau=budget if mode == "cdf" else None,
+                                                 topk=budget if mode == "topk" else None, estimator=estimator,
+                                                 window=window, local_blocks=local)
+            assert stable.float().mean() > 0.8
+            assert torch.equal(got[stable], ref[stable]), (local, mode, (got != ref).sum().item())
+            maps[local, mode] = got
+    for mode in ("cdf", "topk"):  # more local blocks keep a superset, and really more
+        if estimator == "pooled":
+            assert (maps[2, mode] | ~maps[0, mode]).all()
+            assert maps[2, mode].sum() > maps[0, mode].sum()
+
+
+@pytest.mark.parametrize("nq,nk,window", [(1000, 1000, None), (200, 600, None), (777, 777, 150), (300, 1000, 400)])
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_local_blocks_are_kept_and_never_outside_the_causal_mask(device, backend, nq, nk, window):
+    """At the smallest budget (top-k keeps one block; every block self-similar, so no fix rows or
+    columns) the map is the forced set plus one block a row: the local blocks must all be there,
+    exactly where ``lo - local_blocks .. lo - 1`` says (lo: the first diagonal key block), and no kept
+    block may lie outside the causal (and window) block mask."""
+    q, k, _ = rand_qkv(1, 2, 1, nq, nk, 64, device=device, seed=nq + nk)
+    allowed = R.causal_block_mask(nq, nk, R.BLOCK_Q, R.BLOCK_K, device=device, window=window)
+    offset = nk - nq
+    for local in (1, 2, 3):
+        mask = predict_block_mask(q, k, is_causal=True, simthreshd1=-1.0, topk=1e-6, cdfthreshd=None,
+                                  backend=backend, window=window, local_blocks=local)
+        assert not (mask & ~allowed).any(), "a kept block outside the causal/window mask"
+        for i in range(R.num_blocks(nq, R.BLOCK_Q)):
+            lo = max(i * R.BLOCK_Q + offset, 0) // R.BLOCK_K
+            for j in range(lo - local, lo):
+                if j >= 0:
+                    assert bool(mask[0, 0, i, j]) == bool(allowed[i, j]), (local, i, j)
+            assert mask[0, :, i].sum(-1).max() <= 1 + local + 3 + 1  # sink, local, <= 3 diagonal, top 1
+        forced = R.causal_forced_block_mask(nq, nk, R.BLOCK_Q, R.BLOCK_K, local_blocks=local, device=device,
+                                            window=window)
+        assert (mask | ~forced).all()
+
+
+def test_local_blocks_bad_values_and_non_causal_are_errors():
+    q, k, v = rand_qkv(1, 2, 2, 300, 300, 64, seed=11)
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="local_blocks must be an integer >= 0"):
+            predict_block_mask(q, k, is_causal=True, local_blocks=bad)
+    for fn in (lambda **kw: predict_block_mask(q, k, **kw), lambda **kw: sparge_attn(q, k, v, **kw)):
+        with pytest.raises(ValueError, match="needs is_causal=True"):
+            fn(is_causal=False, local_blocks=1)
+        fn(is_causal=False, local_blocks=0)  # fine: nothing is forced without causal masking
+    with pytest.raises(ValueError, match="causal-attention rule"):
+        R.predict_block_mask(q, k, is_causal=False, scale=0.125, simthreshd1=torch.zeros(2),
+                             cdfthreshd=torch.full((2,), 0.9), local_blocks=1)
+
+
+def test_local_blocks_through_sparge_attn_and_the_custom_op(device):
+    """sparge_attn runs the map predict_block_mask gives with the same local_blocks (fused path), and
+    the torch.ops custom ops (what torch.compile traces) take the argument too."""
+    q, k, v = structured_qkv(1, 4, 2, 700, 64, dtype=torch.float16, device=device, seed=21)
+    kw = dict(is_causal=True, simthreshd1=0.2, cdfthreshd=0.6, backend="triton")
+    counts = {}
+    for local in (0, 2):
+        mask = predict_block_mask(q, k, local_blocks=local, **kw)
+        out, st = sparge_attn(q, k, v, local_blocks=local, pvthreshd=None, return_stats=True, **kw)
+        ref, st_ref = block_sparse_attn(q, k, v, mask, is_causal=True, backend="triton", return_stats=True)
+        torch.testing.assert_close(out, ref, atol=0, rtol=0)
+        assert torch.equal(st.computed_blocks, st_ref.computed_blocks)
+        counts[local] = int(st.computed_blocks.sum())
+        op = torch.ops.sparge.predict_block_mask(q, k, is_causal=True, scale=0.125, simthreshd1=[0.2] * 4,
+                                                 budget=[0.6] * 4, topk_mode=False, estimator="pooled", window=None,
+                                                 backend="triton", local_blocks=local)
+        assert torch.equal(op, mask)
+        o2, *_ = torch.ops.sparge.sparge_attn(q, k, v, is_causal=True, scale=0.125, simthreshd1=[0.2] * 4,
+                                              budget=[0.6] * 4, topk_mode=False, pvthreshd=None, quant="none",
+                                              estimator="pooled", window=None, backend="triton", local_blocks=local)
+        torch.testing.assert_close(o2, out, atol=0, rtol=0)
+    assert counts[2] > counts[0]
 
 
 @pytest.mark.gpu

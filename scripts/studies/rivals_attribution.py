@@ -18,6 +18,10 @@ same density: the density the calibrated sparge config reaches on that window (`
   target density (its mask equals ``top-keys-layer``); ``-local<N>`` also forces the N key blocks
   before each query block's diagonal, ``-head`` allocates per head.
 - ``sparge-cal-nopv`` (``ppl`` only): the calibrated config with its stage-2 PV skip off.
+- ``config:<path>`` (``ppl`` only): a config file applied as a user applies it, through the product
+  path (``sparge_core.integrations.transformers.apply(model, path)``: the identity check, then every
+  layer's fields, ``local_blocks`` included, read by ``Sparge.from_layer_config``); ``local-config``
+  writes a config with ``local_blocks`` set in every layer.
 
 For each map: relative L1 of the layer's attention output against dense (all heads; and the worst
 head), the attention mass it keeps, and, against ``minference``, the blocks one keeps that the other
@@ -27,6 +31,7 @@ the ground truth. Subcommands:
     capture  --model smollm2 --corpus austen --seq-len 2048 --samples 3 --out DIR
     attribute --capture DIR --config CFG [--samples 3 4 5] --out CSV     (per layer x head x window)
     ppl      --model smollm2 --config CFG --capture DIR --maps ... --data pydoc --windows 2 --out JSON
+    local-config --config CFG --local-blocks 1 --out CFG2                 (CFG with local_blocks in every layer)
 
 The ``ppl`` subcommand applies each map layer by layer through ``sparge_core.integrations.transformers``;
 rivals get the knob matched on calibration window 0 (as ``python -m evals --density matched`` does),
@@ -450,15 +455,20 @@ def cmd_ppl(args) -> int:
         entry["maps"]["dense"] = {"ppl": ppl, "window_ppl": list(per)}
         logger.info("%s dense %.3f", data, ppl)
         for name in args.maps:
-            methods, dens = per_layer_methods(name, cfg, args.capture, args.tune_window)
-            handle = apply(model, methods, backend="reference", collect_stats=True)
+            if name.startswith("config:"):  # the product path: the file itself, as a user applies it
+                handle = apply(model, name[len("config:"):], backend="reference", collect_stats=True)
+            else:
+                methods, dens = per_layer_methods(name, cfg, args.capture, args.tune_window)
+                handle = apply(model, methods, backend="reference", collect_stats=True)
             t0 = time.perf_counter()
             try:
                 ppl, nll, per = perplexity(model, windows.input_ids)
             finally:
                 remove(model)
             rep = handle.sparsity_report()
+            local = sorted({getattr(m, "local_blocks", 0) for m in handle.methods.values() if m is not None})
             entry["maps"][name] = {
+                "local_blocks": local,
                 "ppl": ppl,
                 "window_ppl": list(per),
                 "qk_sparsity": rep["total"].get("qk_sparsity"),
@@ -470,6 +480,19 @@ def cmd_ppl(args) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(Path(args.out), json.dumps(report, indent=1))
     print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_local_config(args) -> int:
+    cfg = ModelConfig.load(args.config)
+    out = cfg.with_local_blocks(args.local_blocks)
+    out.calibration["local_blocks_set_after_calibration"] = {
+        "local_blocks": args.local_blocks,
+        "from": args.config,
+        "note": "the search ran without it: l1/sparsity per layer are the calibrated config's",
+    }
+    out.save(args.out)
+    print(f"wrote {args.out} (local_blocks={args.local_blocks} in {len(out.layers)} layers)")
     return 0
 
 
@@ -506,9 +529,14 @@ def main() -> int:
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--seed", type=int, default=1, help="window choice (calibration used seed 0)")
     p.add_argument("--out", required=True)
+    lc = sub.add_parser("local-config", formatter_class=HelpFormatter)
+    lc.add_argument("--config", required=True)
+    lc.add_argument("--local-blocks", type=int, default=1, help="key blocks forced before each query block's diagonal")
+    lc.add_argument("--out", required=True)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    return {"capture": cmd_capture, "attribute": cmd_attribute, "ppl": cmd_ppl}[args.cmd](args)
+    cmds = {"capture": cmd_capture, "attribute": cmd_attribute, "ppl": cmd_ppl, "local-config": cmd_local_config}
+    return cmds[args.cmd](args)
 
 
 if __name__ == "__main__":

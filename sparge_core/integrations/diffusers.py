@@ -475,6 +475,7 @@ def _resolve(model, config, params: dict, num_layers: int, *, allow_other_model:
     )
     config.check_identity(architecture=type(model).__name__, fingerprint=lambda: weights_fingerprint(model),
                           allow_other_model=allow_other_model)
+    config.check_bidirectional("a diffusers transformer")
     from ..methods.sparge import Sparge
 
     methods: dict[int, AttentionMethod | None] = dict.fromkeys(range(num_layers))

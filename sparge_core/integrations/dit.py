@@ -177,6 +177,7 @@ class SparseDiTAttention:
         """Per-layer calibrated SpargeAttn; shapes given here are checked against the config."""
         if num_layers is not None and num_heads is not None and head_dim is not None:
             config.check_matches(num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_heads, head_dim=head_dim)
+        config.check_bidirectional("a DiT")
         per_layer = {}
         for lc in config.layers:
             per_layer[lc.layer] = get_method("dense") if lc.is_dense else Sparge.from_layer_config(lc)

@@ -38,6 +38,9 @@ Semantics of the attention function:
   own valid contiguous token range (bottom-right aligned causal), so a padded batch gives the same
   result per sequence as separate runs; the ranges are read from the mask once per forward pass (one
   host synchronisation, cached for every layer). Query rows at padded positions get zeros.
+- A config's per-layer hyperparameters, ``local_blocks`` included (the predictor's forced key blocks
+  before each query block's diagonal, causal only), reach the layer's method unchanged
+  (``Sparge.from_layer_config``), on the eager path and in the compiled padded-batch op alike.
 - Statistics (``collect_stats``) accumulate on the device; ``sparsity_report()`` reads them.
 - ``torch.compile(model, fullgraph=True)`` works: sparge's kernels are custom ops, and a materialized
   mask (a padded batch, or the mask transformers builds while tracing a call without a cache) goes to
@@ -584,7 +587,7 @@ def _planned_op(handle, method, layer, query, key, value, mask, causal: bool, sc
         pvthreshd=None if pv is None else list(pv.for_heads(query.shape[1])),
         quant=resolve_quant(method._quant(handle.quant) if kw.get("quant") else handle.quant, query.device),
         estimator=kw["estimator"], window=window,
-        backend=resolve_backend(handle.backend, query.device).name)
+        backend=resolve_backend(handle.backend, query.device).name, local_blocks=kw.get("local_blocks", 0))
     if handle.collect_stats:
         _record(handle, layer, allowed, computed, skipped)
     return out.transpose(1, 2).contiguous()
@@ -595,6 +598,7 @@ def _hf_planned_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, *, is_causal: bool,
     scale: float, simthreshd1: list[float], budget: list[float], topk_mode: bool,
     pvthreshd: list[float] | None, quant: str, estimator: str, window: int | None, backend: str,
+    local_blocks: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """sparge on each sequence's valid range of a padded batch (``_plan_from_mask``), or dense SDPA with
     the mask when it is not of that form; ``(out (B, Hq, Nq, D), allowed, computed, pv_skipped)``."""
@@ -612,7 +616,7 @@ def _hf_planned_attention(
     out = query.new_zeros(bsz, heads, nq, value.shape[-1])
     params = dict(is_causal=is_causal, scale=scale, simthreshd1=tuple(simthreshd1), budget=tuple(budget),
                   topk_mode=topk_mode, pvthreshd=None if pvthreshd is None else tuple(pvthreshd), quant=quant,
-                  estimator=estimator, backend=backend)
+                  estimator=estimator, backend=backend, local_blocks=local_blocks)
     for run in runs:
         idx = list(run.batch)
         k = key[idx, :, run.k0:run.k1]

@@ -1,7 +1,12 @@
 """``sparge`` (top-CDF, calibrated or global hyperparameters) and ``sparge-topk`` (tuning-free top-k).
 
-Hyperparameters are validated when the method is built (``api.Selection``, ``api.parse_pvthreshd``);
-a call only checks the per-head lengths against the input, in plain Python.
+Hyperparameters are validated when the method is built (``api.Selection``, ``api.parse_pvthreshd``,
+``validation.check_local_blocks``); a call only checks the per-head lengths against the input (and that
+``local_blocks`` > 0 comes with causal attention), in plain Python.
+
+``local_blocks`` (beyond the paper, default 0 = the paper's method as this project runs it): under causal
+masking also keep the ``local_blocks`` key blocks just before each query block's diagonal
+(``reference.select_blocks`` rule 5). A calibrated layer carries it as the config field ``local_blocks``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from ..api import (
 )
 from ..ops.blocks import ESTIMATORS
 from ..params import VARIANT_QUANTS, LayerConfig
-from ..validation import check_choice
+from ..validation import check_choice, check_local_blocks
 from . import register_method
 from .base import AttentionMethod
 
@@ -33,33 +38,40 @@ class Sparge(AttentionMethod):
     budget_param = "cdfthreshd"
 
     def __init__(self, simthreshd1=DEFAULT_SIMTHRESHD1, cdfthreshd=DEFAULT_CDFTHRESHD,
-                 pvthreshd=DEFAULT_PVTHRESHD, estimator: str = "pooled", quant: str | None = None):
+                 pvthreshd=DEFAULT_PVTHRESHD, estimator: str = "pooled", quant: str | None = None,
+                 local_blocks: int = 0):
         self.simthreshd1 = simthreshd1
         self.cdfthreshd = cdfthreshd
         self.pvthreshd = pvthreshd
         self.estimator = estimator
         self.quant = quant  # None: the caller's quant; else fixed (a calibrated layer's variant)
+        self.local_blocks = local_blocks
         self._validate(cdfthreshd=cdfthreshd, topk=None)
 
     def _validate(self, *, cdfthreshd, topk) -> None:
         check_choice("estimator", self.estimator, ESTIMATORS)
         if self.quant is not None:
             check_choice("quant", self.quant, VARIANT_QUANTS)
+        try:
+            check_local_blocks(self.local_blocks)
+        except ValueError as err:
+            raise ValueError(f"{self.name}: {err}") from None
         sel = Selection.parse(self.simthreshd1, cdfthreshd, topk)
         self._checked = dict(simthreshd1=sel.simthreshd1, cdfthreshd=None if sel.topk_mode else sel.budget,
-                             topk=sel.budget if sel.topk_mode else None, estimator=self.estimator)
+                             topk=sel.budget if sel.topk_mode else None, estimator=self.estimator,
+                             local_blocks=self.local_blocks)
         self._pv = parse_pvthreshd(self.pvthreshd)
 
     @classmethod
     def from_layer_config(cls, lc: LayerConfig) -> AttentionMethod:
-        """The layer's method, running exactly what the config says: its hyperparameters, estimator
-        and (version 2) its quantization and stage 2 on or off (off: ``pvthreshd=None``)."""
+        """The layer's method, running exactly what the config says: its hyperparameters, estimator,
+        ``local_blocks`` and (version 2) its quantization and stage 2 on or off (off: ``pvthreshd=None``)."""
         pv = list(lc.pvthreshd) if lc.stage2 else None
         if lc.topk is not None:
             return SpargeTopk(simthreshd1=list(lc.simthreshd1), topk=list(lc.topk), pvthreshd=pv,
-                              estimator=lc.estimator, quant=lc.quant)
+                              estimator=lc.estimator, quant=lc.quant, local_blocks=lc.local_blocks)
         return cls(simthreshd1=list(lc.simthreshd1), cdfthreshd=list(lc.cdfthreshd), pvthreshd=pv,
-                   estimator=lc.estimator, quant=lc.quant)
+                   estimator=lc.estimator, quant=lc.quant, local_blocks=lc.local_blocks)
 
     def _quant(self, quant: str) -> str:
         if self.quant is None or quant == "auto":
@@ -77,6 +89,8 @@ class Sparge(AttentionMethod):
         out = {**self._selection(), "pvthreshd": self.pvthreshd}
         if self.quant is not None:
             out["quant"] = self.quant
+        if self.local_blocks:  # (0, the default, is not written: result files stay as they were)
+            out["local_blocks"] = self.local_blocks
         return out
 
     def pipeline_kwargs(self) -> dict[str, Any]:
@@ -103,12 +117,13 @@ class SpargeTopk(Sparge):
     budget_param = "topk"
 
     def __init__(self, simthreshd1=-0.1, topk=0.5, pvthreshd=DEFAULT_PVTHRESHD, estimator: str = "pooled",
-                 quant: str | None = None):
+                 quant: str | None = None, local_blocks: int = 0):
         self.simthreshd1 = simthreshd1
         self.topk = topk
         self.pvthreshd = pvthreshd
         self.estimator = estimator
         self.quant = quant
+        self.local_blocks = local_blocks
         self._validate(cdfthreshd=None, topk=topk)
 
     def _selection(self) -> dict[str, Any]:

@@ -63,15 +63,10 @@ def block_probabilities(
 
 def forced_blocks(nq: int, nk: int, local_blocks: int = 0, device=None, window: int | None = None) -> torch.Tensor:
     """``(nqb, nkb)``: the sink column, the diagonal blocks and ``local_blocks`` key blocks before each
-    query block's first diagonal block, within the causal triangle."""
-    diag = R.causal_diagonal_block_mask(nq, nk, R.BLOCK_Q, R.BLOCK_K, device=device)
-    forced = diag.clone()
-    forced[:, 0] = True
-    if local_blocks:
-        first = diag.to(torch.int8).argmax(dim=-1, keepdim=True)  # first diagonal key block of each row
-        idx = torch.arange(diag.shape[1], device=diag.device)[None, :]
-        forced |= (idx >= first - local_blocks) & (idx < first)
-    return forced & R.causal_block_mask(nq, nk, R.BLOCK_Q, R.BLOCK_K, device=device, window=window)
+    query block's first diagonal block, within the causal triangle: the sparge predictor's forced set
+    (``reference.causal_forced_block_mask``, one definition for both)."""
+    return R.causal_forced_block_mask(nq, nk, R.BLOCK_Q, R.BLOCK_K, local_blocks=local_blocks, device=device,
+                                      window=window)
 
 
 def budget_block_mask(

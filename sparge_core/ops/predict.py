@@ -35,8 +35,19 @@ sliding window) forbids get -inf; top-k keeps ``max(1, floor(topk * nkb))`` bloc
 computed in float64); top-CDF keeps the most probable blocks of the row softmax whose cumulative sum is
 ``<= cdfthreshd`` (at least one); ties at the cut go to the lower block index (the reference's stable
 sort), so the map equals the reference's exactly whenever the float32 values equal its float64 ones.
-Then the fix rows/columns of non-self-similar blocks, and under causal masking the diagonal blocks and
-block 0 (the attention sink), restricted to the allowed blocks.
+Then the fix rows/columns of non-self-similar blocks, and under causal masking the diagonal blocks,
+block 0 (the attention sink) and the ``local_blocks`` key blocks just before the diagonal, restricted
+to the allowed blocks (``reference.causal_forced_block_mask``, the same formula).
+
+``local_blocks`` (beyond the paper; default 0, the map is then exactly the one without the option):
+for query block ``i`` (rows ``[i*BLOCK_Q, min((i+1)*BLOCK_Q, Nq))``, row ``r`` at key position
+``r + Nk - Nq``: the bottom-right alignment the diagonal uses), its diagonal key blocks are ``lo..hi``
+with ``lo = max(first position, 0) // BLOCK_K`` and ``hi = last position // BLOCK_K``; the forced band becomes
+``lo - local_blocks..hi``, then intersected with the causal (and sliding-window) block mask, so a local
+block is never kept where the mask forbids it. It is defined for causal attention only: non-causal
+selection forces no block at all (no sink, no diagonal; with ``Nq != Nk`` there is no natural
+diagonal either), so ``local_blocks > 0`` with ``is_causal=False`` is a ValueError (raised by the public
+API, ``validation.check_local_blocks``).
 
 Deviations: the float32 K mean is a sum of partial sums (a different order from ``torch.mean``), so
 values can differ from the float64 reference in the last bits; masks then differ only where a
@@ -271,7 +282,7 @@ def pool_and_similarity(
 def _score_select_kernel(
     POOLED_Q, POOLED_K, K, SIM_Q, SIM_K, THETA, BUDGET, SCORES, MASK,  #
     stride_kb, stride_kh, stride_kn, stride_kd,  #
-    n_q_heads, group, n_qblocks, n_kblocks, n_q, n_k, scale, window,  #
+    n_q_heads, group, n_qblocks, n_kblocks, n_q, n_k, scale, window, local_blocks,  #
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr, NK_PAD: tl.constexpr,  #
     SEL_ROWS: tl.constexpr, CHUNK: tl.constexpr,  #
     KEYS: tl.constexpr, HALF_DOT: tl.constexpr, TOPK_MODE: tl.constexpr,  #
@@ -389,7 +400,8 @@ def _score_select_kernel(
         top = above | (at_cut & (tl.cumsum(at_cut.to(tl.int32), axis=1) <= need))
         keep = top | ~q_similar | ~k_similar
         if IS_CAUSAL:
-            diagonal = ((o_j[None, :] >= tl.maximum(q_first, 0) // BLOCK_K)
+            # the diagonal key blocks and the local_blocks key blocks before them
+            diagonal = ((o_j[None, :] >= tl.maximum(q_first, 0) // BLOCK_K - local_blocks)
                         & (o_j[None, :] * BLOCK_K <= q_last))
             keep = (keep | diagonal | (o_j[None, :] == 0)) & allowed  # block 0: the attention sink
         tl.store(MASK + rows[:, None] * n_kblocks + o_j[None, :], keep.to(tl.int8), mask=m_sj)
@@ -426,9 +438,13 @@ def score_and_select(
     window: int | None = None,
     rows_per_program: int | None = None,
     return_scores: bool = False,
+    local_blocks: int = 0,
 ):
     """Launch 3: the block map from the block statistics (``k``: the raw keys, read by the ``"keys"``
-    estimator). ``simthreshd1`` float32 and ``budget`` float64 ``(Hq,)`` on the device."""
+    estimator). ``simthreshd1`` float32 and ``budget`` float64 ``(Hq,)`` on the device; ``local_blocks``
+    (causal only) a validated integer >= 0."""
+    if local_blocks and not is_causal:
+        raise ValueError("local_blocks is a causal-attention rule; non-causal selection forces no block")
     bsz, num_q_heads, nqb, head_dim = q_blocks.pooled.shape
     num_kv_heads, nkb = k_blocks.pooled.shape[1], k_blocks.pooled.shape[2]
     group = num_q_heads // num_kv_heads
@@ -449,7 +465,7 @@ def score_and_select(
         q_blocks.pooled, k_blocks.pooled, k, q_blocks.sim, k_blocks.sim, simthreshd1, budget, scores,
         mask.view(torch.int8),
         *k.stride(),
-        num_q_heads, group, nqb, nkb, nq, nk, float(scale), window or 0,
+        num_q_heads, group, nqb, nkb, nq, nk, float(scale), window or 0, int(local_blocks),
         HEAD_DIM=head_dim, D_PAD=padded_head_dim(head_dim), ROWS=rows, NK_PAD=nk_pad,
         SEL_ROWS=max(1, min(rows, SELECT_ELEMENTS // nk_pad)), CHUNK=POOLED_CHUNK,
         KEYS=keys, HALF_DOT=half, TOPK_MODE=topk_mode, IS_CAUSAL=is_causal, HAS_WINDOW=window is not None,
@@ -480,6 +496,7 @@ def predict_and_quantize(
     window: int | None = None,
     quant_multiplier: float | None = None,
     rows_per_program: int | None = None,
+    local_blocks: int = 0,
 ):
     """The block map in three launches (inputs already validated, hyperparameters per query head on
     the device), and with ``quant_multiplier`` the INT8 Q (times the multiplier) and smoothed K from the
@@ -490,7 +507,7 @@ def predict_and_quantize(
     k_blocks, k_i8, k_s = _block_stats(k, BLOCK_K, k_sums, n_parts, None if quant_multiplier is None else 1.0)
     mask = score_and_select(q_blocks, k_blocks, k, nq=q.shape[2], is_causal=is_causal, scale=scale,
                             simthreshd1=simthreshd1, budget=budget, topk_mode=topk_mode, estimator=estimator,
-                            window=window, rows_per_program=rows_per_program)
+                            window=window, rows_per_program=rows_per_program, local_blocks=local_blocks)
     return mask, (None if quant_multiplier is None else (q_i8, q_s, k_i8, k_s))
 
 
@@ -506,9 +523,11 @@ def predict_block_mask(
     estimator: str = "pooled",
     window: int | None = None,
     rows_per_program: int | None = None,
+    local_blocks: int = 0,
 ) -> torch.Tensor:
-    """Stage-1 block map with the Triton passes (inputs already validated, params per query head)."""
+    """Stage-1 block map with the Triton passes (inputs already validated, params per query head;
+    ``local_blocks``: see the module docstring)."""
     mask, _ = predict_and_quantize(q, k, is_causal=is_causal, scale=scale, simthreshd1=simthreshd1,
                                    cdfthreshd=cdfthreshd, topk=topk, estimator=estimator, window=window,
-                                   rows_per_program=rows_per_program)
+                                   rows_per_program=rows_per_program, local_blocks=local_blocks)
     return mask

@@ -14,7 +14,8 @@ Pieces:
 - ``block_self_similarity``: mean pairwise cosine of a block's rows (its Gram matrix of L2-normalised
   rows, diagonal included, averaged over the true rows).
 - ``select_blocks``: the compressed attention map and the top-CDF / top-k selection, fix rows and
-  columns for non-self-similar blocks, causal blocks.
+  columns for non-self-similar blocks, causal blocks (sink, diagonal and, with ``local_blocks``, the
+  key blocks just before the diagonal: ``causal_forced_block_mask``).
 - ``key_resolved_scores``: the ``"keys"`` estimator (beyond the paper): block scores of the pooled
   query against every key of a block (log-sum-exp), instead of against the block's mean key.
 - ``masked_attention``: softmax attention restricted to a block map (and the causal triangle), with
@@ -105,18 +106,34 @@ def causal_block_mask(nq: int, nk: int, block_q: int, block_k: int, device=None,
     return allowed
 
 
-def causal_diagonal_block_mask(nq: int, nk: int, block_q: int, block_k: int, device=None) -> torch.Tensor:
+def causal_diagonal_block_mask(nq: int, nk: int, block_q: int, block_k: int, device=None,
+                               local_blocks: int = 0) -> torch.Tensor:
     """``(nqb, nkb)`` bool: the key blocks that hold the query block's own positions (bottom-right
     aligned: query i sits at key position i + nk - nq). Causal selection always keeps them, so every
-    query row sees at least its own token."""
+    query row sees at least its own token. With ``local_blocks`` > 0 also the ``local_blocks`` key
+    blocks just before the first of them (the query block's first row sits in that first block, so
+    these are the keys right before it; blocks before key 0 do not exist). The causal mask is not
+    applied here (``causal_forced_block_mask`` does)."""
     offset = nk - nq
     nqb, nkb = num_blocks(nq, block_q), num_blocks(nk, block_k)
     first = torch.arange(nqb, device=device) * block_q + offset
     last = torch.clamp(torch.arange(1, nqb + 1, device=device) * block_q, max=nq) - 1 + offset
-    lo = torch.div(first.clamp(min=0), block_k, rounding_mode="floor")
+    lo = torch.div(first.clamp(min=0), block_k, rounding_mode="floor") - local_blocks
     hi = torch.div(last, block_k, rounding_mode="floor")  # < 0 when the whole block sees no key
     cols = torch.arange(nkb, device=device)[None, :]
     return (cols >= lo[:, None]) & (cols <= hi[:, None])
+
+
+def causal_forced_block_mask(nq: int, nk: int, block_q: int, block_k: int, *, local_blocks: int = 0, device=None,
+                             window: int | None = None) -> torch.Tensor:
+    """``(nqb, nkb)`` bool: what causal selection always keeps (``select_blocks`` rule 5): key block 0
+    (the attention sink), the diagonal key blocks and the ``local_blocks`` key blocks just before them
+    (``causal_diagonal_block_mask``), restricted to the blocks the causal mask (and a sliding
+    ``window``) allows. The one definition of the forced set: ``sparge-budget`` uses it too, and the
+    Triton selection (``predict._score_select_kernel``) computes the same formula per row."""
+    forced = causal_diagonal_block_mask(nq, nk, block_q, block_k, device=device, local_blocks=local_blocks)
+    forced[:, 0] = True  # the attention sink
+    return forced & causal_block_mask(nq, nk, block_q, block_k, device=device, window=window)
 
 
 def causal_token_mask(nq: int, nk: int, device=None, window: int | None = None) -> torch.Tensor:
@@ -207,6 +224,7 @@ def select_blocks(
     block_k: int = BLOCK_K,
     scores: torch.Tensor | None = None,
     window: int | None = None,
+    local_blocks: int = 0,
 ) -> torch.Tensor:
     """The block map from pooled Q/K blocks (docs/design.md, "Predictor semantics").
 
@@ -222,18 +240,28 @@ def select_blocks(
        <= cdfthreshd (at least one). topk mode: keep max(1, floor(topk * nkb)) blocks by score, where
        nkb counts every K block. cdfthreshd >= 1 or topk >= 1 keeps every block.
     4. Rows of non-self-similar Q blocks and columns of non-self-similar K blocks are always kept.
-    5. Causal: key block 0 (the attention sink) and the diagonal key blocks (those holding the query
-       block's own positions) are always kept, and fully-future blocks never are. With a sliding
-       ``window`` (causal only), blocks wholly outside the window count as fully-future ones: -inf in
-       step 2, never kept (so the sink is kept only while it is inside the window).
+    5. Causal: key block 0 (the attention sink), the diagonal key blocks (those holding the query
+       block's own positions) and the ``local_blocks`` key blocks just before them are always kept,
+       and fully-future blocks never are (``causal_forced_block_mask``). With a sliding ``window``
+       (causal only), blocks wholly outside the window count as fully-future ones: -inf in step 2,
+       never kept (so the sink and local blocks are kept only while they are inside the window).
+       ``local_blocks`` (default 0: the rule as described, beyond the paper already) is a causal
+       rule: with non-causal attention nothing is forced and ``local_blocks`` > 0 is a ValueError.
 
     Rule 5's first half goes beyond the paper's predictor: without the diagonal a query block whose
     pooled row favours an older key block can drop its own block, and its first rows then see no key
     at all (zeros); without the sink, causal LLMs lose the first tokens that every head leans on (the
-    official tuned inference forces block 0 too, with ``attention_sink=True``).
+    official tuned inference forces block 0 too, with ``attention_sink=True``). ``local_blocks`` goes
+    further: the first rows of a query block sit at the start of its first diagonal key block, so
+    the diagonal gives them almost no context; a "sink + local" head needs the keys just before them
+    (results/studies/rivals-cpu/README.md: one local block cut SmolLM2's 2K perplexity loss from
+    +9.1% to +0.7%).
     """
     if (cdfthreshd is None) == (topk is None):
         raise ValueError("select_blocks needs exactly one of cdfthreshd and topk")
+    if local_blocks and not is_causal:
+        raise ValueError("local_blocks is a causal-attention rule (key blocks before each query block's "
+                         "diagonal); non-causal selection forces no block: use local_blocks=0")
     pooled_q = q_blocks.pooled
     num_q_heads = pooled_q.shape[1]
     pooled_k = _expand_kv_heads(k_blocks.pooled, num_q_heads)
@@ -276,8 +304,8 @@ def select_blocks(
     mask |= ~q_similar[..., :, None]
     mask |= ~k_similar[..., None, :]
     if allowed is not None:
-        mask |= causal_diagonal_block_mask(nq, nk, block_q, block_k, device=scores.device)
-        mask[..., 0] = True  # the attention sink
+        mask |= causal_forced_block_mask(nq, nk, block_q, block_k, local_blocks=local_blocks, device=scores.device,
+                                         window=window)
         mask &= allowed
     return mask
 
@@ -294,6 +322,7 @@ def predict_block_mask(
     estimator: str = "pooled",
     dtype=torch.float64,
     window: int | None = None,
+    local_blocks: int = 0,
 ) -> torch.Tensor:
     """The whole stage-1 predictor in plain PyTorch (inputs already validated, params per head)."""
     q_blocks = pool_and_similarity(q, BLOCK_Q, smooth=False, dtype=dtype)
@@ -302,6 +331,7 @@ def predict_block_mask(
         q_blocks, k_blocks, nq=q.shape[-2], nk=k.shape[-2], is_causal=is_causal, scale=scale,
         simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
         scores=estimator_scores(estimator, q_blocks.pooled, k, scale=scale, dtype=dtype), window=window,
+        local_blocks=local_blocks,
     )
 
 
