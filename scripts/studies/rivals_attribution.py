@@ -496,6 +496,27 @@ def cmd_local_config(args) -> int:
     return 0
 
 
+def cmd_fixed_config(args) -> int:
+    """One set of hyperparameters in every layer and head of a model (no calibration): a config for
+    A/B runs of the predictor's options on a model that has no calibrated config."""
+    from calibrate.models import ModelSpec, load_model
+    from sparge_core.params import LayerConfig
+
+    model, _ = load_model(args.model)
+    spec = ModelSpec.from_model(model, name=args.model)
+    h = spec.num_heads
+    layers = tuple(LayerConfig(i, (args.simthreshd1,) * h, (50.0,) * h, cdfthreshd=(args.cdfthreshd,) * h,
+                               estimator=args.estimator, local_blocks=args.local_blocks)
+                   for i in range(spec.num_layers))
+    cfg = ModelConfig(spec.model_info(), layers, l1=1.0, pv_l1=1.0, calibration={  # no bound: l1 is a placeholder
+        "fixed_hyperparameters": {"simthreshd1": args.simthreshd1, "cdfthreshd": args.cdfthreshd,
+                                  "estimator": args.estimator, "local_blocks": args.local_blocks},
+        "note": "not calibrated: the same hyperparameters in every layer and head (no bound was searched)"})
+    cfg.save(args.out)
+    print(f"wrote {args.out} ({spec.num_layers} layers x {h} heads, not calibrated)")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -533,9 +554,18 @@ def main() -> int:
     lc.add_argument("--config", required=True)
     lc.add_argument("--local-blocks", type=int, default=1, help="key blocks forced before each query block's diagonal")
     lc.add_argument("--out", required=True)
+    fc = sub.add_parser("fixed-config", formatter_class=HelpFormatter,
+                        help="one set of hyperparameters in every layer (no calibration), for A/B runs")
+    fc.add_argument("--model", required=True)
+    fc.add_argument("--simthreshd1", type=float, default=0.6)
+    fc.add_argument("--cdfthreshd", type=float, default=0.9)
+    fc.add_argument("--estimator", default="keys")
+    fc.add_argument("--local-blocks", type=int, default=0)
+    fc.add_argument("--out", required=True)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    cmds = {"capture": cmd_capture, "attribute": cmd_attribute, "ppl": cmd_ppl, "local-config": cmd_local_config}
+    cmds = {"capture": cmd_capture, "attribute": cmd_attribute, "ppl": cmd_ppl, "local-config": cmd_local_config,
+            "fixed-config": cmd_fixed_config}
     return cmds[args.cmd](args)
 
 
