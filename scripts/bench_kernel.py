@@ -294,6 +294,11 @@ def run(args) -> None:
 # --------------------------------------------------------------------------------------------
 # plot and README table from a CSV
 # --------------------------------------------------------------------------------------------
+#: the rows a run with FA4 installed contributes to the plot and README's table, and their names there
+#: (its ``sparge`` rows are the shipped defaults with the ``fa4`` extra: ``backend="auto"`` picked FA4)
+FA4_RUN_METHODS = {"fa4": "fa4", "sparge": "sparge[fa4]"}
+
+
 def _rows(csv_path: Path) -> list[dict]:
     return list(csv.DictReader(open(csv_path)))
 
@@ -311,8 +316,7 @@ def plot(csv_path: Path, png_path: Path, fa4_csv: Path | None = None) -> None:
     if not rows:
         return
     if fa4_csv is not None:
-        rename = {"fa4": "fa4", "sparge": "sparge[fa4]"}
-        rows += [{**r, "method": rename[r["method"]]} for r in _rows(fa4_csv) if r["method"] in rename]
+        rows += [{**r, "method": FA4_RUN_METHODS[r["method"]]} for r in _rows(fa4_csv) if r["method"] in FA4_RUN_METHODS]
     order = METHODS + ["sparge[fa4]"]
     combos = sorted({(int(r["d"]), r["causal"]) for r in rows})
     fig, axes = plt.subplots(1, len(combos), figsize=(5 * len(combos), 4), squeeze=False)
@@ -349,7 +353,7 @@ def readme_table(csv_path: Path, n: int = 32768, d: int = 128, extra_n: int = 81
     ``sdpa-cudnn``."""
     runs = [(_rows(csv_path), {m: m for m in ("sparge", "sparge-quant", "sparge-exact", "fa4", "flex")})]
     if fa4_csv is not None:
-        runs.append((_rows(fa4_csv), {"fa4": "fa4", "sparge": "sparge[fa4]"}))
+        runs.append((_rows(fa4_csv), FA4_RUN_METHODS))
     gpu = runs[0][0][0]["gpu"] if runs[0][0] else "?"
     cols = ["sparge", "sparge-quant", "sparge-exact", "sparge[fa4]", "fa4", "flex"]
 
