@@ -255,7 +255,11 @@ class ModelConfig:
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        write_json_atomic(path, self.to_dict())
+        """Write the config, after checking it as ``load`` will (ConfigError: nothing is written), so a
+        saved file always loads back."""
+        data = self.to_dict()
+        _parse_model_config(data)
+        write_json_atomic(path, data)
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Write the config as ``<folder>/sparge_config.json`` (beside a model's own files, as

@@ -210,3 +210,15 @@ def test_a_bidirectional_integration_refuses_local_blocks():
     with pytest.raises(ConfigError, match=r"layers \[0, 1\] set local_blocks"):
         SparseDiTAttention.from_config(cfg, TokenLayout(0, (4, 4)))
     SparseDiTAttention.from_config(_config(), TokenLayout(0, (4, 4)))
+
+
+def test_save_refuses_a_config_that_load_would_refuse(tmp_path):
+    heads = 2
+    bad = ModelConfig(ModelInfo("tiny-llama", 1, heads, 2, 64), (LayerConfig.dense(0, heads),), l1=0.0, pv_l1=0.0)
+    path = tmp_path / "bad.json"
+    with pytest.raises(ConfigError, match="l1 must be in"):
+        bad.save(path)
+    assert not path.exists()
+    good = ModelConfig(bad.model, bad.layers, l1=0.08, pv_l1=0.09)
+    good.save(path)
+    assert ModelConfig.load(path).l1 == 0.08
