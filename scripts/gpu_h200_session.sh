@@ -20,15 +20,37 @@
 #   (a later call: ... e2e-128k: bench_e2e at 128K)
 #   call 3 (carry .bundle-fa4/part-3): ... fa4-bench .bundle-fa4/part-3
 #       FA4 install, its tests, the fa4 rows of bench_kernel at 8K/32K (every shape) and 128K (D=128)
+# The third session (SmolLM2 and calibration on the H200; the model bundle arrives one part per call):
+#   here: wheels of the calibration extra into .bundle-calib/wheels (pip download, cp312), and
+#         python scripts/offline_bundle.py --model smollm2 --wheels --corpora austen --max-part-mb 25.5 \
+#             --out .bundle-smollm2
+#   call 1 (carry .bundle-calib .bundle-smollm2/part-004): ... calib-8b
+#       the calibration wheels; GPU tests of the predictor options; the 8B shape calibrated on 5 x 32K
+#   call 2 (carry .bundle-smollm2/part-001): ... tune-quant      the INT8 and INT8+FP8 kernel configs at 32K
+#   call 3 (carry .bundle-smollm2/part-002): ... e2e-8k         TTFT of the 8B shape at 8K
+#   call 4 (carry .bundle-smollm2/part-003): ... smollm2        SmolLM2: calibration time (both objectives),
+#       evals speed, predicted vs measured, TTFT with the committed config
 # scripts/gpu_kernel_session.sh is the longer plan (the full tuner).
 set -uo pipefail
 STEP_TAIL=15
 source "$(dirname "$0")/gpu_session_common.sh"
 
-cmd=${1:?check-tune|check-bench|tune-accuracy|fa4-e2e|verify-128k|profile-e2e|e2e-128k|fa4-bench}; shift
-case "$cmd" in check-tune|check-bench|tune-accuracy|fa4-e2e|verify-128k|profile-e2e|e2e-128k|fa4-bench) ;; *) echo "unknown call $cmd" >&2; exit 2 ;; esac
+CALLS="check-tune|check-bench|tune-accuracy|fa4-e2e|verify-128k|profile-e2e|e2e-128k|fa4-bench|calib-8b|tune-quant|e2e-8k|smollm2"
+cmd=${1:?$CALLS}; shift
+case "|$CALLS|" in *"|$cmd|"*) ;; *) echo "unknown call $cmd (one of $CALLS)" >&2; exit 2 ;; esac
 DIR=$OUT/$cmd; mkdir -p "$DIR"
 for part in "$@"; do bash scripts/stage_wheels.sh receive "$part" >> "$DIR/stage.log" 2>&1; done
+# the calibration extra's wheels and the SmolLM2 bundle (third session): installed outside the repo copy
+CALIB_SITE=$HOME/.cache/sparge/site-packages
+export PYTHONPATH=$PYTHONPATH:$CALIB_SITE HF_HUB_OFFLINE=1
+if [ -d .bundle-calib/wheels ]; then
+    python3 -m pip install -q --no-index --no-deps --target "$CALIB_SITE" .bundle-calib/wheels/*.whl > "$DIR/calib-wheels.log" 2>&1
+    echo "calibration wheels: rc=$?"
+fi
+for part in .bundle-smollm2/part-*; do
+    [ -d "$part" ] && bash scripts/offline_install.sh --target "$CALIB_SITE" "$part" >> "$DIR/bundle.log" 2>&1
+done
+[ -f "$DIR/bundle.log" ] && tail -n 3 "$DIR/bundle.log"
 header "$cmd"
 S=$(python3 -c 'from evals.environment import gpu_slug; print(gpu_slug())')
 case "$cmd" in
@@ -104,5 +126,38 @@ PY
       --out "$RUNS/$S-fa4.csv" --no-plot
     step bench-fa4-128k 150 python3 scripts/bench_kernel.py --n 131072 --d 128 --methods sdpa-cudnn fa4 \
       --out "$RUNS/$S-fa4-128k.csv" --no-plot
+    pack "$cmd" ;;
+  calib-8b)  # the predictor options on the GPU; the 8B shape calibrated on 5 (+1 held-out) x 32K windows
+    step pytest-gpu 130 python3 -m pytest -q -n 12 -p no:cacheprovider tests/test_predict.py \
+      tests/test_methods_window.py tests/test_config_v2.py tests/test_methods_sparge_budget.py
+    cap=$HOME/l8b.capture; rm -rf "$cap"
+    step calib-8b 330 python3 -m calibrate --model llama8b-random --data pydoc --samples 5 --holdout 1 \
+      --seq-len 32768 --query-blocks 32 --device cuda --capture-dir "$cap" --out "$DIR/llama8b-random-5x32k-$S.json"
+    du -sb "$cap" > "$DIR/capture-du.txt" 2>&1; df -h "$HOME" >> "$DIR/capture-du.txt"; cat "$DIR/capture-du.txt"
+    rm -rf "$cap"
+    pack "$cmd" ;;
+  tune-quant)  # INT8 and INT8+FP8 kernel configs at 32K (the shipped ones were tuned for bf16 only)
+    step tune-quant 330 python3 scripts/tune_kernel.py --n 32768 --quant int8 int8-fp8 --compile-workers 14 \
+      --recommend --out "$RUNS/tune-quant-$S.csv"
+    pack "$cmd" ;;
+  e2e-8k)  # TTFT of the 8B shape at 8K (random weights: a system benchmark)
+    step e2e-8k 170 python3 scripts/bench_e2e.py --parts llama8b --lengths 8192 --topk 0.5 0.2 \
+      --out "$RUNS/e2e-$S-8k.csv"
+    pack "$cmd" ;;
+  smollm2)  # SmolLM2 on the H200: calibration (time and sparsity objectives), speed, predicted vs measured
+    cal=$DIR/calibration; mkdir -p "$cal"
+    step calib-time 150 python3 -m calibrate --model smollm2 --data pydoc --samples 5 --seq-len 8192 --device cuda \
+      --estimator keys,pooled --objective time --capture-dir runs/smollm2.capture --out "$cal/smollm2-time-$S.json"
+    step calib-sparsity 120 python3 -m calibrate --model smollm2 --data pydoc --samples 5 --seq-len 8192 --device cuda \
+      --objective sparsity --capture-dir runs/smollm2.capture --out "$cal/smollm2-sparsity-$S.json"
+    for obj in time sparsity; do
+      [ -f "$cal/smollm2-$obj-$S.json" ] || continue
+      step "speed-$obj" 90 python3 -m evals speed --model smollm2 --config "$cal/smollm2-$obj-$S.json" \
+        --methods sparge --lengths 2048 8192 --device cuda --out "runs/speed-$obj"
+      step "compare-$obj" 30 python3 scripts/predicted_vs_measured.py --config "$cal/smollm2-$obj-$S.json" \
+        --speed "runs/speed-$obj/speed/smollm2/sparge.json" --out "$cal/smollm2-$obj-$S-predicted-vs-measured.md"
+      cp -r "runs/speed-$obj" "$DIR/" 2>/dev/null
+    done
+    step e2e-smollm2 120 python3 scripts/bench_e2e.py --parts smollm2 --out "$RUNS/e2e-$S-smollm2.csv"
     pack "$cmd" ;;
 esac
