@@ -18,7 +18,14 @@ block pairs summed over heads, ``skipped`` = computed pairs whose P.V stage 2 sk
   timed apart (host checks, the launches between them; negative where the fused path saves work,
   e.g. INT8 quantization done inside the predictor's pass instead of by the kernel call).
 
-A sparse call is ``launch_ms[quant] + predictor + kernel``; dense is ``kernels["dense"]``. Every
+- ``host_ms[<key>]`` (optional): the host's time to issue one call of that kernel key (``dense``:
+  one SDPA call; a sparse key: a whole ``sparge_attn`` call of that variant, validation and every
+  launch), measured at a shape whose GPU work is negligible. A call cannot finish faster than the
+  host issues it, so every prediction is ``max(host_ms[key], GPU time)``: on a small model (SmolLM2:
+  9 heads, head dim 64) the host floor, not the kernel, decides whether a sparse layer pays.
+
+A sparse call is ``max(host_ms[quant(+pv)], launch_ms[quant] + predictor + kernel)``; dense is
+``max(host_ms["dense"], kernels["dense"])``. Every
 fit carries its error on the points it was fitted to (``fit``: relative RMS and worst case), and
 every number its ``source``: ``"measured"`` or ``"assumed: <why>"`` (values not measured on the
 card, kept until a profile run replaces them). ``CostModel.load`` validates the whole file and
@@ -141,6 +148,7 @@ class CostModel:
     kernels: dict[str, dict[int, LinearCost]]
     predictors: dict[str, dict[int, LinearCost]]
     launch_ms: dict[str, float]
+    host_ms: dict[str, float] = field(default_factory=dict)  # kernel key -> host floor of one call
     source: str = ""
     assumptions: tuple[str, ...] = ()
     checks: dict[str, Any] = field(default_factory=dict)
@@ -174,12 +182,17 @@ class CostModel:
     def has_dense(self, head_dim: int) -> bool:
         return head_dim in self.kernels.get(DENSE, {})
 
+    def host_floor(self, key: str) -> float:
+        """The host's time to issue one call of kernel key ``key`` (0 when the file has none)."""
+        return self.host_ms.get(key, 0.0)
+
     # ---------------------------------------------------------------- predictions
     def dense_ms(self, shape: CallShape) -> float:
-        return self.kernel(DENSE, shape.head_dim).ms(shape.rows, shape.allowed_pairs)
+        return max(self.host_floor(DENSE), self.kernel(DENSE, shape.head_dim).ms(shape.rows, shape.allowed_pairs))
 
     def sparse_fixed_ms(self, shape: CallShape, quant: str, stage2: bool, estimator: str) -> float:
-        """Everything of a sparse call that does not scale with the computed pairs."""
+        """Everything of a sparse call's GPU time that does not scale with the computed pairs (the
+        host floor not applied: ``predict_ms`` and ``sparse_lower_bound_ms`` apply it)."""
         kern = self.kernel(kernel_key(quant, stage2), shape.head_dim)
         pred = self.predictor(estimator, shape.head_dim)
         return (self.launch(quant) + pred.ms(shape.rows, shape.score_pairs) + kern.fixed_ms
@@ -200,8 +213,13 @@ class CostModel:
             raise ValueError(f"density ({density}) and pv_skip ({pv_skip}) must be in [0, 1]")
         kern = self.kernel(variant, head_dim)
         pairs = density * shape.allowed_pairs
-        return (self.sparse_fixed_ms(shape, quant, bool(pv), estimator)
-                + 1e-6 * (kern.per_pair_ns * pairs - kern.pv_saved_ns * pv_skip * pairs))
+        gpu = (self.sparse_fixed_ms(shape, quant, bool(pv), estimator)
+               + 1e-6 * (kern.per_pair_ns * pairs - kern.pv_saved_ns * pv_skip * pairs))
+        return max(self.host_floor(variant), gpu)
+
+    def sparse_lower_bound_ms(self, shape: CallShape, quant: str, stage2: bool, estimator: str) -> float:
+        """No call of this variant is faster than this, whatever its density (pruning in the search)."""
+        return max(self.host_floor(kernel_key(quant, stage2)), self.sparse_fixed_ms(shape, quant, stage2, estimator))
 
     # ---------------------------------------------------------------- file
     def to_dict(self) -> dict[str, Any]:
@@ -209,16 +227,18 @@ class CostModel:
             "format": COST_FORMAT, "version": COST_VERSION, "gpu": self.gpu, "source": self.source,
             "assumptions": list(self.assumptions),
             "formulas": {
-                "sparse_call_ms": "launch_ms[quant] + predictors[estimator] + kernels[quant(+pv)]",
+                "sparse_call_ms": "max(host_ms[quant(+pv)], launch_ms[quant] + predictors[estimator] + kernels[quant(+pv)])",
                 "kernel_ms": "fixed_ms + 1e-6*(per_row_ns*rows + per_pair_ns*pairs - pv_saved_ns*pv_skipped_pairs)",
                 "predictor_ms": "fixed_ms + 1e-6*(per_row_ns*rows + per_pair_ns*score_pairs)",
                 "rows": "heads * ceil(n_q/128)", "pairs": "computed block pairs (128x64), all heads",
                 "score_pairs": "heads * ceil(n_q/128) * ceil(n_k/64)",
-                "dense_ms": "kernels.dense with pairs = every block pair the causal mask allows"},
+                "dense_ms": "max(host_ms.dense, kernels.dense with pairs = every block pair the causal mask allows)",
+                "host_ms": "the host's time to issue one call (0 when absent)"},
             "kernels": {k: {str(d): c.to_dict() for d, c in sorted(v.items())} for k, v in sorted(self.kernels.items())},
             "predictors": {k: {str(d): c.to_dict() for d, c in sorted(v.items())}
                            for k, v in sorted(self.predictors.items())},
             "launch_ms": {k: _r(v) for k, v in sorted(self.launch_ms.items())},
+            **({"host_ms": {k: _r(v) for k, v in sorted(self.host_ms.items())}} if self.host_ms else {}),
             "checks": self.checks,
             "versions": self.versions,
         }
@@ -317,7 +337,7 @@ def _table(value, where: str) -> dict[int, LinearCost]:
 def _parse(data: Any, where: str) -> CostModel:
     d = _obj(data, where)
     _keys(d, {"format", "version", "gpu", "source", "assumptions", "formulas", "kernels", "predictors", "launch_ms",
-              "checks", "versions"}, {"format", "version", "gpu", "kernels", "predictors", "launch_ms"}, where)
+              "host_ms", "checks", "versions"}, {"format", "version", "gpu", "kernels", "predictors", "launch_ms"}, where)
     if d["format"] != COST_FORMAT:
         raise CostModelError(f"{where}: format must be {COST_FORMAT!r}, got {d['format']!r}")
     if d["version"] != COST_VERSION:
@@ -349,10 +369,15 @@ def _parse(data: Any, where: str) -> CostModel:
         quant = key.split("+")[0]
         if key != DENSE and quant not in launch:
             raise CostModelError(f"launch_ms.{quant} is missing (kernels.{key} needs it)")
+    host = {}
+    for key, value in _obj(d.get("host_ms", {}), "host_ms").items():
+        if key not in KERNEL_KEYS:
+            raise CostModelError(f"host_ms.{key} is not a kernel key; use {list(KERNEL_KEYS)}")
+        host[key] = _num(value, f"host_ms.{key}", low=0)
     assumptions = d.get("assumptions", [])
     if not isinstance(assumptions, list) or not all(isinstance(a, str) for a in assumptions):
         raise CostModelError("assumptions must be a list of strings")
-    return CostModel(gpu=d["gpu"], kernels=kernels, predictors=predictors, launch_ms=launch,
+    return CostModel(gpu=d["gpu"], kernels=kernels, predictors=predictors, launch_ms=launch, host_ms=host,
                      source=str(d.get("source", "")), assumptions=tuple(assumptions),
                      checks=_obj(d.get("checks", {}), "checks"), versions=_obj(d.get("versions", {}), "versions"))
 

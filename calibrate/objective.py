@@ -193,7 +193,8 @@ class LayerTimer:
         return self.cost.dense_ms(self.shape)
 
     def fixed_ms(self, family: Family, stage2: bool) -> float:
-        return self.cost.sparse_fixed_ms(self.shape, family.quant, stage2, family.estimator)
+        """The least time any call of this variant takes (its fixed GPU costs, or the host floor)."""
+        return self.cost.sparse_lower_bound_ms(self.shape, family.quant, stage2, family.estimator)
 
     def sparse_ms(self, family: Family, stage2: bool, density: torch.Tensor, pv_skip: torch.Tensor | None = None) -> float:
         """Predicted ms with per-head ``density`` and ``pv_skip`` (fractions, ``(Hq,)``)."""
@@ -202,7 +203,9 @@ class LayerTimer:
         pairs = float(density.sum()) * self.allowed_per_head
         skipped = 0.0 if pv_skip is None or not stage2 else float((density * torch.as_tensor(
             pv_skip, dtype=torch.float64)).sum()) * self.allowed_per_head
-        return self.fixed_ms(family, stage2) + 1e-6 * (kern.per_pair_ns * pairs - kern.pv_saved_ns * skipped)
+        gpu = (self.cost.sparse_fixed_ms(self.shape, family.quant, stage2, family.estimator)
+               + 1e-6 * (kern.per_pair_ns * pairs - kern.pv_saved_ns * skipped))
+        return max(self.cost.host_floor(kernel_key(family.quant, stage2)), gpu)
 
     def ms_of(self, family: Family, ev: Evaluation) -> float:
         stage2 = ev.pvthreshd is not None

@@ -20,7 +20,10 @@ so stage 2 has blocks to skip).
 - ``predict_block_mask`` per estimator;
 - dense ``F.scaled_dot_product_attention``;
 - the whole ``sparge_attn`` (top-k maps) per quantization, stage 2 on and off: ``launch_ms`` is what
-  it costs beyond the predictor and kernel fits, and its prediction error is reported in ``checks``.
+  it costs beyond the predictor and kernel fits, and its prediction error is reported in ``checks``;
+- the host floors ``host_ms``: the host's time to issue one whole call of each variant (and of SDPA)
+  at a tiny shape (``HOST_FLOOR_SHAPE``), queued without synchronising (``--host-floor-only`` adds
+  them to an existing file).
 
 ``--dry-run`` runs the same sweep and fit on CPU at tiny shapes with a fake timer whose costs are
 known (``FAKE_COSTS``): a test of the command, not a measurement; the file says so. Without a GPU
@@ -276,6 +279,53 @@ def measure(sweep: Sweep, device, *, dry_run: bool) -> list[Measured]:
                     case.label, ms, pairs, skipped)
         del sets, mask
     return out
+
+
+#: the host-floor shape: small enough that the GPU work is negligible next to issuing the call
+HOST_FLOOR_SHAPE = dict(heads=4, n=1024)
+#: the dry run's host floors (ms), per kernel key
+FAKE_HOST_MS = {"dense": 0.01, "none": 0.3, "none+pv": 0.35, "int8": 0.32, "int8+pv": 0.37,
+                "int8-fp8": 0.33, "int8-fp8+pv": 0.38}
+
+
+def host_ms_per_call(fn: Callable, calls: int = 50, repeats: int = 3) -> float:
+    """The host's ms to issue one call: wall clock over ``calls`` calls queued without synchronising
+    (after warm-up), the least of ``repeats``; on a shape whose GPU work is negligible this is the
+    floor below which no call of that kind finishes."""
+    import torch
+
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) * 1e3 / calls)
+        torch.cuda.synchronize()
+    return best
+
+
+def measure_host_floor(sweep: Sweep, device, *, dry_run: bool) -> dict[str, float]:
+    """``host_ms`` of the cost model: per kernel key (dense and each quantization with stage 2 off and
+    on), the host time of one whole call at ``HOST_FLOOR_SHAPE`` (the largest over the head dims)."""
+    floors: dict[str, float] = {}
+    for head_dim in sweep.head_dims:
+        cases = [Case("dense", HOST_FLOOR_SHAPE["n"], head_dim, HOST_FLOOR_SHAPE["heads"], True)]
+        cases += [Case("pipeline", HOST_FLOOR_SHAPE["n"], head_dim, HOST_FLOOR_SHAPE["heads"], True, 0.5, quant, pv,
+                       estimator=sweep.estimators[0])
+                  for quant in sweep.quants for pv in (None, 50.0)]
+        cache: dict = {}
+        for case in cases:
+            key = DENSE if case.kind == "dense" else kernel_key(case.quant, case.pvthreshd is not None)
+            if dry_run:
+                ms = FAKE_HOST_MS[key]
+            else:
+                ms = host_ms_per_call(_call(case, _inputs(case, device, cache)[0], None))
+            floors[key] = max(floors.get(key, 0.0), ms)
+            logger.info("host floor %s d=%d: %.4f ms per call", key, head_dim, ms)
+    return floors
 
 
 # --------------------------------------------------------------------------------------------
@@ -551,6 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --from-bench-csv: the assumed cost of stage 2 on, x the stage-2-off kernel")
     p.add_argument("--merge", nargs="+", default=None, help="combine cost models of one GPU made by separate runs "
                    "(e.g. one per head dim) into --out; later files win where both have an entry")
+    p.add_argument("--host-floor-only", action="store_true", help="measure only the host floors (host_ms: the "
+                   "host's time to issue one call) and write them into the existing cost model --out")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -563,6 +615,7 @@ def merge_models(models: list[CostModel]) -> CostModel:
     kernels: dict = {}
     predictors: dict = {}
     launch: dict = {}
+    host: dict = {}
     checks: dict = {}
     for m in models:
         for key, table in m.kernels.items():
@@ -570,10 +623,12 @@ def merge_models(models: list[CostModel]) -> CostModel:
         for key, table in m.predictors.items():
             predictors.setdefault(key, {}).update(table)
         launch.update(m.launch_ms)
+        for key, ms in m.host_ms.items():
+            host[key] = max(host.get(key, 0.0), ms)
         checks.update(m.checks)
     assumptions = tuple(dict.fromkeys(a for m in models for a in m.assumptions))
     source = " + ".join(dict.fromkeys(m.source for m in models))
-    return CostModel(models[0].gpu, kernels, predictors, launch, source=source, assumptions=assumptions,
+    return CostModel(models[0].gpu, kernels, predictors, launch, host, source=source, assumptions=assumptions,
                      checks=checks, versions=models[-1].versions)
 
 
@@ -659,10 +714,29 @@ def _main(args) -> int:
         source = (f"python -m calibrate.profile on {gpu}, {_dt.date.today().isoformat()}: n {list(sweep.ns)}, "
                   f"head dims {list(sweep.head_dims)}, heads {sweep.heads}, densities {list(sweep.densities)}")
     t0 = time.perf_counter()
+    out = Path(args.out or f"results/kernel/{gpu_slug(gpu)}-cost.json")
+    if args.host_floor_only:
+        from .cost import CostModelError
+
+        try:
+            model = CostModel.load(out)
+        except CostModelError as err:
+            raise ProfileInputError(f"--host-floor-only updates an existing cost model: {err}") from err
+        if not args.dry_run and model.gpu != gpu:
+            raise ProfileInputError(f"{out} describes {model.gpu}, not this {gpu}; profile this card first")
+        host = measure_host_floor(sweep, device, dry_run=args.dry_run)
+        note = f"host_ms: python -m calibrate.profile --host-floor-only, {_dt.date.today().isoformat()}"
+        model = CostModel(**{**model.__dict__, "host_ms": {**model.host_ms, **host},
+                             "source": f"{model.source} + {note}" if model.source else note})
+        model.save(out)
+        CostModel.load(out)
+        print(f"wrote host floors {', '.join(f'{k} {v:.3f} ms' for k, v in sorted(host.items()))} into {out}")
+        return 0
     points = measure(sweep, device, dry_run=args.dry_run)
     model = fit_sweep(points, gpu=gpu, source=source, versions=_versions())
-    model = CostModel(**{**model.__dict__, "checks": {**model.checks, "profile_seconds": round(time.perf_counter() - t0, 1)}})
-    out = Path(args.out or f"results/kernel/{gpu_slug(gpu)}-cost.json")
+    host = measure_host_floor(sweep, device, dry_run=args.dry_run)
+    model = CostModel(**{**model.__dict__, "host_ms": host,
+                         "checks": {**model.checks, "profile_seconds": round(time.perf_counter() - t0, 1)}})
     model.save(out)
     CostModel.load(out)
     print(f"wrote {out} ({len(points)} timings)")

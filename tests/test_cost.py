@@ -18,7 +18,7 @@ from calibrate.cost import (
     fit_linear,
     gpu_slug,
 )
-from calibrate.profile import FAKE_COSTS
+from calibrate.profile import FAKE_COSTS, FAKE_HOST_MS
 from calibrate.profile import main as profile_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,6 +97,24 @@ def test_predict_ms_follows_the_formulas():
     assert shape.allowed_pairs < CallShape(8192, 8192, 9, 64, False).allowed_pairs
 
 
+def test_the_host_floor_bounds_every_prediction_from_below():
+    floors = {"dense": 0.02, "none": 5.0, "none+pv": 6.0}
+    m, bare = CostModel.from_dict(_model(host_ms=floors)), CostModel.from_dict(_model())
+    small = (2048, 2048, 9, 64, True)
+    # tiny call: the host floor decides; the GPU formula is below it
+    assert bare.predict_ms("none", *small, 0.3) < 5.0 and m.predict_ms("none", *small, 0.3) == 5.0
+    assert m.predict_ms("none+pv", *small, 0.3, pv_skip=0.5) == 6.0
+    assert m.predict_ms("dense", *small, 1.0) == max(0.02, bare.predict_ms("dense", *small, 1.0))
+    shape = CallShape(*small)
+    assert m.sparse_lower_bound_ms(shape, "none", False, "pooled") == 5.0
+    assert m.sparse_fixed_ms(shape, "none", False, "pooled") == bare.sparse_fixed_ms(shape, "none", False, "pooled")
+    # a large call is above every floor: the prediction is the GPU formula
+    big = (131072, 131072, 32, 64, False)
+    assert m.predict_ms("none", *big, 0.5) == bare.predict_ms("none", *big, 0.5) > 5.0
+    assert m.host_floor("int8") == 0.0  # a key without a floor
+    assert CostModel.from_dict(m.to_dict()) == m and "host_ms" in m.to_dict() and "host_ms" not in bare.to_dict()
+
+
 def test_round_trip_and_digest(tmp_path):
     m = CostModel.from_dict(_model())
     m.save(tmp_path / "c.json")
@@ -120,6 +138,8 @@ def test_round_trip_and_digest(tmp_path):
     ({"predictors": {"mean": {}}}, "predictors.mean is not an estimator"),
     ({"launch_ms": {}}, "launch_ms.none is missing"),
     ({"launch_ms": {"none": "fast"}}, "launch_ms.none must be a finite number"),
+    ({"host_ms": {"int4": 0.1}}, "host_ms.int4 is not a kernel key"),
+    ({"host_ms": {"none": -0.1}}, "host_ms.none must be >= 0"),
 ])
 def test_malformed_files_name_the_field(change, fragment):
     with pytest.raises(CostModelError, match=fragment.replace(".", r"\.").replace("(", r"\(")):
@@ -201,6 +221,18 @@ def test_profile_dry_run_fits_the_fake_timer_costs(tmp_path):
     for quant in ("none", "int8"):
         assert m.launch(quant) == pytest.approx(FAKE_COSTS[f"launch/{quant}"], abs=0.02)
         assert m.checks[f"sparge_attn.{quant}"]["rms_rel"] < 0.03
+    assert m.host_ms == {k: FAKE_HOST_MS[k] for k in ("dense", "none", "none+pv", "int8", "int8+pv")}
+
+
+def test_profile_host_floor_only_updates_an_existing_model(tmp_path, capsys):
+    out = tmp_path / "c.json"
+    assert profile_main(["--host-floor-only", "--dry-run", "--quiet", "--out", str(out)]) == 2
+    assert "existing cost model" in capsys.readouterr().err
+    CostModel.from_dict(_model(host_ms={"dense": 9.0})).save(out)
+    assert profile_main(["--host-floor-only", "--dry-run", "--quiet", "--out", str(out)]) == 0
+    m = CostModel.load(out)
+    assert m.host_ms["dense"] == FAKE_HOST_MS["dense"] and m.host_ms["int8+pv"] == FAKE_HOST_MS["int8+pv"]
+    assert m.kernels == CostModel.from_dict(_model()).kernels and "--host-floor-only" in m.source
 
 
 def test_profile_from_the_committed_bench_csv_reproduces_the_shipped_file(tmp_path):
@@ -246,6 +278,12 @@ def test_profile_merge(tmp_path, capsys):
                          str(tmp_path / "m.json")]) == 0
     m = CostModel.load(tmp_path / "m.json")
     assert sorted(m.kernels["dense"]) == [64, 128] and sorted(m.predictors) == ["keys", "pooled"]
+    a["host_ms"], b["host_ms"] = {"none": 0.3, "dense": 0.02}, {"none": 0.5}
+    CostModel.from_dict(a).save(tmp_path / "a.json")
+    CostModel.from_dict(b).save(tmp_path / "b.json")
+    assert profile_main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out",
+                         str(tmp_path / "m.json")]) == 0
+    assert CostModel.load(tmp_path / "m.json").host_ms == {"none": 0.5, "dense": 0.02}  # the larger floor
     other = dict(a, gpu="Other GPU")
     CostModel.from_dict(other).save(tmp_path / "o.json")
     assert profile_main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "o.json"), "--out",

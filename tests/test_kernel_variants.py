@@ -149,3 +149,25 @@ def test_descriptor_loads_refuse_misaligned_layouts(device):
     with pytest.raises(ValueError, match="tile_loads='pointer'"):
         _run(q, k, v, mask, A.KernelConfig(4, 1, "select", "descriptor"), causal=False)
     assert not A.descriptor_ready(k) and A.descriptor_ready(rand_qkv(1, 1, 1, 8, 8, 64, seed=0)[0])
+
+
+def test_the_shipped_descriptor_choice_falls_back_to_pointer_loads_on_a_misaligned_layout(monkeypatch, device):
+    # the shipped config of a head dim may ask for descriptors; a layout they cannot read runs with
+    # pointer loads and gives the same output as an explicit pointer config (an explicit descriptor
+    # config still refuses: test above)
+    q, k, v = rand_qkv(1, 2, 1, 300, 300, 60, device=device, seed=4)
+    mask = random_block_mask(1, 2, 300, 300, 0.6, seed=4, device=device)
+    monkeypatch.setattr(A, "default_kernel_config", lambda *a, **kw: A.KernelConfig(4, 1, "select", "descriptor"))
+    out, _ = _run(q, k, v, mask, None, causal=True, pv=[30.0, 30.0])
+    want, _ = _run(q, k, v, mask, A.KernelConfig(4, 1, "select", "pointer"), causal=True, pv=[30.0, 30.0])
+    assert not A.descriptor_ready(k) and torch.isfinite(out).all()
+    assert torch.equal(out, want)
+
+
+def test_default_kernel_configs_cover_every_quantized_variant():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for d, quant, stage2 in itertools.product((64, 128), ("int8", "int8-fp8"), (False, True)):
+        cfg = A.default_kernel_config(d, cuda, quant, stage2)
+        assert isinstance(cfg, A.KernelConfig) and cfg.name == A._QUANT_CONFIGS[(d > 64, quant, stage2)]
+    assert A.default_kernel_config(128, cpu, "int8", True) == A.KernelConfig(4, 1)
+    assert A.default_kernel_config(128, cuda, "none", True) == A.default_kernel_config(128, cuda, "none", False)

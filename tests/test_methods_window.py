@@ -89,7 +89,7 @@ def test_sparge_validates_when_built(kwargs, fragment):
         get_method("sparge", **kwargs)
 
 
-def test_a_method_call_reads_no_tensor_on_the_host(monkeypatch):
+def test_a_method_call_reads_no_tensor_on_the_host(monkeypatch, device):
     """The per-call path of a built method (validation, hyperparameters, prediction, attention with the
     reference kernels) never calls .item/.tolist/bool()/int()/float()/nonzero on a tensor from
     sparge_core: on a GPU each would wait for the device."""
@@ -107,9 +107,9 @@ def test_a_method_call_reads_no_tensor_on_the_host(monkeypatch):
 
     method = get_method("sparge-topk", simthreshd1=[-0.1, 0.2, 0.3, 0.0], topk=[0.3, 0.5, 0.2, 0.4],
                         pvthreshd=[20.0] * 4)
-    # the Triton executor is the GPU hot path (here under the interpreter); the reference executor is a
-    # float32 oracle that checks its inputs for non-finite values on the host
-    q, k, v = structured_qkv(1, 4, 2, 700, 64, dtype=torch.float16, seed=1)
+    # the Triton executor is the GPU hot path (on a CPU-only machine under the interpreter); the reference
+    # executor is a float32 oracle that checks its inputs for non-finite values on the host
+    q, k, v = (t.to(device) for t in structured_qkv(1, 4, 2, 700, 64, dtype=torch.float16, seed=1))
     method(q, k, v, is_causal=True, backend="triton", window=300)  # fills the device-value cache
     for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero"):
         monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))

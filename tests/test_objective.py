@@ -92,6 +92,19 @@ def test_dense_wins_when_fixed_costs_exceed_dense_attention_and_nothing_is_evalu
     assert res.predicted["ms"] == res.predicted["dense_ms"]
 
 
+def test_a_host_floor_above_dense_attention_keeps_the_layer_dense_without_evaluating():
+    # the GPU formula alone would make the sparse variants win (cheap fixed costs); the host's time to
+    # issue a sparse call is above the whole dense call, so no sparse point can be faster
+    data = cost_model(int8_pair=500.0).to_dict()
+    dense_ms = LayerTimer(CostModel.from_dict(data), SHAPE).dense_ms()
+    data["host_ms"] = {"none": 2 * dense_ms, "int8": 2 * dense_ms, "dense": 0.0}
+    res, layers, seen = run(CostModel.from_dict(data), [Family("none", "pooled"), Family("int8", "pooled")])
+    assert res.variant == {"dense": True} and res.evaluations == 0
+    assert all(layer.calls == 0 for layer in layers.values())
+    free, _, _ = run(cost_model(int8_pair=500.0), [Family("none", "pooled"), Family("int8", "pooled")])
+    assert free.variant["dense"] is False  # without the floor the same layer goes sparse
+
+
 def test_int8_wins_when_its_kernel_is_cheaper_and_its_error_fits():
     model = cost_model(int8_pair=600.0)
     res, layers, _ = run(model, [Family("none", "pooled"), Family("int8", "pooled")], settings=SearchSettings(

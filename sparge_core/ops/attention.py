@@ -70,6 +70,7 @@ under the interpreter.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -140,17 +141,31 @@ class KernelConfig:
         return cls(int(m.group(1)), int(m.group(2)), m.group(3), m.group(4))
 
 
-def default_kernel_config(head_dim: int, device: torch.device, quant: str = "none") -> KernelConfig:
+#: INT8 QK^T (and FP8 P.V) launch configs per (head_dim > 64, quant, stage 2 on), measured on an H200 by
+#: ``scripts/tune_kernel.py --n 32768 --quant int8 int8-fp8`` (results/kernel/tune-quant-h200.csv: the
+#: lowest total over density 1 and 0.5, causal and not)
+_QUANT_CONFIGS = {
+    (True, "int8", False): "w4s2-select-descriptor", (True, "int8", True): "w8s2-branch-descriptor",
+    (True, "int8-fp8", False): "w8s2-select-descriptor", (True, "int8-fp8", True): "w4s2-branch-pointer",
+    (False, "int8", False): "w4s3-select-pointer", (False, "int8", True): "w8s3-branch-pointer",
+    (False, "int8-fp8", False): "w4s3-select-descriptor", (False, "int8-fp8", True): "w8s3-branch-pointer",
+}
+
+
+def default_kernel_config(head_dim: int, device: torch.device, quant: str = "none",
+                          stage2: bool = False) -> KernelConfig:
     """Launch config chosen by measurement: ``scripts/tune_kernel.py`` at N=32K, dense and 0.5 density,
-    causal or not, stage 2 off (the shipped default). bf16: the H200 sweep over every variant
-    (results/kernel/tune-h200.csv): D=128 runs fastest with tensor-descriptor loads, D=64 with
-    pointer loads. INT8 QK^T: the H100 sweep (results/kernel/tune-h100-80gb-hbm3.csv)."""
+    causal or not. bf16 (stage 2 on or off: the "select" check keeps the stage-2-off loop): the H200
+    sweep over every variant (results/kernel/tune-h200.csv): D=128 runs fastest with tensor-descriptor
+    loads, D=64 with pointer loads. INT8 QK^T and FP8 P.V: the H200 sweep of those variants
+    (results/kernel/tune-quant-h200.csv), one config with stage 2 off and one with it on (there the
+    "branch" check, which saves work on the blocks it skips, was the fastest)."""
     if device.type != "cuda":
         return KernelConfig(num_warps=4, num_stages=1)
+    if quant != "none":
+        return KernelConfig.from_name(_QUANT_CONFIGS[(head_dim > 64, quant, bool(stage2))])
     if head_dim > 64:
-        if quant == "none":
-            return KernelConfig(num_warps=4, num_stages=2, tile_loads="descriptor")
-        return KernelConfig(num_warps=4, num_stages=3)
+        return KernelConfig(num_warps=4, num_stages=2, tile_loads="descriptor")
     return KernelConfig(num_warps=8, num_stages=3)
 
 
@@ -538,7 +553,13 @@ def block_sparse_attn(
     pv_on = pvthreshd is not None
     pv_thresh = pvthreshd.to(device=q.device, dtype=torch.float32).contiguous() if pv_on else dummy
     pv_count = torch.zeros(bsz, num_q_heads, nqb, device=q.device, dtype=torch.int32) if pv_on else dummy
-    cfg = config or default_kernel_config(head_dim, q.device, quant)
+    cfg = config or default_kernel_config(head_dim, q.device, quant, pv_on)
+    if (config is None and cfg.tile_loads == "descriptor"
+            and not (descriptor_ready(k_in)
+                     and descriptor_ready(v_in.transpose(-1, -2) if quant == "int8-fp8" else v_in))):
+        # the shipped choice reads K/V through tensor descriptors; a layout they cannot read (a head dim
+        # whose rows are not 16-byte aligned, an offset view) takes the pointer loads instead
+        cfg = dataclasses.replace(cfg, tile_loads="pointer")
     upcast = interp and (cdtype == torch.bfloat16)
     k_arg, v_arg = k_in, v_in
     use_desc = cfg.tile_loads == "descriptor"
