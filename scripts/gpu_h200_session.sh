@@ -30,12 +30,14 @@
 #   call 3 (carry .bundle-smollm2/part-002): ... e2e-8k         TTFT of the 8B shape at 8K
 #   call 4 (carry .bundle-smollm2/part-003): ... smollm2        SmolLM2: calibration time (both objectives),
 #       evals speed, predicted vs measured, TTFT with the committed config
+#   call 5 (carry .bundle-calib): ... verify-host   the kernel-config and cost-model changes on the GPU; the
+#       host floors measured by sparge-profile --host-floor-only
 # scripts/gpu_kernel_session.sh is the longer plan (the full tuner).
 set -uo pipefail
 STEP_TAIL=15
 source "$(dirname "$0")/gpu_session_common.sh"
 
-CALLS="check-tune|check-bench|tune-accuracy|fa4-e2e|verify-128k|profile-e2e|e2e-128k|fa4-bench|calib-8b|tune-quant|e2e-8k|smollm2"
+CALLS="check-tune|check-bench|tune-accuracy|fa4-e2e|verify-128k|profile-e2e|e2e-128k|fa4-bench|calib-8b|tune-quant|e2e-8k|smollm2|verify-host"
 cmd=${1:?$CALLS}; shift
 case "|$CALLS|" in *"|$cmd|"*) ;; *) echo "unknown call $cmd (one of $CALLS)" >&2; exit 2 ;; esac
 DIR=$OUT/$cmd; mkdir -p "$DIR"
@@ -159,5 +161,11 @@ PY
       cp -r "runs/speed-$obj" "$DIR/" 2>/dev/null
     done
     step e2e-smollm2 120 python3 scripts/bench_e2e.py --parts smollm2 --out "$RUNS/e2e-$S-smollm2.csv"
+    pack "$cmd" ;;
+  verify-host)  # the INT8/FP8 configs, the descriptor fallback and the host floors on the GPU
+    step pytest-gpu 170 python3 -m pytest -q -n 12 -p no:cacheprovider tests/test_kernel_variants.py \
+      tests/test_methods_window.py tests/test_cost.py tests/test_objective.py
+    cp "results/kernel/$S-cost.json" "$DIR/$S-cost.json"
+    step host-floor 60 python3 -m calibrate.profile --host-floor-only --out "$DIR/$S-cost.json"
     pack "$cmd" ;;
 esac
