@@ -543,8 +543,9 @@ def summary(config, holdout: dict[int, dict[str, float]]) -> str:
 DENSE_IS_FASTER = (
     "the time objective kept every layer dense: on {gpu} the cost model predicts dense SDPA at this shape "
     "({seq_len} tokens, batch 1) faster than the least a sparse call costs ({pruned} executor candidates ruled out "
-    "before any evaluation: predictor, launch and per-row kernel costs alone exceed the dense time). Sparse "
-    "attention pays there from longer sequences or more heads per layer; --objective sparsity gives the sparsest "
+    "before any evaluation: the host's time to issue a sparse call, or the predictor, launch and per-row kernel "
+    "costs, alone exceed the dense time). Sparse attention pays there from longer sequences or more heads per "
+    "layer; --objective sparsity gives the sparsest "
     "config within the bound regardless of time.")
 
 NO_SPARSE_LAYER = (
