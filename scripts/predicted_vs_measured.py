@@ -25,8 +25,12 @@ from calibrate.cli import HelpFormatter  # noqa: E402
 from sparge_core.params import ConfigError, ModelConfig, write_json_atomic, write_text_atomic
 
 
-def compare(config: ModelConfig, speed: dict, length: int | None = None, tolerance: float = 0.15) -> dict:
-    """The comparison rows (see the module docstring) as a dict."""
+def compare(config: ModelConfig, speed: dict, length: int | None = None, tolerance: float = 0.15,
+            host_floors: dict[str, float] | None = None) -> dict:
+    """The comparison rows (see the module docstring) as a dict. ``host_floors`` (a cost model's
+    ``host_ms``, kernel key -> ms) bounds each prediction from below as the cost model now does:
+    ``max(floor, predicted)``, the rest of the prediction as the config holds it."""
+    floors = host_floors or {}
     lengths = speed.get("scores", speed).get("lengths")
     if not lengths:
         raise ValueError("the speed file has no scores.lengths: is it a python -m evals speed result?")
@@ -43,12 +47,14 @@ def compare(config: ModelConfig, speed: dict, length: int | None = None, toleran
             missing.append(lc.layer)
             continue
         dense_ms = m.get("dense_ms", m["ms"] if lc.is_dense else None)
-        err = (lc.predicted.ms - m["ms"]) / m["ms"]
+        pred_dense = max(floors.get("dense", 0.0), lc.predicted.dense_ms)
+        pred = pred_dense if lc.is_dense else max(floors.get(_kernel_key(lc), 0.0), lc.predicted.ms)
+        err = (pred - m["ms"]) / m["ms"]
         rows.append({
-            "layer": lc.layer, "variant": _variant(lc), "predicted_ms": lc.predicted.ms, "measured_ms": m["ms"],
-            "error": err, "predicted_speedup": lc.predicted.speedup,
+            "layer": lc.layer, "variant": _variant(lc), "predicted_ms": pred, "measured_ms": m["ms"],
+            "error": err, "predicted_speedup": pred_dense / pred,
             "measured_speedup": None if dense_ms is None else dense_ms / m["ms"],
-            "predicted_dense_ms": lc.predicted.dense_ms, "measured_dense_ms": dense_ms,
+            "predicted_dense_ms": pred_dense, "measured_dense_ms": dense_ms,
             "within": abs(err) <= tolerance})
     if not rows:
         raise ValueError("no layer has both a prediction (a v2 config calibrated with a cost model) and a measurement")
@@ -64,6 +70,13 @@ def compare(config: ModelConfig, speed: dict, length: int | None = None, toleran
     return {"length": int(key), "tolerance": tolerance, "layers": rows, "overall": overall,
             "layers_without_data": missing, "cost_model": config.calibration.get("cost_model"),
             "speed_device": speed.get("device") or speed.get("gpu")}
+
+
+def _kernel_key(lc) -> str:
+    """The cost model's kernel key of a sparse layer (a v1 layer: bf16 with stage 2)."""
+    if lc.variant is None:
+        return "none+pv"
+    return lc.variant.quant + ("+pv" if lc.variant.stage2 else "")
 
 
 def _variant(lc) -> str:
@@ -103,12 +116,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speed", required=True, help="python -m evals speed result JSON of that config")
     ap.add_argument("--length", type=int, default=None, help="context length to compare (default: the config's)")
     ap.add_argument("--tolerance", type=float, default=0.15)
+    ap.add_argument("--host-floors", default=None, metavar="COST_JSON",
+                    help="re-predict with this cost model's host floors (host_ms): each layer's prediction becomes "
+                    "max(floor, the config's prediction); for a config calibrated before its card had floors")
     ap.add_argument("--out", default=None, help="Markdown table to write (plus a .json beside it)")
     args = ap.parse_args(argv)
     try:
         config = ModelConfig.load(args.config)
         speed = json.loads(Path(args.speed).read_text())
-        result = compare(config, speed, args.length, args.tolerance)
+        floors = None
+        if args.host_floors:
+            from calibrate.cost import CostModel, CostModelError
+
+            try:
+                floors = CostModel.load(args.host_floors).host_ms
+            except CostModelError as err:
+                raise ValueError(f"--host-floors: {err}") from err
+            if not floors:
+                raise ValueError(f"--host-floors: {args.host_floors} holds no host_ms (sparge-profile --host-floor-only)")
+        result = compare(config, speed, args.length, args.tolerance, floors)
+        if floors:
+            result["host_floors"] = {"file": args.host_floors, "host_ms": floors}
     except (ConfigError, OSError, ValueError, KeyError) as err:
         print(f"predicted_vs_measured: error: {err}", file=sys.stderr)
         return 2

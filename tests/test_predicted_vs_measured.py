@@ -81,3 +81,25 @@ def test_speed_suite_times_dense_beside_each_sparse_layer():
     assert set(out[0]) == {"ms", "density", "dense_ms"} and out[0]["density"] < 1.0
     assert set(out[1]) == {"ms", "density"} and out[1]["density"] == 1.0
     assert all(v["ms"] > 0 for v in out.values())
+
+
+def test_host_floors_bound_the_predictions_from_below(tmp_path, capsys):
+    from calibrate.cost import CostModel
+
+    mod = _script()
+    cost = json.loads((REPO / "results/kernel/h200-cost.json").read_text())
+    cost["host_ms"] = {"dense": 0.0, "int8": 0.8}
+    CostModel.from_dict(cost).save(tmp_path / "cost.json")
+    out = tmp_path / "cmp.md"
+    assert mod.main(["--config", str(_config(tmp_path)), "--speed", str(_speed(tmp_path)), "--out", str(out),
+                     "--host-floors", str(tmp_path / "cost.json")]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    l0, l1 = result["layers"]
+    assert l0["predicted_ms"] == pytest.approx(0.8) and l0["predicted_speedup"] == pytest.approx(1.0 / 0.8)
+    assert l1["predicted_ms"] == pytest.approx(1.0)  # dense: its floor 0 is below the config's 1.0 ms
+    assert result["host_floors"]["host_ms"]["int8"] == 0.8
+    del cost["host_ms"]
+    CostModel.from_dict(cost).save(tmp_path / "bare.json")
+    assert mod.main(["--config", str(_config(tmp_path)), "--speed", str(_speed(tmp_path)),
+                     "--host-floors", str(tmp_path / "bare.json")]) == 2
+    assert "holds no host_ms" in capsys.readouterr().err
