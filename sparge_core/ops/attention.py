@@ -29,7 +29,10 @@ asynchronous bulk copy issued before the decision, so its branch costs nothing. 
 same decisions, so the reference (``reference.masked_attention``) simulates every one of them.
 
 K/V tiles are read through pointers or, with ``KernelConfig.tile_loads="descriptor"``, through tensor
-descriptors (TMA bulk copies on sm90; out-of-bounds rows and channels arrive as zeros).
+descriptors (TMA bulk copies on sm90; out-of-bounds rows and channels arrive as zeros). The shipped
+choice (``default_kernel_config``, measured per head dim, quantization and stage 2) may pick
+descriptors; on a layout they cannot read (rows not 16-byte aligned, an offset view) it falls back to
+pointer loads, while an explicit descriptor config refuses such a layout.
 
 The causal mask (and a sliding window) is applied to the block map before the index list is built
 (fully-future blocks and blocks wholly before the window are dropped), so only blocks on an edge pay
