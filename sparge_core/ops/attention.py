@@ -556,10 +556,11 @@ def block_sparse_attn(
     pv_on = pvthreshd is not None
     pv_thresh = pvthreshd.to(device=q.device, dtype=torch.float32).contiguous() if pv_on else dummy
     pv_count = torch.zeros(bsz, num_q_heads, nqb, device=q.device, dtype=torch.int32) if pv_on else dummy
+    # the V tensor the descriptor reads: FP8 V is stored channel-major (tokens contiguous per channel)
+    v_tiles = v_in.transpose(-1, -2) if quant == "int8-fp8" else v_in
     cfg = config or default_kernel_config(head_dim, q.device, quant, pv_on)
     if (config is None and cfg.tile_loads == "descriptor"
-            and not (descriptor_ready(k_in)
-                     and descriptor_ready(v_in.transpose(-1, -2) if quant == "int8-fp8" else v_in))):
+            and not (descriptor_ready(k_in) and descriptor_ready(v_tiles))):
         # the shipped choice reads K/V through tensor descriptors; a layout they cannot read (a head dim
         # whose rows are not 16-byte aligned, an offset view) takes the pointer loads instead
         cfg = dataclasses.replace(cfg, tile_loads="pointer")
@@ -570,10 +571,8 @@ def block_sparse_attn(
     if use_desc:
         k_arg = _tile_descriptor(k_in, [1, 1, BLOCK_K, d_pad], "K")
     if v_desc:
-        if quant == "int8-fp8":  # channel-major storage: tokens contiguous per channel
-            v_arg = _tile_descriptor(v_in.transpose(-1, -2), [1, 1, d_pad, BLOCK_K], "V")
-        else:
-            v_arg = _tile_descriptor(v_in, [1, 1, BLOCK_K, d_pad], "V")
+        v_block = [1, 1, d_pad, BLOCK_K] if quant == "int8-fp8" else [1, 1, BLOCK_K, d_pad]
+        v_arg = _tile_descriptor(v_tiles, v_block, "V")
 
     _sparge_attn_fwd_kernel[(nqb, bsz * num_q_heads)](
         q_in, k_arg, v_arg, out, q_scale, k_scale, v_scale,
