@@ -211,11 +211,17 @@ class CostModel:
             raise CostModelError(f"unknown variant {variant!r}; use one of {list(KERNEL_KEYS)}")
         if not 0.0 <= density <= 1.0 or not 0.0 <= pv_skip <= 1.0:
             raise ValueError(f"density ({density}) and pv_skip ({pv_skip}) must be in [0, 1]")
-        kern = self.kernel(variant, head_dim)
         pairs = density * shape.allowed_pairs
-        gpu = (self.sparse_fixed_ms(shape, quant, bool(pv), estimator)
-               + 1e-6 * (kern.per_pair_ns * pairs - kern.pv_saved_ns * pv_skip * pairs))
-        return max(self.host_floor(variant), gpu)
+        return self.sparse_ms(shape, quant, bool(pv), estimator, pairs, pv_skip * pairs)
+
+    def sparse_ms(self, shape: CallShape, quant: str, stage2: bool, estimator: str, pairs: float,
+                  skipped: float = 0.0) -> float:
+        """One sparse call computing ``pairs`` block pairs (all heads), ``skipped`` of them skipped by
+        stage 2: ``max(host floor, fixed + per_pair * pairs - pv_saved * skipped)``."""
+        kern = self.kernel(kernel_key(quant, stage2), shape.head_dim)
+        gpu = (self.sparse_fixed_ms(shape, quant, stage2, estimator)
+               + 1e-6 * (kern.per_pair_ns * pairs - kern.pv_saved_ns * skipped))
+        return max(self.host_floor(kernel_key(quant, stage2)), gpu)
 
     def sparse_lower_bound_ms(self, shape: CallShape, quant: str, stage2: bool, estimator: str) -> float:
         """No call of this variant is faster than this, whatever its density (pruning in the search)."""

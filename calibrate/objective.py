@@ -198,14 +198,11 @@ class LayerTimer:
 
     def sparse_ms(self, family: Family, stage2: bool, density: torch.Tensor, pv_skip: torch.Tensor | None = None) -> float:
         """Predicted ms with per-head ``density`` and ``pv_skip`` (fractions, ``(Hq,)``)."""
-        kern = self.cost.kernel(kernel_key(family.quant, stage2), self.shape.head_dim)
         density = torch.as_tensor(density, dtype=torch.float64)
         pairs = float(density.sum()) * self.allowed_per_head
         skipped = 0.0 if pv_skip is None or not stage2 else float((density * torch.as_tensor(
             pv_skip, dtype=torch.float64)).sum()) * self.allowed_per_head
-        gpu = (self.cost.sparse_fixed_ms(self.shape, family.quant, stage2, family.estimator)
-               + 1e-6 * (kern.per_pair_ns * pairs - kern.pv_saved_ns * skipped))
-        return max(self.cost.host_floor(kernel_key(family.quant, stage2)), gpu)
+        return self.cost.sparse_ms(self.shape, family.quant, stage2, family.estimator, pairs, skipped)
 
     def ms_of(self, family: Family, ev: Evaluation) -> float:
         stage2 = ev.pvthreshd is not None
