@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calibrate.cli import HelpFormatter  # noqa: E402
+from calibrate.cost import CostModel, CostModelError, kernel_key  # noqa: E402
 from sparge_core.params import ConfigError, ModelConfig, write_json_atomic, write_text_atomic
 
 
@@ -75,8 +76,8 @@ def compare(config: ModelConfig, speed: dict, length: int | None = None, toleran
 def _kernel_key(lc) -> str:
     """The cost model's kernel key of a sparse layer (a v1 layer: bf16 with stage 2)."""
     if lc.variant is None:
-        return "none+pv"
-    return lc.variant.quant + ("+pv" if lc.variant.stage2 else "")
+        return kernel_key("none", True)
+    return kernel_key(lc.variant.quant, lc.variant.stage2)
 
 
 def _variant(lc) -> str:
@@ -84,7 +85,7 @@ def _variant(lc) -> str:
         return "dense"
     if lc.variant is None:
         return "sparse (v1)"
-    return lc.variant.quant + ("+pv" if lc.variant.stage2 else "") + f"/{lc.estimator}"
+    return f"{_kernel_key(lc)}/{lc.estimator}"
 
 
 def markdown(result: dict) -> str:
@@ -126,8 +127,6 @@ def main(argv: list[str] | None = None) -> int:
         speed = json.loads(Path(args.speed).read_text())
         floors = None
         if args.host_floors:
-            from calibrate.cost import CostModel, CostModelError
-
             try:
                 floors = CostModel.load(args.host_floors).host_ms
             except CostModelError as err:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from calibrate.cli import HelpFormatter  # noqa: E402
+from calibrate.profile import host_ms_per_call  # noqa: E402
 from sparge_core import sparge_attn  # noqa: E402
 from sparge_core.atomic import write_text_atomic  # noqa: E402
 
@@ -36,16 +36,6 @@ VARIANTS = [  # name, sparge_attn keyword arguments
     ("int8/pooled/nopv", dict(estimator="pooled", quant="int8", pvthreshd=None)),
     ("int8/keys/pv50", dict(estimator="keys", quant="int8", pvthreshd=50)),
 ]
-
-
-def host_ms(fn, calls: int = 50) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host = (time.perf_counter() - start) * 1e3 / calls
-    torch.cuda.synchronize()
-    return host
 
 
 def kernels(fn, top: int) -> list[tuple[str, float, int]]:
@@ -93,7 +83,7 @@ def main() -> None:
             for _ in range(3):
                 fn()
             gpu = float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
-            host = host_ms(fn)
+            host = host_ms_per_call(fn, calls=50, repeats=1)
             ks = "; ".join(f"{kname} {t:.3f} x{c}" for kname, t, c in kernels(fn, a.top))
             lines.append(f"| {name} | {gpu:.3f} | {host:.3f} | {ks} |")
             print(lines[-1], flush=True)
