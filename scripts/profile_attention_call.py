@@ -68,7 +68,8 @@ def main() -> None:
 
     hq, hkv, d = SHAPES[a.shape]
     lines = [f"# one attention call: {a.shape} shape (Hq {hq}, Hkv {hkv}, D {d}), causal={bool(a.causal)}, "
-             f"{torch.cuda.get_device_name()}, torch {torch.__version__}", ""]
+             f"{torch.cuda.get_device_name()}, torch {torch.__version__}",
+             f"# python scripts/profile_attention_call.py {' '.join(sys.argv[1:])}", ""]
     g = torch.Generator(device="cuda").manual_seed(0)
     for n in a.n:
         q = torch.randn(1, hq, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
