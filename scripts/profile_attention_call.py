@@ -8,7 +8,9 @@ For each variant (estimator x quantization x stage 2) it prints three numbers pe
 calls queued without synchronising: when it exceeds the GPU time the call is host-bound), and the
 kernels the call launches with their CUDA time (``torch.profiler``). Dense SDPA is the first row,
 ``sparge_attn`` at its shipped defaults the second; the named variants (simthreshd1 0.5, cdfthreshd
-0.9) follow. (The H200 tables of 2026-12-02 predate the defaults row.)
+0.9) follow, then every sparge row again as ``graph: <row>``: the call replayed from a CUDA graph
+(``sparge_core.graphs.GraphCache``, as ``apply`` runs a repeated layer call; the copies of Q/K/V into
+the graph's buffers included). (The H200 tables of 2026-12-02 predate the defaults and graph rows.)
 Writes the same as Markdown to ``--out`` when given.
 """
 
@@ -28,6 +30,7 @@ from calibrate.cli import HelpFormatter  # noqa: E402
 from calibrate.profile import host_ms_per_call  # noqa: E402
 from sparge_core import sparge_attn  # noqa: E402
 from sparge_core.atomic import write_text_atomic  # noqa: E402
+from sparge_core.graphs import GraphCache  # noqa: E402
 
 SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128)}  # query heads, KV heads, head dim
 VARIANTS = [  # name, sparge_attn keyword arguments
@@ -75,13 +78,18 @@ def main() -> None:
         q = torch.randn(1, hq, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
         k = torch.randn(1, hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
         v = torch.randn(1, hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
-        calls = [("sdpa", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=bool(a.causal),
-                                                                    enable_gqa=True))]
-        # the headline row: the public API with every argument at its shipped default
-        calls.append(("sparge_attn defaults", lambda: sparge_attn(q, k, v, is_causal=bool(a.causal))))
+        causal = bool(a.causal)
+        sparge_calls = [("sparge_attn defaults", lambda q, k, v: sparge_attn(q, k, v, is_causal=causal))]
+        # (the headline row above: the public API with every argument at its shipped default)
         for name, kw in VARIANTS:
-            calls.append((name, lambda kw=kw: sparge_attn(q, k, v, is_causal=bool(a.causal), simthreshd1=0.5,
-                                                          cdfthreshd=0.9, **kw)))
+            sparge_calls.append((name, lambda q, k, v, kw=kw: sparge_attn(q, k, v, is_causal=causal, simthreshd1=0.5,
+                                                                          cdfthreshd=0.9, **kw)))
+        calls = [("sdpa", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True))]
+        calls += [(name, lambda fn=fn: fn(q, k, v)) for name, fn in sparge_calls]
+        # the same calls replayed from a CUDA graph (sparge_core.graphs, as apply() runs a repeated layer)
+        graphs = GraphCache()
+        calls += [(f"graph: {name}", lambda name=name, fn=fn: graphs.run(name, fn, (q, k, v)))
+                  for name, fn in sparge_calls]
         lines += [f"## N = {n}", "", "| variant | GPU ms | host ms/call | kernels (ms per call, launches) |",
                   "| --- | --- | --- | --- |"]
         for name, fn in calls:

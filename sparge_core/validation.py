@@ -6,6 +6,7 @@ tensor, is read once by ``per_head_values``)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Sequence
@@ -166,8 +167,27 @@ def per_head_values(name: str, value, *, low: float, high: float, low_open: bool
 def device_values(values: tuple[float, ...], device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``values`` as a ``dtype`` tensor on ``device``, cached by value: after the first call no
     host-to-device copy happens (a copy from pageable memory would wait for the GPU, and is not allowed
-    while a CUDA graph is being captured: run once before capturing)."""
-    return _cached_copy(tuple(values), str(torch.device(device)), dtype)
+    while a CUDA graph is being captured: run once before capturing). Inside ``pinned_device_values``
+    every tensor handed out is also recorded, so that a graph which reads it can keep it alive after
+    the cache drops it."""
+    tensor = _cached_copy(tuple(values), str(torch.device(device)), dtype)
+    if _pins:
+        _pins[-1].append(tensor)
+    return tensor
+
+
+_pins: list[list[torch.Tensor]] = []
+
+
+@contextlib.contextmanager
+def pinned_device_values():
+    """Collect the tensors ``device_values`` returns while active (a list, yielded)."""
+    pinned: list[torch.Tensor] = []
+    _pins.append(pinned)
+    try:
+        yield pinned
+    finally:
+        _pins.pop()
 
 
 @functools.lru_cache(maxsize=4096)

@@ -66,11 +66,12 @@ from typing import Any
 import torch
 
 from ..api import QUANT_MODES, Selection, _sparge_attn_impl, parse_pvthreshd, resolve_backend, resolve_quant
+from ..graphs import GraphCache
 from ..methods import AttentionMethod, get_method, method_names
 from ..ops.blocks import BLOCK_Q, allowed_block_count
 from ..ops.reference import causal_token_mask
 from ..params import CONFIG_FILE_NAME, ModelConfig, weights_fingerprint
-from ..validation import check_choice, resolve_scale
+from ..validation import check_choice, check_flag, resolve_scale
 from .capture import QKVRecorder
 
 logger = logging.getLogger(__name__)
@@ -140,6 +141,8 @@ class SpargeAttention:
     recorder: QKVRecorder | None = None
     description: str = ""
     windows: dict[int, int | None] = field(default_factory=dict)
+    cuda_graphs: bool = True
+    graphs: GraphCache = field(default_factory=GraphCache, repr=False)
     _mask_plan: tuple | None = field(default=None, repr=False)
     _warned_layers: set = field(default_factory=set, repr=False)
 
@@ -184,7 +187,7 @@ def handle_of(model) -> SpargeAttention | None:
 # --------------------------------------------------------------------------------------------
 def apply(model, config: str | os.PathLike | dict | ModelConfig | AttentionMethod, *, backend: str = "auto",
           quant: str = "auto", collect_stats: bool = False, allow_other_model: bool = False,
-          **method_params) -> SpargeAttention:
+          cuda_graphs: bool = True, **method_params) -> SpargeAttention:
     """Route the model's attention through sparge.
 
     Args:
@@ -198,6 +201,10 @@ def apply(model, config: str | os.PathLike | dict | ModelConfig | AttentionMetho
         collect_stats: count skipped blocks per layer (``handle.sparsity_report()``).
         allow_other_model: apply a config calibrated for another model of the same shape (its
             recorded architecture or weights fingerprint differ; ``ModelConfig.check_identity``).
+        cuda_graphs: replay each layer's sparse call from a CUDA graph once it repeats at one length
+            (``sparge_core.graphs``: the first call of a length runs eagerly, the second captures; calls
+            up to ``graphs.MAX_GRAPH_ELEMENTS`` elements, without a padding mask, without autograd).
+            False: every call runs eagerly.
 
     Returns the ``SpargeAttention`` handle (also reachable as ``handle_of(model)``). Applying again
     replaces the previous routing; ``remove(model)`` restores the original implementation.
@@ -207,21 +214,24 @@ def apply(model, config: str | os.PathLike | dict | ModelConfig | AttentionMetho
         remove(model)
     handle = _build_handle(model.config, config, method_params, num_layers=len(layers),
                            original=model.config._attn_implementation, backend=backend, quant=quant,
-                           collect_stats=collect_stats, model=model, allow_other_model=allow_other_model)
+                           collect_stats=collect_stats, model=model, allow_other_model=allow_other_model,
+                           cuda_graphs=cuda_graphs)
     _install(model, layers, handle)
     return handle
 
 
 def _build_handle(model_config, config, method_params: dict, *, num_layers: int, original: str, backend: str,
-                  quant: str, collect_stats: bool, model=None, allow_other_model: bool = False) -> SpargeAttention:
+                  quant: str, collect_stats: bool, model=None, allow_other_model: bool = False,
+                  cuda_graphs: bool = True) -> SpargeAttention:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    check_flag("cuda_graphs", cuda_graphs)
     check_choice("quant", quant, QUANT_MODES)  # the name now; what "auto" means is decided per device
     methods, description = _resolve_methods(model_config, config, method_params, num_layers=num_layers, model=model,
                                             allow_other_model=allow_other_model)
     return SpargeAttention(methods=methods, original_implementation=original, backend=backend, quant=quant,
                            collect_stats=collect_stats, description=description,
-                           windows=layer_windows(model_config, num_layers))
+                           windows=layer_windows(model_config, num_layers), cuda_graphs=cuda_graphs)
 
 
 def remove(model) -> None:
@@ -554,6 +564,8 @@ def _sparse_attention(handle, method, layer, query, key, value, runs: list[_Run]
     bsz, heads, nq, dim = query.shape
     whole = len(runs) == 1 and len(runs[0].batch) == bsz and (runs[0].q0, runs[0].q1) == (0, nq) \
         and (runs[0].k0, runs[0].k1) == (0, key.shape[2])
+    if whole and handle.cuda_graphs:
+        return _whole_graphed(handle, method, layer, query, key, value, causal, scaling, window)
     out = query.new_zeros(bsz, heads, nq, value.shape[-1]) if not whole else None
     for run in runs:
         idx = list(run.batch)
@@ -571,6 +583,28 @@ def _sparse_attention(handle, method, layer, query, key, value, runs: list[_Run]
         else:
             out[idx, :, run.q0:run.q1] = result
     return out.transpose(1, 2).contiguous()
+
+
+def _whole_graphed(handle, method, layer, query, key, value, causal: bool, scaling, window: int | None):
+    """One call over the whole batch, replayed from a CUDA graph when it repeats (``sparge_core.graphs``;
+    eager where a graph cannot be used). A replayed output is a copy (the graph's own is overwritten on
+    the layer's next replay)."""
+    run_window = None if window is None or window >= key.shape[2] else window
+    stats = handle.collect_stats
+
+    def call(q, k, v):
+        result = method(q, k, v, is_causal=causal, scale=scaling, backend=handle.backend, quant=handle.quant,
+                        return_stats=stats, window=run_window)
+        if not stats:
+            return (result.transpose(1, 2).contiguous(),)
+        out, st = result
+        return out.transpose(1, 2).contiguous(), st.allowed_blocks, st.computed_blocks, st.pv_skipped_blocks
+
+    owner = (layer, id(method), causal, scaling, run_window, handle.backend, handle.quant, stats)
+    out, *counts = handle.graphs.run(owner, call, (query, key, value), keep=(method,), clone=(0,))
+    if stats:  # the counts are summed into new tensors at once, before any later replay
+        _record(handle, layer, *counts)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
