@@ -145,17 +145,19 @@ def graph_ttft_ms(model, ids: torch.Tensor, *, warmup: int, repeats: int) -> lis
     """Milliseconds of ``repeats`` replays of the whole prefill captured in one CUDA graph (what a serving
     stack's graph runner or ``torch.compile(mode="reduce-overhead")`` does for a fixed length): no host
     work at all, so the GPU time of the model alone. ``warmup`` (at least 2) eager passes on a side
-    stream come first, as capture needs."""
+    stream come first, as capture needs. These passes keep transformers' default cache: without one,
+    transformers cannot rule out packed sequences while a graph is captured and builds a full mask
+    (which sends dense SDPA to a masked kernel and sparge to its padding planner)."""
     static = ids.clone()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(max(2, warmup)):
-            model(static, use_cache=False, logits_to_keep=1)
+            model(static, logits_to_keep=1)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        model(static, use_cache=False, logits_to_keep=1)
+        model(static, logits_to_keep=1)
     graph.replay()
     times = []
     for _ in range(repeats):
