@@ -55,7 +55,10 @@ case "|$CALLS|" in *"|$cmd|"*) ;; *) echo "unknown call $cmd (one of $CALLS)" >&
     step profile-llama8b 60 python3 scripts/profile_attention_call.py --shape llama8b --n 8192 \
       --out "$DIR/profile-call-llama8b-$S.md"
     pack "$cmd" ;;
-  e2e-graphs)  # TTFT of the 8B shape at 8K with the per-layer graphs (headline), eager and whole-graph rows
+  e2e-graphs)  # TTFT of the 8B shape at 8K with the per-layer graphs (headline), eager and whole-graph rows;
+    # test_attention.py whole (its tests take the device fixture, so "-m gpu" of the call above skipped them)
+    step pytest-attention 150 python3 -m pytest -q -n 12 -p no:cacheprovider tests/test_attention.py \
+      tests/test_kernel_variants.py
     step e2e-8k 300 python3 scripts/bench_e2e.py --parts llama8b --lengths 8192 --topk 0.5 0.2 --eager-rows \
       --whole-graph --out "$RUNS/e2e-$S-8k-graphs.csv"
     pack "$cmd" ;;
@@ -211,7 +214,10 @@ PY
     step profile-llama8b 60 python3 scripts/profile_attention_call.py --shape llama8b --n 8192 \
       --out "$DIR/profile-call-llama8b-$S.md"
     pack "$cmd" ;;
-  e2e-graphs)  # TTFT of the 8B shape at 8K with the per-layer graphs (headline), eager and whole-graph rows
+  e2e-graphs)  # TTFT of the 8B shape at 8K with the per-layer graphs (headline), eager and whole-graph rows;
+    # test_attention.py whole (its tests take the device fixture, so "-m gpu" of the call above skipped them)
+    step pytest-attention 150 python3 -m pytest -q -n 12 -p no:cacheprovider tests/test_attention.py \
+      tests/test_kernel_variants.py
     step e2e-8k 300 python3 scripts/bench_e2e.py --parts llama8b --lengths 8192 --topk 0.5 0.2 --eager-rows \
       --whole-graph --out "$RUNS/e2e-$S-8k-graphs.csv"
     pack "$cmd" ;;
