@@ -19,8 +19,10 @@ block pairs summed over heads, ``skipped`` = computed pairs whose P.V stage 2 sk
   e.g. INT8 quantization done inside the predictor's pass instead of by the kernel call).
 
 - ``host_ms[<key>]`` (optional): the host's time to issue one call of that kernel key (``dense``:
-  one SDPA call; a sparse key: a whole ``sparge_attn`` call of that variant, validation and every
-  launch), measured at a shape whose GPU work is negligible. A call cannot finish faster than the
+  one SDPA call; a sparse key: a whole ``sparge_attn`` call of that variant as ``apply`` runs a
+  repeated layer call, replayed from a CUDA graph, unless the profile was run with
+  ``--eager-host-floors``: validation and every launch), measured at a shape whose GPU work is
+  negligible. A call cannot finish faster than the
   host issues it, so every prediction is ``max(host_ms[key], GPU time)``: on a small model (SmolLM2:
   9 heads, head dim 64) the host floor, not the kernel, decides whether a sparse layer pays.
 

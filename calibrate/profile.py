@@ -22,8 +22,10 @@ so stage 2 has blocks to skip).
 - the whole ``sparge_attn`` (top-k maps) per quantization, stage 2 on and off: ``launch_ms`` is what
   it costs beyond the predictor and kernel fits, and its prediction error is reported in ``checks``;
 - the host floors ``host_ms``: the host's time to issue one whole call of each variant (and of SDPA)
-  at a tiny shape (``HOST_FLOOR_SHAPE``), queued without synchronising (``--host-floor-only`` adds
-  them to an existing file).
+  at a tiny shape (``HOST_FLOOR_SHAPE``), queued without synchronising; a sparse call is timed as
+  ``apply`` runs a repeated layer call, replayed from a CUDA graph (``--eager-host-floors``: issued
+  eagerly, the cost of a length seen once or of ``cuda_graphs=False``). ``--host-floor-only``
+  replaces the floors of an existing file.
 
 ``--dry-run`` runs the same sweep and fit on CPU at tiny shapes with a fake timer whose costs are
 known (``FAKE_COSTS``): a test of the command, not a measurement; the file says so. Without a GPU
@@ -284,6 +286,7 @@ def measure(sweep: Sweep, device, *, dry_run: bool) -> list[Measured]:
 #: the host-floor shape: small enough that the GPU work is negligible next to issuing the call
 HOST_FLOOR_SHAPE = dict(heads=4, n=1024)
 #: the dry run's host floors (ms), per kernel key
+FAKE_GRAPH_FACTOR = 0.2  # the dry run's replayed call, x its eager fake floor
 FAKE_HOST_MS = {"dense": 0.01, "none": 0.3, "none+pv": 0.35, "int8": 0.32, "int8+pv": 0.37,
                 "int8-fp8": 0.33, "int8-fp8+pv": 0.38}
 
@@ -307,9 +310,15 @@ def host_ms_per_call(fn: Callable, calls: int = 50, repeats: int = 3) -> float:
     return best
 
 
-def measure_host_floor(sweep: Sweep, device, *, dry_run: bool) -> dict[str, float]:
+def measure_host_floor(sweep: Sweep, device, *, dry_run: bool, graphs: bool = True) -> dict[str, float]:
     """``host_ms`` of the cost model: per kernel key (dense and each quantization with stage 2 off and
-    on), the host time of one whole call at ``HOST_FLOOR_SHAPE`` (the largest over the head dims)."""
+    on), the host time of one whole call at ``HOST_FLOOR_SHAPE`` (the largest over the head dims).
+    ``graphs``: a sparse call is timed as ``apply`` runs a repeated layer call, replayed from a CUDA
+    graph (``sparge_core.graphs``; copies of Q/K/V in); False: issued eagerly. Dense SDPA is always
+    eager (``apply`` hands dense layers to the model's own SDPA)."""
+    from sparge_core.graphs import GraphCache
+
+    cache_graphs = GraphCache()
     floors: dict[str, float] = {}
     for head_dim in sweep.head_dims:
         cases = [Case("dense", HOST_FLOOR_SHAPE["n"], head_dim, HOST_FLOOR_SHAPE["heads"], True)]
@@ -320,9 +329,14 @@ def measure_host_floor(sweep: Sweep, device, *, dry_run: bool) -> dict[str, floa
         for case in cases:
             key = DENSE if case.kind == "dense" else kernel_key(case.quant, case.pvthreshd is not None)
             if dry_run:
-                ms = FAKE_HOST_MS[key]
+                ms = FAKE_HOST_MS[key] * (FAKE_GRAPH_FACTOR if graphs and key != DENSE else 1.0)
             else:
-                ms = host_ms_per_call(_call(case, _inputs(case, device, cache)[0], None))
+                qkv = _inputs(case, device, cache)[0]
+                fn = _call(case, qkv, None)
+                if graphs and key != DENSE:
+                    fn = (lambda case=case, qkv=qkv: cache_graphs.run(
+                        case.label(), lambda q, k, v: _call(case, (q, k, v), None)(), qkv))
+                ms = host_ms_per_call(fn)
             floors[key] = max(floors.get(key, 0.0), ms)
             logger.info("host floor %s d=%d: %.4f ms per call", key, head_dim, ms)
     return floors
@@ -602,7 +616,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", nargs="+", default=None, help="combine cost models of one GPU made by separate runs "
                    "(e.g. one per head dim) into --out; later files win where both have an entry")
     p.add_argument("--host-floor-only", action="store_true", help="measure only the host floors (host_ms: the "
-                   "host's time to issue one call) and write them into the existing cost model --out")
+                   "host's time to issue one call) and write them into the existing cost model --out, replacing "
+                   "the floors it had")
+    p.add_argument("--eager-host-floors", action="store_true", help="time the sparse calls' host floors issued "
+                   "eagerly (as apply(..., cuda_graphs=False) or a length seen once runs them) instead of replayed "
+                   "from a CUDA graph (as apply runs a repeated layer call, the default)")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -724,9 +742,10 @@ def _main(args) -> int:
             raise ProfileInputError(f"--host-floor-only updates an existing cost model: {err}") from err
         if not args.dry_run and model.gpu != gpu:
             raise ProfileInputError(f"{out} describes {model.gpu}, not this {gpu}; profile this card first")
-        host = measure_host_floor(sweep, device, dry_run=args.dry_run)
-        note = f"host_ms: python -m calibrate.profile --host-floor-only, {_dt.date.today().isoformat()}"
-        model = CostModel(**{**model.__dict__, "host_ms": {**model.host_ms, **host},
+        host = measure_host_floor(sweep, device, dry_run=args.dry_run, graphs=not args.eager_host_floors)
+        how = "eager" if args.eager_host_floors else "CUDA-graph replay"
+        note = f"host_ms ({how}): python -m calibrate.profile --host-floor-only, {_dt.date.today().isoformat()}"
+        model = CostModel(**{**model.__dict__, "host_ms": host,
                              "source": f"{model.source} + {note}" if model.source else note})
         model.save(out)
         CostModel.load(out)
@@ -734,7 +753,7 @@ def _main(args) -> int:
         return 0
     points = measure(sweep, device, dry_run=args.dry_run)
     model = fit_sweep(points, gpu=gpu, source=source, versions=_versions())
-    host = measure_host_floor(sweep, device, dry_run=args.dry_run)
+    host = measure_host_floor(sweep, device, dry_run=args.dry_run, graphs=not args.eager_host_floors)
     model = CostModel(**{**model.__dict__, "host_ms": host,
                          "checks": {**model.checks, "profile_seconds": round(time.perf_counter() - t0, 1)}})
     model.save(out)

@@ -8,7 +8,9 @@
   milliseconds per layer (``ms``; for sparse layers also ``dense_ms``, dense SDPA on the same Q/K/V in
   the same run, so ``scripts/predicted_vs_measured.py`` can set a config's predicted speed-up against
   the measured one) and dense-equivalent TOPS (4 n^2 d heads / time, halved: causal). A calibrated
-  config's layers run what the config says (its variant: quantization, stage 2 on or off).
+  config's layers run what the config says (its variant: quantization, stage 2 on or off). A sparse
+  layer's call is timed as ``apply`` runs it at a repeated length: replayed from a CUDA graph
+  (``sparge_core.graphs``, the copies of Q/K/V in included; eager on a CPU).
 
 On a CPU the suite runs (the reference backend), and results say ``CPU``: its numbers say nothing
 about GPU speed.
@@ -74,8 +76,14 @@ def capture_layers(model, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, to
 
 
 def attention_ms(layers: dict[int, tuple], method_for_layer, device: torch.device, *, backend: str = "auto",
-                 repeats: int = 3) -> dict[int, dict[str, float]]:
-    """Per layer: the method's attention time (prediction included) and its density."""
+                 repeats: int = 3, cuda_graphs: bool = True) -> dict[int, dict[str, float]]:
+    """Per layer: the method's attention time (prediction included) and its density. ``cuda_graphs``: a
+    sparse layer's call is timed as ``apply`` runs it at a repeated length, replayed from a CUDA graph
+    (``sparge_core.graphs``; the copies of Q/K/V in included; eager where a graph cannot be used, e.g.
+    on a CPU); False: issued eagerly."""
+    from sparge_core.graphs import GraphCache
+
+    graphs = GraphCache()
     out = {}
     for layer, (q, k, v) in sorted(layers.items()):
         method = method_for_layer(layer)
@@ -88,8 +96,11 @@ def attention_ms(layers: dict[int, tuple], method_for_layer, device: torch.devic
             out[layer] = {"ms": _time(dense, device, repeats), "density": 1.0}
             continue
 
-        def run(m=method, q=q, k=k, v=v):
+        def call(q, k, v, m=method):
             return m(q, k, v, is_causal=True, backend=backend)
+
+        def run(q=q, k=k, v=v, layer=layer):
+            return graphs.run(layer, call, (q, k, v)) if cuda_graphs else call(q, k, v)
 
         density = method.attend(q, k, v, is_causal=True, backend=backend)[1].density
         out[layer] = {"ms": _time(run, device, repeats), "density": density, "dense_ms": _time(dense, device, repeats)}
@@ -125,4 +136,6 @@ def run_speed(model, tokenizer, setting, lengths: list[int], corpus, *, backend:
         del layers
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return {"lengths": rows, "cpu_only": device.type != "cuda"}
+    return {"lengths": rows, "cpu_only": device.type != "cuda",
+            "attention_timing": "sparse layers: CUDA-graph replay (as apply runs a repeated length)"
+            if device.type == "cuda" else "eager"}

@@ -18,7 +18,7 @@ from calibrate.cost import (
     fit_linear,
     gpu_slug,
 )
-from calibrate.profile import FAKE_COSTS, FAKE_HOST_MS
+from calibrate.profile import FAKE_COSTS, FAKE_GRAPH_FACTOR, FAKE_HOST_MS
 from calibrate.profile import main as profile_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -221,18 +221,25 @@ def test_profile_dry_run_fits_the_fake_timer_costs(tmp_path):
     for quant in ("none", "int8"):
         assert m.launch(quant) == pytest.approx(FAKE_COSTS[f"launch/{quant}"], abs=0.02)
         assert m.checks[f"sparge_attn.{quant}"]["rms_rel"] < 0.03
-    assert m.host_ms == {k: FAKE_HOST_MS[k] for k in ("dense", "none", "none+pv", "int8", "int8+pv")}
+    replayed = {k: FAKE_HOST_MS[k] * (1.0 if k == "dense" else FAKE_GRAPH_FACTOR)
+                for k in ("dense", "none", "none+pv", "int8", "int8+pv")}
+    assert m.host_ms == pytest.approx(replayed)
 
 
 def test_profile_host_floor_only_updates_an_existing_model(tmp_path, capsys):
     out = tmp_path / "c.json"
     assert profile_main(["--host-floor-only", "--dry-run", "--quiet", "--out", str(out)]) == 2
     assert "existing cost model" in capsys.readouterr().err
-    CostModel.from_dict(_model(host_ms={"dense": 9.0})).save(out)
+    CostModel.from_dict(_model(host_ms={"dense": 9.0, "int8+pv": 5.0})).save(out)
     assert profile_main(["--host-floor-only", "--dry-run", "--quiet", "--out", str(out)]) == 0
-    m = CostModel.load(out)
-    assert m.host_ms["dense"] == FAKE_HOST_MS["dense"] and m.host_ms["int8+pv"] == FAKE_HOST_MS["int8+pv"]
+    m = CostModel.load(out)  # the floors are replaced, larger old ones included; sparse ones are replayed calls
+    assert m.host_ms["dense"] == FAKE_HOST_MS["dense"]
+    assert m.host_ms["int8+pv"] == pytest.approx(FAKE_HOST_MS["int8+pv"] * FAKE_GRAPH_FACTOR)
     assert m.kernels == CostModel.from_dict(_model()).kernels and "--host-floor-only" in m.source
+    assert "CUDA-graph replay" in m.source
+    assert profile_main(["--host-floor-only", "--eager-host-floors", "--dry-run", "--quiet", "--out", str(out)]) == 0
+    m = CostModel.load(out)
+    assert m.host_ms["int8+pv"] == FAKE_HOST_MS["int8+pv"] and "eager" in m.source
 
 
 def test_profile_from_the_committed_bench_csv_reproduces_the_shipped_file(tmp_path):
