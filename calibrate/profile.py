@@ -310,6 +310,14 @@ def host_ms_per_call(fn: Callable, calls: int = 50, repeats: int = 3) -> float:
     return best
 
 
+def _replayed(graphs, case: Case, qkv) -> Callable:
+    """``case``'s call as ``apply`` runs a repeated layer call: from a CUDA graph of ``graphs``."""
+    def call(q, k, v):
+        return _call(case, (q, k, v), None)()
+
+    return lambda: graphs.run(case.label(), call, qkv)
+
+
 def measure_host_floor(sweep: Sweep, device, *, dry_run: bool, graphs: bool = True) -> dict[str, float]:
     """``host_ms`` of the cost model: per kernel key (dense and each quantization with stage 2 off and
     on), the host time of one whole call at ``HOST_FLOOR_SHAPE`` (the largest over the head dims).
@@ -334,8 +342,7 @@ def measure_host_floor(sweep: Sweep, device, *, dry_run: bool, graphs: bool = Tr
                 qkv = _inputs(case, device, cache)[0]
                 fn = _call(case, qkv, None)
                 if graphs and key != DENSE:
-                    fn = (lambda case=case, qkv=qkv: cache_graphs.run(
-                        case.label(), lambda q, k, v: _call(case, (q, k, v), None)(), qkv))
+                    fn = _replayed(cache_graphs, case, qkv)
                 ms = host_ms_per_call(fn)
             floors[key] = max(floors.get(key, 0.0), ms)
             logger.info("host floor %s d=%d: %.4f ms per call", key, head_dim, ms)
