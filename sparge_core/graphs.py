@@ -23,6 +23,11 @@ How ``GraphCache.run(owner, fn, inputs)`` treats a call:
 - At most ``max_geometries`` geometries are kept; the least recently used one is dropped with its
   graphs and buffers. A key whose capture fails runs eagerly from then on (logged once).
 
+Memory: every graph keeps its output (and the pool its largest intermediates), so a geometry costs
+about one attention output per layer: 0.3 GB for SmolLM2 at 8K, 2 GB for a Llama-3.1-8B shape at 8K
+(32 layers x 64 MiB); hence the default of two geometries. A capture that runs out of memory leaves
+its key eager.
+
 Limits: a replay reads the static buffers, so callers must not run two calls of one geometry
 concurrently on different streams; the first two calls of a new length pay the eager cost (the
 second also the capture, about a millisecond per layer), so workloads whose lengths never repeat
@@ -98,7 +103,7 @@ class _Geometry:
 class GraphCache:
     """CUDA graphs of repeated calls, per owner and input geometry (see the module docstring)."""
 
-    def __init__(self, max_geometries: int = 4):
+    def __init__(self, max_geometries: int = 2):
         if not isinstance(max_geometries, int) or max_geometries < 1:
             raise ValueError(f"max_geometries must be an integer >= 1, got {max_geometries!r}")
         self.max_geometries = max_geometries
