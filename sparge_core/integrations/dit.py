@@ -43,6 +43,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from ..graphs import GraphCache
 from ..methods import AttentionMethod, get_method
 from ..methods.sparge import Sparge
 from ..params import ModelConfig
@@ -131,7 +132,9 @@ def install(model: torch.nn.Module, fn: AttentionFn) -> Installed:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class LayerStats:
-    """Block counts of one layer summed over calls, plus calls and attention seconds."""
+    """Block counts of one layer summed over calls, plus calls and attention seconds. A call's counts
+    are added on the device (``add_counts``: no host read per call); ``settle`` (done by the figures
+    and by ``SparseDiTAttention.summary``) reads them into the integer fields once."""
 
     allowed: int = 0
     computed: int = 0
@@ -139,14 +142,29 @@ class LayerStats:
     calls: int = 0
     seconds: float = 0.0
     dense_flops: float = 0.0  # 4 * B * H * Nq * Nk * D per call: what dense attention would compute
+    _pending: torch.Tensor | None = field(default=None, repr=False)  # (3,) int64: allowed, computed, skipped
+
+    def add_counts(self, counts: torch.Tensor) -> None:
+        """Add one call's ``(allowed, computed, pv_skipped)`` totals (a (3,) tensor on any device)."""
+        self._pending = counts.to(torch.long, copy=True) if self._pending is None else self._pending + counts
+
+    def settle(self) -> LayerStats:
+        if self._pending is not None:
+            allowed, computed, skipped = (int(x) for x in self._pending.tolist())
+            self.allowed, self.computed, self.pv_skipped = (self.allowed + allowed, self.computed + computed,
+                                                            self.pv_skipped + skipped)
+            self._pending = None
+        return self
 
     @property
     def sparsity(self) -> float:
         """Paper definition: skipped (QK + PV) block products / dense total."""
+        self.settle()
         return (2 * (self.allowed - self.computed) + self.pv_skipped) / (2 * self.allowed) if self.allowed else 0.0
 
     @property
     def qk_sparsity(self) -> float:
+        self.settle()
         return (self.allowed - self.computed) / self.allowed if self.allowed else 0.0
 
 
@@ -162,6 +180,8 @@ class SparseDiTAttention:
     quant: str = "auto"
     time_attention: bool = False
     stats: dict[int, LayerStats] = field(default_factory=dict)
+    cuda_graphs: bool = True  # replay a repeated call from a CUDA graph (sparge_core.graphs)
+    graphs: GraphCache = field(default_factory=GraphCache, repr=False)
 
     @classmethod
     def from_method(cls, name: str, layout: TokenLayout, *, order: str = "hilbert", params: dict | None = None,
@@ -196,23 +216,32 @@ class SparseDiTAttention:
         self.layout.check(q.shape[2])
         order = self.token_order(q.device)
         start = self.layout.text_before
-        qp, kp, vp = (permute_tokens(x, order, start) for x in (q, k, v))
         method = self.methods(layer_idx)
+
+        def call(q, k, v):
+            qp, kp, vp = (permute_tokens(x, order, start) for x in (q, k, v))
+            out, stats = method.attend(qp, kp, vp, is_causal=False, backend=self.backend, quant=self.quant)
+            counts = torch.stack([stats.allowed_blocks.sum(), stats.computed_blocks.sum(),
+                                  stats.pv_skipped_blocks.sum()])
+            return unpermute_tokens(out, order, start), counts
+
         if self.time_attention and q.is_cuda:
             torch.cuda.synchronize(q.device)
         t0 = time.perf_counter()
-        out, stats = method.attend(qp, kp, vp, is_causal=False, backend=self.backend, quant=self.quant)
+        if self.cuda_graphs:
+            owner = (layer_idx, id(method), self.order, self.order_seed, start, self.backend, self.quant)
+            out, counts = self.graphs.run(owner, call, (q, k, v), keep=(method, order), clone=(0,))
+        else:
+            out, counts = call(q, k, v)
         if self.time_attention and q.is_cuda:
             torch.cuda.synchronize(q.device)
         seconds = time.perf_counter() - t0
         st = self.stats.setdefault(layer_idx, LayerStats())
-        st.allowed += int(stats.allowed_blocks.sum())
-        st.computed += int(stats.computed_blocks.sum())
-        st.pv_skipped += int(stats.pv_skipped_blocks.sum())
+        st.add_counts(counts)  # (a new tensor at once: a later replay may overwrite ``counts``)
         st.calls += 1
         st.seconds += seconds
         st.dense_flops += 4.0 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]
-        return unpermute_tokens(out, order, start)
+        return out
 
     def reset_stats(self) -> None:
         self.stats.clear()
@@ -222,6 +251,7 @@ class SparseDiTAttention:
         with ``time_attention``)."""
         total = LayerStats()
         for st in self.stats.values():
+            st.settle()
             total.allowed += st.allowed
             total.computed += st.computed
             total.pv_skipped += st.pv_skipped
