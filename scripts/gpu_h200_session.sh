@@ -61,7 +61,7 @@ case "|$CALLS|" in *"|$cmd|"*) ;; *) echo "unknown call $cmd (one of $CALLS)" >&
   e2e-graphs)  # TTFT of the 8B shape at 8K with the per-layer graphs (headline), eager and whole-graph rows;
     # test_attention.py whole (its tests take the device fixture, so "-m gpu" of the call above skipped them);
     # the host floors of replayed calls, kept outside the repo copy for the smollm2-graphs call
-    step pytest-attention 150 python3 -m pytest -q -n 12 -p no:cacheprovider tests/test_attention.py \
+    step pytest-attention 150 python3 -m pytest -q -n 12 -p no:cacheprovider tests/test_attention.py tests/test_graphs.py \
       tests/test_kernel_variants.py tests/test_cost.py
     floors=$HOME/.cache/sparge/$S-cost-graphs.json; mkdir -p "$(dirname "$floors")"
     cp "results/kernel/$S-cost.json" "$floors"
@@ -241,7 +241,7 @@ PY
     pack "$cmd" ;;
   e2e-graphs)  # TTFT of the 8B shape at 8K with the per-layer graphs (headline), eager and whole-graph rows;
     # test_attention.py whole (its tests take the device fixture, so "-m gpu" of the call above skipped them)
-    step pytest-attention 150 python3 -m pytest -q -n 12 -p no:cacheprovider tests/test_attention.py \
+    step pytest-attention 150 python3 -m pytest -q -n 12 -p no:cacheprovider tests/test_attention.py tests/test_graphs.py \
       tests/test_kernel_variants.py
     step e2e-8k 300 python3 scripts/bench_e2e.py --parts llama8b --lengths 8192 --topk 0.5 0.2 --eager-rows \
       --whole-graph --out "$RUNS/e2e-$S-8k-graphs.csv"
