@@ -37,9 +37,8 @@
 #       defaults, pipeline, integrations); profile_attention_call with the graph rows
 #   call 2 (carry .bundle-smollm2/part-002): ... e2e-graphs    TTFT of the 8B shape at 8K, eager and graph rows
 #   call 2 also measures the host floors of replayed calls (kept on the device for call 5)
-#   call 3 (carry .bundle-smollm2/part-002): ... calib-8b-long the 8B calibration with a 480 s step and
-#       /usr/bin/time -v (peak host memory)
-#   call 4 (carry .bundle-smollm2/part-003): ... stage          the cost-model tests, to stage the part
+#   calls 3, 4 (carry .bundle-smollm2/part-002, then part-003): ... stage   the cost-model tests, to
+#       stage the parts (calib-8b-long: the 8B calibration with a 480 s step, when device time is left)
 #   call 5 (carry .bundle-calib .bundle-smollm2/part-004): ... smollm2-graphs   SmolLM2: a time-objective
 #       calibration against those floors, evals speed, predicted vs measured; TTFT with it and with the
 #       committed config: per-layer graphs, eager, and the whole prefill in one CUDA graph
@@ -96,10 +95,8 @@ case "|$CALLS|" in *"|$cmd|"*) ;; *) echo "unknown call $cmd (one of $CALLS)" >&
         --speed runs/speed-time-graphs/speed/smollm2/sparge.json \
         --out "$cal/smollm2-time-graphs-$S-predicted-vs-measured.md"
       cp -r runs/speed-time-graphs "$DIR/" 2>/dev/null
-      step e2e-smollm2-time 120 python3 scripts/bench_e2e.py --parts smollm2 --eager-rows --whole-graph \
-        --config "$cal/smollm2-time-graphs-$S.json" --out "$RUNS/e2e-$S-smollm2-time-graphs.csv"
     fi
-    step e2e-smollm2 150 python3 scripts/bench_e2e.py --parts smollm2 --eager-rows --whole-graph \
+    step e2e-smollm2 170 python3 scripts/bench_e2e.py --parts smollm2 --eager-rows --whole-graph \
       --out "$RUNS/e2e-$S-smollm2-graphs.csv"
     pack "$cmd" ;;
 esac
