@@ -49,57 +49,7 @@ source "$(dirname "$0")/gpu_session_common.sh"
 
 CALLS="check-tune|check-bench|tune-accuracy|fa4-e2e|verify-128k|profile-e2e|e2e-128k|fa4-bench|calib-8b|tune-quant|e2e-8k|smollm2|verify-host|graphs|e2e-graphs|calib-8b-long|stage|smollm2-graphs"
 cmd=${1:?$CALLS}; shift
-case "|$CALLS|" in *"|$cmd|"*) ;; *) echo "unknown call $cmd (one of $CALLS)" >&2; exit 2 ;;   graphs)  # per-layer CUDA graphs on the GPU; the kernels at the new INT8 defaults; where a call's time goes
-    step pytest-gpu 330 python3 -m pytest -q -n 12 -p no:cacheprovider -m gpu tests/test_graphs.py \
-      tests/test_gpu.py tests/test_attention.py tests/test_integration_pipeline.py tests/test_integration_transformers.py
-    step profile-smollm2 90 python3 scripts/profile_attention_call.py --shape smollm2 --n 2048 8192 \
-      --out "$DIR/profile-call-smollm2-$S.md"
-    step profile-llama8b 60 python3 scripts/profile_attention_call.py --shape llama8b --n 8192 \
-      --out "$DIR/profile-call-llama8b-$S.md"
-    pack "$cmd" ;;
-  e2e-graphs)  # TTFT of the 8B shape at 8K with the per-layer graphs (headline), eager and whole-graph rows;
-    # test_attention.py whole (its tests take the device fixture, so "-m gpu" of the call above skipped them);
-    # the host floors of replayed calls, kept outside the repo copy for the smollm2-graphs call
-    step pytest-attention 150 python3 -m pytest -q -n 12 -p no:cacheprovider tests/test_attention.py tests/test_graphs.py \
-      tests/test_kernel_variants.py tests/test_cost.py
-    floors=$HOME/.cache/sparge/$S-cost-graphs.json; mkdir -p "$(dirname "$floors")"
-    cp "results/kernel/$S-cost.json" "$floors"
-    step host-floor 60 python3 -m calibrate.profile --host-floor-only --out "$floors"
-    cp "$floors" "$DIR/$S-cost.json"
-    step e2e-8k 240 python3 scripts/bench_e2e.py --parts llama8b --lengths 8192 --topk 0.5 0.2 --eager-rows \
-      --whole-graph --out "$RUNS/e2e-$S-8k-graphs.csv"
-    pack "$cmd" ;;
-  calib-8b-long)  # the 8B shape calibrated on 5 (+1 held-out) x 32K windows, to the end; peak host memory
-    cap=$HOME/l8b.capture; rm -rf "$cap"
-    timev=(); [ -x /usr/bin/time ] && timev=(/usr/bin/time -v)
-    step calib-8b 480 "${timev[@]}" python3 -m calibrate --model llama8b-random --data pydoc --samples 5 \
-      --holdout 1 --seq-len 32768 --query-blocks 32 --device cuda --capture-dir "$cap" \
-      --out "$DIR/llama8b-random-5x32k-$S.json"
-    du -sb "$cap" > "$DIR/capture-du.txt" 2>&1; cat "$DIR/capture-du.txt"
-    rm -rf "$cap"
-    pack "$cmd" ;;
-  stage)  # nothing but the bundle part it carries (and the GPU tests of the cost model and objective)
-    step pytest-cost 60 python3 -m pytest -q -p no:cacheprovider tests/test_cost.py tests/test_objective.py
-    pack "$cmd" ;;
-  smollm2-graphs)  # SmolLM2: time-objective calibration against the replayed-call floors, speed, TTFT
-    floors=$HOME/.cache/sparge/$S-cost-graphs.json
-    [ -f "$floors" ] || floors=results/kernel/$S-cost.json
-    cal=$DIR/calibration; mkdir -p "$cal"
-    step calib-time 150 python3 -m calibrate --model smollm2 --data pydoc --samples 5 --seq-len 8192 --device cuda \
-      --estimator keys,pooled --objective time --cost-model "$floors" --capture-dir runs/smollm2.capture \
-      --out "$cal/smollm2-time-graphs-$S.json"
-    if [ -f "$cal/smollm2-time-graphs-$S.json" ]; then
-      step speed-time 100 python3 -m evals speed --model smollm2 --config "$cal/smollm2-time-graphs-$S.json" \
-        --methods sparge --lengths 2048 8192 --device cuda --out runs/speed-time-graphs
-      step compare-time 30 python3 scripts/predicted_vs_measured.py --config "$cal/smollm2-time-graphs-$S.json" \
-        --speed runs/speed-time-graphs/speed/smollm2/sparge.json \
-        --out "$cal/smollm2-time-graphs-$S-predicted-vs-measured.md"
-      cp -r runs/speed-time-graphs "$DIR/" 2>/dev/null
-    fi
-    step e2e-smollm2 170 python3 scripts/bench_e2e.py --parts smollm2 --eager-rows --whole-graph \
-      --out "$RUNS/e2e-$S-smollm2-graphs.csv"
-    pack "$cmd" ;;
-esac
+case "|$CALLS|" in *"|$cmd|"*) ;; *) echo "unknown call $cmd (one of $CALLS)" >&2; exit 2 ;; esac
 DIR=$OUT/$cmd; mkdir -p "$DIR"
 for part in "$@"; do bash scripts/stage_wheels.sh receive "$part" >> "$DIR/stage.log" 2>&1; done
 # the calibration extra's wheels and the SmolLM2 bundle (third session): installed outside the repo copy
@@ -237,10 +187,15 @@ PY
       --out "$DIR/profile-call-llama8b-$S.md"
     pack "$cmd" ;;
   e2e-graphs)  # TTFT of the 8B shape at 8K with the per-layer graphs (headline), eager and whole-graph rows;
-    # test_attention.py whole (its tests take the device fixture, so "-m gpu" of the call above skipped them)
+    # test_attention.py whole (its tests take the device fixture, so "-m gpu" of the call above skipped them);
+    # the host floors of replayed calls, kept outside the repo copy for the smollm2-graphs call
     step pytest-attention 150 python3 -m pytest -q -n 12 -p no:cacheprovider tests/test_attention.py tests/test_graphs.py \
-      tests/test_kernel_variants.py
-    step e2e-8k 300 python3 scripts/bench_e2e.py --parts llama8b --lengths 8192 --topk 0.5 0.2 --eager-rows \
+      tests/test_kernel_variants.py tests/test_cost.py
+    floors=$HOME/.cache/sparge/$S-cost-graphs.json; mkdir -p "$(dirname "$floors")"
+    cp "results/kernel/$S-cost.json" "$floors"
+    step host-floor 60 python3 -m calibrate.profile --host-floor-only --out "$floors"
+    cp "$floors" "$DIR/$S-cost.json"
+    step e2e-8k 240 python3 scripts/bench_e2e.py --parts llama8b --lengths 8192 --topk 0.5 0.2 --eager-rows \
       --whole-graph --out "$RUNS/e2e-$S-8k-graphs.csv"
     pack "$cmd" ;;
   calib-8b-long)  # the 8B shape calibrated on 5 (+1 held-out) x 32K windows, to the end; peak host memory
@@ -252,10 +207,25 @@ PY
     du -sb "$cap" > "$DIR/capture-du.txt" 2>&1; cat "$DIR/capture-du.txt"
     rm -rf "$cap"
     pack "$cmd" ;;
-  smollm2-graphs)  # SmolLM2 TTFT with the committed config: per-layer graphs, eager, whole prefill graphed
-    step e2e-smollm2 300 python3 scripts/bench_e2e.py --parts smollm2 --eager-rows --whole-graph \
+  stage)  # nothing but the bundle part it carries (and the GPU tests of the cost model and objective)
+    step pytest-cost 60 python3 -m pytest -q -p no:cacheprovider tests/test_cost.py tests/test_objective.py
+    pack "$cmd" ;;
+  smollm2-graphs)  # SmolLM2: time-objective calibration against the replayed-call floors, speed, TTFT
+    floors=$HOME/.cache/sparge/$S-cost-graphs.json
+    [ -f "$floors" ] || floors=results/kernel/$S-cost.json
+    cal=$DIR/calibration; mkdir -p "$cal"
+    step calib-time 150 python3 -m calibrate --model smollm2 --data pydoc --samples 5 --seq-len 8192 --device cuda \
+      --estimator keys,pooled --objective time --cost-model "$floors" --capture-dir runs/smollm2.capture \
+      --out "$cal/smollm2-time-graphs-$S.json"
+    if [ -f "$cal/smollm2-time-graphs-$S.json" ]; then
+      step speed-time 100 python3 -m evals speed --model smollm2 --config "$cal/smollm2-time-graphs-$S.json" \
+        --methods sparge --lengths 2048 8192 --device cuda --out runs/speed-time-graphs
+      step compare-time 30 python3 scripts/predicted_vs_measured.py --config "$cal/smollm2-time-graphs-$S.json" \
+        --speed runs/speed-time-graphs/speed/smollm2/sparge.json \
+        --out "$cal/smollm2-time-graphs-$S-predicted-vs-measured.md"
+      cp -r runs/speed-time-graphs "$DIR/" 2>/dev/null
+    fi
+    step e2e-smollm2 170 python3 scripts/bench_e2e.py --parts smollm2 --eager-rows --whole-graph \
       --out "$RUNS/e2e-$S-smollm2-graphs.csv"
-    step e2e-smollm2-time 200 python3 scripts/bench_e2e.py --parts smollm2 --eager-rows --whole-graph \
-      --config results/calibration/smollm2-time-h200.json --out "$RUNS/e2e-$S-smollm2-time-graphs.csv"
     pack "$cmd" ;;
 esac
