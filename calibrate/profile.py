@@ -315,7 +315,7 @@ def _replayed(graphs, case: Case, qkv) -> Callable:
     def call(q, k, v):
         return _call(case, (q, k, v), None)()
 
-    return lambda: graphs.run(case.label(), call, qkv)
+    return lambda: graphs.run(case.label, call, qkv)
 
 
 def measure_host_floor(sweep: Sweep, device, *, dry_run: bool, graphs: bool = True) -> dict[str, float]:
