@@ -42,12 +42,16 @@
 #   call 5 (carry .bundle-calib .bundle-smollm2/part-004): ... smollm2-graphs   SmolLM2: a time-objective
 #       calibration against those floors, evals speed, predicted vs measured; TTFT with it and with the
 #       committed config: per-layer graphs, eager, and the whole prefill in one CUDA graph
+# The fifth session (the same calls as the fourth, then, with the bundle staged again by three stage-only calls):
+#   call (carry .bundle-calib .bundle-smollm2/part-004): ... smollm2-whole   TTFT with the whole prefill graphed
+#       against both dense graphs (transformers' masked SDPA path and the causal SDPA path) for SmolLM2's
+#       committed and replayed-floor configs, and for the 8B shape at 8K
 # scripts/gpu_kernel_session.sh is the longer plan (the full tuner).
 set -uo pipefail
 STEP_TAIL=15
 source "$(dirname "$0")/gpu_session_common.sh"
 
-CALLS="check-tune|check-bench|tune-accuracy|fa4-e2e|verify-128k|profile-e2e|e2e-128k|fa4-bench|calib-8b|tune-quant|e2e-8k|smollm2|verify-host|graphs|e2e-graphs|calib-8b-long|stage|smollm2-graphs"
+CALLS="check-tune|check-bench|tune-accuracy|fa4-e2e|verify-128k|profile-e2e|e2e-128k|fa4-bench|calib-8b|tune-quant|e2e-8k|smollm2|verify-host|graphs|e2e-graphs|calib-8b-long|stage|smollm2-graphs|stage-only|smollm2-whole"
 cmd=${1:?$CALLS}; shift
 case "|$CALLS|" in *"|$cmd|"*) ;; *) echo "unknown call $cmd (one of $CALLS)" >&2; exit 2 ;; esac
 DIR=$OUT/$cmd; mkdir -p "$DIR"
@@ -206,6 +210,17 @@ PY
       --out "$DIR/llama8b-random-5x32k-$S.json"
     du -sb "$cap" > "$DIR/capture-du.txt" 2>&1; cat "$DIR/capture-du.txt"
     rm -rf "$cap"
+    pack "$cmd" ;;
+  stage-only)  # nothing but the bundle part it carries
+    pack "$cmd" ;;
+  smollm2-whole)  # SmolLM2 TTFT, both dense whole-prefill graphs, the committed and the replayed-floor configs;
+    # the 8B shape at 8K with the two dense graphs and a 64%-sparse map
+    step e2e-smollm2 150 python3 scripts/bench_e2e.py --parts smollm2 --whole-graph \
+      --out "$RUNS/e2e-$S-smollm2-whole.csv"
+    step e2e-smollm2-time 150 python3 scripts/bench_e2e.py --parts smollm2 --whole-graph \
+      --config "results/calibration/smollm2-time-graphs-$S.json" --out "$RUNS/e2e-$S-smollm2-time-whole.csv"
+    step e2e-8k 150 python3 scripts/bench_e2e.py --parts llama8b --lengths 8192 --topk 0.2 --whole-graph \
+      --out "$RUNS/e2e-$S-8k-whole.csv"
     pack "$cmd" ;;
   stage)  # nothing but the bundle part it carries (and the GPU tests of the cost model and objective)
     step pytest-cost 60 python3 -m pytest -q -p no:cacheprovider tests/test_cost.py tests/test_objective.py
