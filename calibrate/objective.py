@@ -29,6 +29,11 @@ The time search of a layer (``search_layer_time``):
 5. The layer takes the fastest candidate. Every evaluated point is reported (and recorded as an
    Optuna trial) with its predicted time as the value; so is the dense candidate and the chosen
    point, whose per-head values are those measured where each head sat (heads are independent).
+6. A sparse layer also gets ``min_tokens`` (``crossover_tokens``): its fixed costs do not shrink with
+   the length as dense attention's time does, so below some length the chosen call is predicted
+   slower than dense SDPA; calls with fewer query tokens then run dense. The calibrated per-head
+   density is assumed to hold at the shorter lengths (an assumption: a top-CDF budget keeps a
+   similar share of a shorter row, a top-k budget exactly the same share).
 """
 
 from __future__ import annotations
@@ -370,11 +375,41 @@ def _result(best: _Candidate, dense: _Candidate, h: int, settings: SearchSetting
         # the value computed as for every evaluation (same floats), so ties with the point it came from are exact
         best.ms = timer.ms_of(best.family, chosen)
         report(dataclasses.replace(chosen, value=best.ms), counted=False)
+    predicted = {"ms": best.ms, "dense_ms": dense.ms}
+    if best.family is not None:
+        predicted["min_tokens"] = crossover_tokens(timer, best.family, best.stage2, best.density,
+                                                   best.pv_skip if best.stage2 else None)
     result = LayerResult(heads, calls, settings.mode, history, variant=variant.to_dict(), estimator=estimator,
-                         predicted={"ms": best.ms, "dense_ms": dense.ms})
+                         predicted=predicted)
     result.cost["pruned"] = pruned
     result.cost["chosen"] = best.name
     return result
+
+
+def crossover_lengths(n_q: int) -> list[int]:
+    """The query lengths below ``n_q`` at which ``crossover_tokens`` compares a layer with dense:
+    ``BLOCK_Q`` x 1, 2, 3, 4, 6, 8, 12, 16, ... (two per octave)."""
+    from sparge_core.ops.blocks import BLOCK_Q
+
+    out, k = [], 1
+    while BLOCK_Q * k < n_q:
+        out.append(BLOCK_Q * k)
+        k = k + 1 if k < 2 else (k * 3 // 2 if k & (k - 1) == 0 else k * 4 // 3)
+    return out
+
+
+def crossover_tokens(timer: LayerTimer, family: Family, stage2: bool, density, pv_skip=None) -> int:
+    """The fewest query tokens from which this sparse call is predicted faster than dense SDPA at every
+    length of ``crossover_lengths`` up to the calibration length (prefill: as many keys as queries),
+    at the calibrated per-head ``density``; 0 when it is faster at all of them."""
+    shape = timer.shape
+    min_tokens = 0
+    for n in reversed(crossover_lengths(shape.n_q)):
+        at = LayerTimer(timer.cost, CallShape(n, n, shape.heads, shape.head_dim, shape.causal))
+        if at.sparse_ms(family, stage2, density, pv_skip) >= at.dense_ms():
+            return min_tokens or shape.n_q
+        min_tokens = n
+    return 0
 
 
 def chosen_evaluation(result: LayerResult, settings: SearchSettings, value: float) -> Evaluation:

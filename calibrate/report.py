@@ -20,7 +20,8 @@ def layer_config(layer: int, res: LayerResult, default_estimator: str, local_blo
     return LayerConfig(
         layer=layer, simthreshd1=tuple(h.simthreshd1 for h in res.heads), pvthreshd=tuple(h.pvthreshd for h in res.heads),
         sparsity=round(res.sparsity, 6), l1=round(res.l1, 6), estimator=res.estimator or default_estimator,
-        variant=variant, predicted=predicted, local_blocks=local_blocks, **{key: tuple(h.budget for h in res.heads)})
+        variant=variant, predicted=predicted, local_blocks=local_blocks,
+        min_tokens=int((res.predicted or {}).get("min_tokens", 0)), **{key: tuple(h.budget for h in res.heads)})
 
 
 def predicted_speedup(config: ModelConfig) -> dict[str, float] | None:
@@ -88,6 +89,11 @@ def summary(config: ModelConfig, holdout: dict[int, dict[str, float]]) -> str:
                  + (f" ({cal['workers']} workers)" if cal.get("workers", 1) > 1 else ""))
     if "objective" in cal:
         lines.append(f"objective: {cal['objective']} ({cal.get('objective_reason', '')})")
+    gated = [lc for lc in config.layers if lc.min_tokens and not lc.is_dense]
+    if gated:
+        lengths = sorted({lc.min_tokens for lc in gated})
+        lines.append(f"{len(gated)} sparse layers run dense below a predicted crossover of {lengths[0]}"
+                     + (f"-{lengths[-1]}" if len(lengths) > 1 else "") + " query tokens (min_tokens)")
     model = predicted_speedup(config)
     if model is not None:
         lines.append(f"predicted attention time {model['ms']:.3f} ms vs dense {model['dense_ms']:.3f} ms per forward "

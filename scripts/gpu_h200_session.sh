@@ -46,12 +46,13 @@
 #   call (carry .bundle-calib .bundle-smollm2/part-004): ... smollm2-whole   TTFT with the whole prefill graphed
 #       against both dense graphs (transformers' masked SDPA path and the causal SDPA path) for SmolLM2's
 #       committed and replayed-floor configs, and for the 8B shape at 8K
+#   later (the bundle staged again): ... smollm2-gated   the same with min_tokens set by calibrate.crossover
 # scripts/gpu_kernel_session.sh is the longer plan (the full tuner).
 set -uo pipefail
 STEP_TAIL=15
 source "$(dirname "$0")/gpu_session_common.sh"
 
-CALLS="check-tune|check-bench|tune-accuracy|fa4-e2e|verify-128k|profile-e2e|e2e-128k|fa4-bench|calib-8b|tune-quant|e2e-8k|smollm2|verify-host|graphs|e2e-graphs|calib-8b-long|stage|smollm2-graphs|stage-only|smollm2-whole"
+CALLS="check-tune|check-bench|tune-accuracy|fa4-e2e|verify-128k|profile-e2e|e2e-128k|fa4-bench|calib-8b|tune-quant|e2e-8k|smollm2|verify-host|graphs|e2e-graphs|calib-8b-long|stage|smollm2-graphs|stage-only|smollm2-whole|smollm2-gated"
 cmd=${1:?$CALLS}; shift
 case "|$CALLS|" in *"|$cmd|"*) ;; *) echo "unknown call $cmd (one of $CALLS)" >&2; exit 2 ;; esac
 DIR=$OUT/$cmd; mkdir -p "$DIR"
@@ -221,6 +222,10 @@ PY
       --config "results/calibration/smollm2-time-graphs-$S.json" --out "$RUNS/e2e-$S-smollm2-time-whole.csv"
     step e2e-8k 150 python3 scripts/bench_e2e.py --parts llama8b --lengths 8192 --topk 0.2 --whole-graph \
       --out "$RUNS/e2e-$S-8k-whole.csv"
+    pack "$cmd" ;;
+  smollm2-gated)  # SmolLM2 TTFT with the replayed-floor config whose layers run dense below their crossover
+    step e2e-smollm2-gated 200 python3 scripts/bench_e2e.py --parts smollm2 --whole-graph \
+      --config "results/calibration/smollm2-time-graphs-$S-gated.json" --out "$RUNS/e2e-$S-smollm2-gated-whole.csv"
     pack "$cmd" ;;
   stage)  # nothing but the bundle part it carries (and the GPU tests of the cost model and objective)
     step pytest-cost 60 python3 -m pytest -q -p no:cacheprovider tests/test_cost.py tests/test_objective.py

@@ -13,7 +13,9 @@ checked by ``check_identity`` before a config is applied) and two optional objec
 all) and ``"predicted"`` (the cost model's attention time of the layer and of dense SDPA at the
 calibration length). Version 2 layers may also hold ``"local_blocks"`` (an integer >= 0, default 0 and
 then not written: the predictor's forced key blocks before each query block's causal diagonal,
-``sparge_core.ops.reference.select_blocks`` rule 5). Version 1 files (no identity, no variant: the
+``sparge_core.ops.reference.select_blocks`` rule 5) and ``"min_tokens"`` (an integer >= 0, default 0
+and then not written: calls with fewer query tokens run dense SDPA; time-objective calibration sets it
+where the cost model predicts the sparse call slower than dense at shorter lengths). Version 1 files (no identity, no variant: the
 caller's ``quant``, stage 2 as the ``pvthreshd`` list says) load; ``save`` writes version 2.
 """
 
@@ -115,6 +117,9 @@ class LayerConfig:
     predicted: LayerPrediction | None = None
     #: causal only: the predictor also keeps this many key blocks before each query block's diagonal
     local_blocks: int = 0
+    #: calls with fewer query tokens than this run dense SDPA (the length below which the cost model
+    #: predicts the sparse call slower than dense at the calibrated density; 0: no such length)
+    min_tokens: int = 0
 
     @property
     def num_heads(self) -> int:
@@ -161,6 +166,8 @@ class LayerConfig:
             d["estimator"] = self.estimator
         if self.local_blocks:  # 0 (the default) is not written: a file without the option stays as it was
             d["local_blocks"] = self.local_blocks
+        if self.min_tokens:
+            d["min_tokens"] = self.min_tokens
         if self.sparsity is not None:
             d["sparsity"] = self.sparsity
         if self.l1 is not None:
@@ -347,7 +354,7 @@ _TOP_KEYS = {"format", "version", "model", "kernel", "l1", "pv_l1", "calibration
 _MODEL_REQUIRED = {"name", "num_layers", "num_heads", "num_kv_heads", "head_dim"}
 _MODEL_KEYS = {1: _MODEL_REQUIRED, 2: _MODEL_REQUIRED | {"architecture", "fingerprint"}}
 _LAYER_KEYS_V1 = {"layer", "simthreshd1", "cdfthreshd", "topk", "pvthreshd", "sparsity", "l1", "estimator"}
-_LAYER_KEYS = {1: _LAYER_KEYS_V1, 2: _LAYER_KEYS_V1 | {"variant", "predicted", "local_blocks"}}
+_LAYER_KEYS = {1: _LAYER_KEYS_V1, 2: _LAYER_KEYS_V1 | {"variant", "predicted", "local_blocks", "min_tokens"}}
 
 
 def _require_dict(value, where: str) -> dict:
@@ -473,6 +480,7 @@ def _parse_model_config(data: Any) -> ModelConfig:
             variant=_variant(ld["variant"], f"{where}.variant") if "variant" in ld else None,
             predicted=_prediction(ld["predicted"], f"{where}.predicted") if "predicted" in ld else None,
             local_blocks=_int(ld.get("local_blocks", 0), f"{where}.local_blocks", low=0),
+            min_tokens=_int(ld.get("min_tokens", 0), f"{where}.min_tokens", low=0),
         )
         if lc.variant is not None and lc.variant.dense and not all(
                 v >= 1.0 for v in (lc.topk if lc.topk is not None else lc.cdfthreshd)):

@@ -205,6 +205,32 @@ def test_layer_local_blocks_reach_the_predictor(llama, tmp_path):
     assert (logits[2] - logits[0]).abs().max().item() > 1e-4
 
 
+def test_layer_min_tokens_runs_shorter_calls_dense(llama):
+    """A calibrated layer's min_tokens: calls with fewer query tokens run dense SDPA (logits equal to
+    SDPA's), calls with at least that many run sparse; the file keeps the field."""
+    cfg = _two_layer_config(llama, dense_layer=0)
+    cfg["layers"][1]["min_tokens"] = 512
+    loaded = ModelConfig.from_dict(cfg)
+    assert loaded.layer(1).min_tokens == 512 and ModelConfig.from_dict(loaded.to_dict()) == loaded
+    short, long = _ids(9, 300), _ids(10, 600)
+    ref_short, ref_long = _logits(llama, short), _logits(llama, long)
+    handle = apply(llama, cfg, collect_stats=True)
+    try:
+        assert handle.min_tokens == {1: 512}
+        out_short = _logits(llama, short)
+        after_short = handle.sparsity_report()["layers"][1]
+        out_long = _logits(llama, long)
+        after_long = handle.sparsity_report()["layers"][1]
+    finally:
+        remove(llama)
+    assert after_short["dense_calls"] == 1 and after_short["sparse_calls"] == 0
+    assert (out_short - ref_short).abs().max().item() < TINY_ATOL
+    assert after_long["sparse_calls"] == 1 and (out_long - ref_long).abs().max().item() > 1e-3
+    cfg["layers"][1]["min_tokens"] = -1
+    with pytest.raises(ConfigError, match=r"layers\[1\]\.min_tokens"):
+        ModelConfig.from_dict(cfg)
+
+
 def test_the_compiled_padded_batch_op_takes_local_blocks():
     """The custom op that plans a materialized mask under torch.compile passes local_blocks on."""
     from sparge_core import sparge_attn

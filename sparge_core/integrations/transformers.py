@@ -30,7 +30,8 @@ Semantics of the attention function:
   the window (the ``sliding_window`` transformers passes, else the layer type in the config) is the
   pipeline's ``window=``, a block band intersected with the predicted map.
 - Dense SDPA (transformers' own ``sdpa_attention_forward``) is used for queries shorter than one
-  ``BLOCK_Q`` block (decoding), for layers the config marks dense, and for masks that are not "causal
+  ``BLOCK_Q`` block (decoding) or than a calibrated layer's ``min_tokens`` (the length below which the
+  cost model predicted its sparse call slower than dense), for layers the config marks dense, and for masks that are not "causal
   (or sliding-window causal, or full) over one contiguous range of tokens per sequence" (e.g. packed
   sequences); the last case logs a warning.
 - Masks: without a padding mask the mask builder returns None (no mask is built, nothing is read on the
@@ -146,6 +147,8 @@ class SpargeAttention:
     recorder: QKVRecorder | None = None
     description: str = ""
     windows: dict[int, int | None] = field(default_factory=dict)
+    #: per layer: calls with fewer query tokens run dense SDPA (a config's ``min_tokens``; absent: BLOCK_Q)
+    min_tokens: dict[int, int] = field(default_factory=dict)
     cuda_graphs: bool = True
     graphs: GraphCache = field(default_factory=GraphCache, repr=False)
     _mask_plan: tuple | None = field(default=None, repr=False)
@@ -232,11 +235,12 @@ def _build_handle(model_config, config, method_params: dict, *, num_layers: int,
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     check_flag("cuda_graphs", cuda_graphs)
     check_choice("quant", quant, QUANT_MODES)  # the name now; what "auto" means is decided per device
-    methods, description = _resolve_methods(model_config, config, method_params, num_layers=num_layers, model=model,
-                                            allow_other_model=allow_other_model)
+    methods, description, min_tokens = _resolve_methods(model_config, config, method_params, num_layers=num_layers,
+                                                        model=model, allow_other_model=allow_other_model)
     return SpargeAttention(methods=methods, original_implementation=original, backend=backend, quant=quant,
                            collect_stats=collect_stats, description=description,
-                           windows=layer_windows(model_config, num_layers), cuda_graphs=cuda_graphs)
+                           windows=layer_windows(model_config, num_layers), min_tokens=min_tokens,
+                           cuda_graphs=cuda_graphs)
 
 
 def remove(model) -> None:
@@ -381,7 +385,8 @@ def layer_windows(model_config, num_layers: int) -> dict[int, int | None]:
 
 def _resolve_methods(model_config, config, method_params: dict, *, num_layers: int, model=None,
                      allow_other_model: bool = False):
-    """``({layer: method or None}, description)`` for the accepted kinds of ``config``."""
+    """``({layer: method or None}, description, {layer: min_tokens})`` for the accepted kinds of ``config``
+    (only a calibrated config sets ``min_tokens``)."""
     if isinstance(config, Mapping) and config and all(isinstance(k, int) for k in config):
         _no_params(method_params, "a per-layer mapping of methods")
         bad = [k for k, m in config.items()
@@ -390,13 +395,13 @@ def _resolve_methods(model_config, config, method_params: dict, *, num_layers: i
             raise ValueError(f"per-layer methods: layers {bad} are out of range 0..{num_layers - 1} or not an "
                              f"AttentionMethod/None")
         methods = {i: config.get(i) for i in range(num_layers)}
-        return methods, "per-layer methods"
+        return methods, "per-layer methods", {}
     if isinstance(config, AttentionMethod):
         _no_params(method_params, "a configured AttentionMethod")
-        return {i: config for i in range(num_layers)}, repr(config)
+        return {i: config for i in range(num_layers)}, repr(config), {}
     if isinstance(config, str) and config in method_names():
         method = get_method(config, **method_params)
-        return {i: method for i in range(num_layers)}, repr(method)
+        return {i: method for i in range(num_layers)}, repr(method), {}
     if isinstance(config, (str, os.PathLike)):
         path = Path(config)
         if not path.suffix == ".json" and not path.exists():
@@ -415,7 +420,8 @@ def _resolve_methods(model_config, config, method_params: dict, *, num_layers: i
     config.check_identity(architecture=getattr(_text_config(model_config), "model_type", None),
                           fingerprint=None if model is None else (lambda: weights_fingerprint(model)),
                           allow_other_model=allow_other_model)
-    return _methods_from_config(config, num_layers), f"config for {config.model.name}"
+    min_tokens = {lc.layer: lc.min_tokens for lc in config.layers if lc.min_tokens and not lc.is_dense}
+    return _methods_from_config(config, num_layers), f"config for {config.model.name}", min_tokens
 
 
 def _methods_from_config(config: ModelConfig, num_layers: int) -> dict[int, AttentionMethod | None]:
@@ -501,7 +507,7 @@ def sparge_attention_forward(module, query: torch.Tensor, key: torch.Tensor, val
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     method = handle.method_for(layer)
     window = _binding_window(kwargs.get("sliding_window"), handle.windows.get(layer), key.shape[2])
-    use_dense = (method is None or query.shape[2] < BLOCK_Q or dropout > 0.0
+    use_dense = (method is None or query.shape[2] < max(BLOCK_Q, handle.min_tokens.get(layer, 0)) or dropout > 0.0
                  or (window is not None and not causal))
     if not use_dense:
         if attention_mask is None:
