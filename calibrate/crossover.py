@@ -11,7 +11,7 @@ lengths, stage 2 is assumed to skip nothing (its check is paid either way), and 
 layer's own (version-1 layers: the exact kernel with stage 2 on).
 
     python -m calibrate.crossover results/calibration/smollm2-time-graphs-h200.json \\
-        --cost-model results/kernel/h200-cost-graphs.json --out my-config.json
+        --cost-model results/kernel/h200-cost.json --out my-config.json
 """
 
 from __future__ import annotations

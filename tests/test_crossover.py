@@ -7,15 +7,14 @@ import json
 
 import pytest
 import torch
+from test_objective import SETTINGS, FakeFamilyLayer, H, cost_model
 
 from calibrate import crossover
 from calibrate.cost import CallShape
 from calibrate.objective import Family, LayerTimer, crossover_lengths, crossover_tokens, search_layer_time
 from calibrate.report import layer_config, summary
-from calibrate.search import SearchSettings
 from sparge_core.ops.blocks import BLOCK_K, BLOCK_Q
 from sparge_core.params import LayerConfig, LayerVariant, ModelConfig, ModelInfo
-from test_objective import H, SETTINGS, FakeFamilyLayer, cost_model
 
 
 def _allowed_pairs(n: int) -> int:
