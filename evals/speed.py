@@ -107,6 +107,17 @@ def attention_ms(layers: dict[int, tuple], method_for_layer, device: torch.devic
     return out
 
 
+def _routed(handle, length: int):
+    """``layer -> method or None`` as the integration routes a prefill of ``length`` tokens: None (dense
+    SDPA) for layers the config keeps dense and where ``length`` is below the layer's ``min_tokens``."""
+    def method_for_layer(layer: int):
+        if length < handle.min_tokens.get(layer, 0):
+            return None
+        return handle.methods.get(layer)
+
+    return method_for_layer
+
+
 def run_speed(model, tokenizer, setting, lengths: list[int], corpus, *, backend: str = "auto", warmup: int = 2,
               repeats: int = 5) -> dict[str, Any]:
     """Prefill latency and per-layer attention time of one ``MethodSetting`` at each length."""
@@ -120,7 +131,7 @@ def run_speed(model, tokenizer, setting, lengths: list[int], corpus, *, backend:
         ids = token_windows(tokenizer, corpus, length, 1).input_ids.to(device)
         with setting.applied(model, backend=backend, collect_stats=False) as handle:
             times = prefill_ms(model, ids, warmup=warmup, repeats=repeats)
-            method_for_layer = (lambda layer: None) if handle is None else handle.methods.get
+            method_for_layer = (lambda layer: None) if handle is None else _routed(handle, length)
         layers = capture_layers(model, ids)
         per_layer = attention_ms(layers, method_for_layer, device, backend=backend)
         total = sum(v["ms"] for v in per_layer.values())

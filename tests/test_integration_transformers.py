@@ -226,6 +226,10 @@ def test_layer_min_tokens_runs_shorter_calls_dense(llama):
     assert after_short["dense_calls"] == 1 and after_short["sparse_calls"] == 0
     assert (out_short - ref_short).abs().max().item() < TINY_ATOL
     assert after_long["sparse_calls"] == 1 and (out_long - ref_long).abs().max().item() > 1e-3
+    from evals.speed import _routed  # evals speed times each layer as this routing runs it
+
+    assert _routed(handle, 300)(1) is None and _routed(handle, 600)(1) is handle.methods[1]
+    assert _routed(handle, 600)(0) is None  # the config's dense layer
     cfg["layers"][1]["min_tokens"] = -1
     with pytest.raises(ConfigError, match=r"layers\[1\]\.min_tokens"):
         ModelConfig.from_dict(cfg)
