@@ -109,9 +109,9 @@ def attention_ms(layers: dict[int, tuple], method_for_layer, device: torch.devic
 
 def _routed(handle, length: int):
     """``layer -> method or None`` as the integration routes a prefill of ``length`` tokens: None (dense
-    SDPA) for layers the config keeps dense and where ``length`` is below the layer's ``min_tokens``."""
+    SDPA) for layers the config keeps dense and where ``length`` is below ``handle.dense_below``."""
     def method_for_layer(layer: int):
-        if length < handle.min_tokens.get(layer, 0):
+        if length < handle.dense_below(layer):
             return None
         return handle.methods.get(layer)
 

@@ -159,6 +159,11 @@ class SpargeAttention:
             raise KeyError(f"sparge has no entry for layer {layer} (it knows layers 0..{len(self.methods) - 1})")
         return self.methods[layer]
 
+    def dense_below(self, layer: int) -> int:
+        """Calls of ``layer`` with fewer query tokens run dense SDPA: one ``BLOCK_Q`` block (decoding) or
+        the config's ``min_tokens``, whichever is larger."""
+        return max(BLOCK_Q, self.min_tokens.get(layer, 0))
+
     def layer_stats(self, layer: int) -> LayerStats:
         return self.stats.setdefault(layer, LayerStats())
 
@@ -507,7 +512,7 @@ def sparge_attention_forward(module, query: torch.Tensor, key: torch.Tensor, val
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     method = handle.method_for(layer)
     window = _binding_window(kwargs.get("sliding_window"), handle.windows.get(layer), key.shape[2])
-    use_dense = (method is None or query.shape[2] < max(BLOCK_Q, handle.min_tokens.get(layer, 0)) or dropout > 0.0
+    use_dense = (method is None or query.shape[2] < handle.dense_below(layer) or dropout > 0.0
                  or (window is not None and not causal))
     if not use_dense:
         if attention_mask is None:
