@@ -17,6 +17,12 @@ densities 1 / 0.5 / 0.2 / 0.1 (diagonal blocks always kept), rows:
                     ``KernelConfig``s (``--exact-configs``, or the best ones of a tuning CSV)
 - ``sparge-quant``  the fastest INT8-QK^T variant (16-bit P.V, stage 2 off, quantization included)
 - ``sparge-quant-fp8``  INT8 QK^T + FP8 P.V (``quant="int8-fp8"``), extra row: faster, less accurate
+- ``official``      the official SpargeAttn CUDA kernel (``spas_sage_attn.block_sparse_sage2_attn_cuda``:
+                    INT8 QK^T, FP8 P.V, its default ``pvthreshd=50``), when that package is importable
+                    (it is a peer, built separately; sparge never ships or needs it). Non-causal rows
+                    only (that entry point takes no causal flag), on a random map of the same density
+                    in its own block geometry (64 x 128 on sm90, 128 x 64 elsewhere): its time
+                    includes its INT8 / FP8 quantization passes, as its users run it.
 
 Times are ``triton.testing.do_bench`` medians (CUDA events, warm-up first) over rotating input sets.
 ``tops`` is dense-equivalent: 4 N^2 D H / time, halved for causal. ``rel_l1`` is each row's relative L1
@@ -65,7 +71,7 @@ from sparge_core.ops import reference as R  # noqa: E402
 
 COLUMNS = ["gpu", "n", "d", "heads", "causal", "density", "method", "ms", "tops", "rel_l1"]
 METHODS = ["sdpa-cudnn", "sdpa-flash", "fa4", "flex", "sparge", "sparge-nopv", "sparge-exact", "sparge-quant",
-           "sparge-quant-fp8"]
+           "sparge-quant-fp8", "official"]
 # candidates for sparge-exact / sparge-quant without a tuning CSV (stage 2 off: pv_check plays no part)
 DEFAULT_EXACT = ["w4s2-select-pointer", "w8s2-select-pointer", "w8s2-select-descriptor",
                  "w8s3-select-descriptor"]
@@ -93,6 +99,28 @@ def random_mask(heads: int, n: int, density: float, gen, device) -> torch.Tensor
 def measured_density(mask: torch.Tensor, n: int, causal: bool) -> float:
     allowed = R.allowed_block_mask(n, n, causal, device=mask.device)
     return (mask & allowed).sum().item() / (allowed.sum().item() * mask.shape[0] * mask.shape[1])
+
+
+def official_kernel():
+    """``(block_sparse_sage2_attn_cuda, (block_q, block_k))`` of the official SpargeAttn package on this
+    GPU, or ``(None, why)`` when it is not importable."""
+    try:
+        import spas_sage_attn
+    except Exception as err:  # not installed, or built for another GPU
+        return None, f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+    major, _ = torch.cuda.get_device_capability()
+    return spas_sage_attn.block_sparse_sage2_attn_cuda, ((64, 128) if major == 9 else (128, 64))
+
+
+def official_mask(heads: int, n: int, density: float, geometry: tuple[int, int], gen, device) -> torch.Tensor:
+    """A random non-causal map in the official kernel's block geometry keeping about ``density`` of the
+    block pairs (each query block's diagonal key block kept, as ``random_mask`` does)."""
+    bq, bk = geometry
+    nqb, nkb = R.num_blocks(n, bq), R.num_blocks(n, bk)
+    mask = torch.rand(1, heads, nqb, nkb, device=device, generator=gen) < density
+    diag = (torch.arange(nqb, device=device) * bq // bk).clamp(max=nkb - 1)
+    mask[..., torch.arange(nqb, device=device), diag] = True
+    return mask.contiguous()
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,6 +223,10 @@ def run(args) -> None:
     fa4_ok = device == "cuda" and FA4.installed() and FA4.supported(torch.device("cuda"), 128, dtype) is None
     if "fa4" in args.methods and not fa4_ok:
         log.say("# fa4: not installed or this GPU cannot run 128x64 maps exactly: no fa4 rows")
+    official, official_geometry = (None, "not on CPU") if device != "cuda" else official_kernel()
+    if "official" in args.methods:
+        log.say(f"# official: SpargeAttn CUDA, {official_geometry[0]}x{official_geometry[1]} blocks" if official
+                else f"# official: not importable ({official_geometry}): no official rows")
     gen = torch.Generator(device=device).manual_seed(0)
 
     def timed(fn):
@@ -283,6 +315,15 @@ def run(args) -> None:
                                 best = (ms, cfg_name, fn)
                         if best is not None:
                             record(n, d, causal, dens, method, best[0], err_of(best[2], target), note=best[1])
+                    if "official" in args.methods and official is not None and not causal:
+                        omask = official_mask(heads, n, target, official_geometry, gen, device)
+                        odens = omask.float().mean().item()
+
+                        def fn(m=omask):
+                            return official(*nxt(), mask_id=m, tensor_layout="HND", pvthreshd=50)
+
+                        record(n, d, causal, odens, "official", timed(fn), err_of(fn, target),
+                               note=f"{official_geometry[0]}x{official_geometry[1]} map")
                 sets = ref = None  # free the inputs before the next shape
                 if device == "cuda":
                     torch.cuda.empty_cache()
@@ -351,11 +392,14 @@ def readme_table(csv_path: Path, n: int = 32768, d: int = 128, extra_n: int = 81
     installed; its ``fa4`` rows and its ``sparge`` rows (``sparge[fa4]``: the shipped defaults with the
     extra installed, where ``backend="auto"`` hands exact calls to FA4) are ratios to that run's own
     ``sdpa-cudnn``."""
-    runs = [(_rows(csv_path), {m: m for m in ("sparge", "sparge-quant", "sparge-exact", "fa4", "flex")})]
+    own = ("sparge", "sparge-nopv", "sparge-quant", "sparge-exact", "fa4", "flex", "official")
+    runs = [(_rows(csv_path), {m: m for m in own})]
     if fa4_csv is not None:
         runs.append((_rows(fa4_csv), FA4_RUN_METHODS))
     gpu = runs[0][0][0]["gpu"] if runs[0][0] else "?"
-    cols = ["sparge", "sparge-quant", "sparge-exact", "sparge[fa4]", "fa4", "flex"]
+    present = {r["method"] for r in runs[0][0]}
+    cols = [m for m in own if m in present] + (["sparge[fa4]"] if fa4_csv is not None else [])
+    with_fa4 = "fa4" in present
 
     def speedups(nn, causal):
         table = {}
@@ -373,7 +417,13 @@ def readme_table(csv_path: Path, n: int = 32768, d: int = 128, extra_n: int = 81
     lines = [f"Kernel benchmark ({gpu}; `make bench`, {sources}), B=1, H=32, "
              f"D={d}, bf16, speed-up over `sdpa-cudnn` in the same run (random block maps, diagonal kept); "
              "`sparge` is `block_sparse_attn` at its shipped defaults"
-             + (", `sparge[fa4]` the same with the `fa4` extra installed" if fa4_csv else "") + ":", "",
+             + (" with the `fa4` extra installed (`backend=\"auto\"` hands large exact calls to FA4), "
+                "`sparge-nopv` the same defaults on the Triton kernel (what a user without the extra runs)"
+                if with_fa4 else "")
+             + (", `sparge[fa4]` the same with the `fa4` extra installed" if fa4_csv else "")
+             + ("; `official` is the official SpargeAttn CUDA kernel (INT8 QK^T + FP8 P.V, stage 2 at 50, "
+                "non-causal only) on a map of the same density in its own block geometry" if "official" in present
+                else "") + ":", "",
              "| N | causal | density | " + " | ".join(cols) + " |", "|" + " --- |" * (3 + len(cols))]
     for nn, causal, only in [(n, False, None), (n, True, None), (large_n, False, None), (large_n, True, None),
                              (extra_n, False, 0.5), (extra_n, True, 0.5)]:

@@ -8,7 +8,10 @@ realistic), timed with ``triton.testing.do_bench`` medians after warm-up:
 - ``predict-topk``: the same in top-k mode (topk=0.5, simthreshd1=-1);
 - ``predict-keys``: ``estimator="keys"`` (the calibration default), top-CDF;
 - ``pipeline-int8``: ``sparge_attn(topk=0.5, simthreshd1=-1, quant="int8")`` (predict + quantize + attend);
-- ``pipeline``: the same with ``quant="none"``.
+- ``pipeline``: the same with ``quant="none"``;
+- ``official-pipeline``: the official SpargeAttn CUDA package's
+  ``spas_sage2_attn_meansim_topk_cuda(topk=0.5)`` (its predictor, INT8 / FP8 quantization and kernel),
+  when that package is importable (a peer, built separately; its own block geometry and stage 2 at 50).
 
 Each row gives ms, the percentage of ``sdpa-cudnn`` (predictor rows) or the speedup over it
 (pipeline rows), and the number of GPU kernels one call launches (torch.profiler). Targets (H200):
@@ -74,6 +77,15 @@ def _kernels(fn) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+def _official_pipeline():
+    """The official SpargeAttn top-k pipeline when that package is importable, else None."""
+    try:
+        from spas_sage_attn import spas_sage2_attn_meansim_topk_cuda
+    except Exception:  # not installed, or built for another GPU
+        return None
+    return spas_sage2_attn_meansim_topk_cuda
+
+
 def bench_shape(gpu: str, n: int, d: int, heads: int, kv_heads: int, causal: bool,
                 methods: list[str]) -> list:
     """The rows of one shape: cuDNN first, then each predictor/pipeline case."""
@@ -98,12 +110,18 @@ def bench_shape(gpu: str, n: int, d: int, heads: int, kv_heads: int, causal: boo
         "pipeline-int8": lambda: sparge_attn(q, k, v, is_causal=causal, quant="int8", **topk),
         "pipeline": lambda: sparge_attn(q, k, v, is_causal=causal, quant="none", **topk),
     }
+    official = _official_pipeline()
+    if official is not None:
+        cases["official-pipeline"] = lambda: official(q, k, v, is_causal=causal, topk=0.5, tensor_layout="HND")
     allowed = allowed_block_mask(n, n, causal, device="cuda")
     for name, fn in cases.items():
         if name not in methods:
             continue
         ms = _bench(fn)
-        if name.startswith("predict"):
+        if name == "official-pipeline":
+            _, sparsity = official(q, k, v, is_causal=causal, topk=0.5, tensor_layout="HND", return_sparsity=True)
+            density = 1.0 - sparsity
+        elif name.startswith("predict"):
             density = float((fn() & allowed).sum() / (allowed.sum() * heads))
         else:
             quant = "int8" if name.endswith("int8") else "none"
@@ -151,7 +169,8 @@ def main() -> int:
     ap.add_argument("--layouts", type=lambda s: tuple(int(x) for x in s.split("/")), nargs="+",
                     default=[(32, 32), (32, 8)], help="query/KV heads, e.g. 32/32 32/8")
     ap.add_argument("--methods", nargs="+",
-                    default=["predict", "predict-topk", "predict-keys", "pipeline-int8", "pipeline"])
+                    default=["predict", "predict-topk", "predict-keys", "pipeline-int8", "pipeline",
+                             "official-pipeline"])
     ap.add_argument("--out", default=None, help="CSV path (default results/predictor/<gpu>.csv)")
     args = ap.parse_args()
     if not torch.cuda.is_available():

@@ -47,12 +47,23 @@
 #       against both dense graphs (transformers' masked SDPA path and the causal SDPA path) for SmolLM2's
 #       committed and replayed-floor configs, and for the 8B shape at 8K
 #   later (the bundle staged again): ... smollm2-gated   the same with min_tokens set by calibrate.crossover
+# The sixth session (issue 12's single run with every peer; the SmolLM2-shape cost profile):
+#   here: bash scripts/stage_wheels.sh build 26   # -> .bundle-fa4/part-1..3 (FA4 and its CUTLASS DSL wheels)
+#   call 1 (carry .bundle-fa4/part-1 and a peer build, see below): ... stage-only .bundle-fa4/part-1
+#   call 2 (carry .bundle-fa4/part-2): ... stage-only .bundle-fa4/part-2
+#   call 3 (carry .bundle-fa4/part-3): ... bench-all .bundle-fa4/part-3   FA4 installed; bench_kernel at 8K/32K,
+#       every method (official too when importable)
+#   call 4: ... bench-128k       the 128K rows into the same CSV
+#   call 5: ... predictor-shape  bench_predictor (official pipeline too); sparge-profile at SmolLM2's shape
+#   The official SpargeAttn rows need that package built on the GPU host beforehand (a peer, not part of
+#   this project: its build is not kept here); an import path $HOME/.cache/sparge/spargeattn is used when
+#   present.
 # scripts/gpu_kernel_session.sh is the longer plan (the full tuner).
 set -uo pipefail
 STEP_TAIL=15
 source "$(dirname "$0")/gpu_session_common.sh"
 
-CALLS="check-tune|check-bench|tune-accuracy|fa4-e2e|verify-128k|profile-e2e|e2e-128k|fa4-bench|calib-8b|tune-quant|e2e-8k|smollm2|verify-host|graphs|e2e-graphs|calib-8b-long|stage|smollm2-graphs|stage-only|smollm2-whole|smollm2-gated"
+CALLS="check-tune|check-bench|tune-accuracy|fa4-e2e|verify-128k|profile-e2e|e2e-128k|fa4-bench|calib-8b|tune-quant|e2e-8k|smollm2|verify-host|graphs|e2e-graphs|calib-8b-long|stage|smollm2-graphs|stage-only|smollm2-whole|smollm2-gated|bench-all|bench-128k|predictor-shape"
 cmd=${1:?$CALLS}; shift
 case "|$CALLS|" in *"|$cmd|"*) ;; *) echo "unknown call $cmd (one of $CALLS)" >&2; exit 2 ;; esac
 DIR=$OUT/$cmd; mkdir -p "$DIR"
@@ -60,6 +71,8 @@ for part in "$@"; do bash scripts/stage_wheels.sh receive "$part" >> "$DIR/stage
 # the calibration extra's wheels and the SmolLM2 bundle (third session): installed outside the repo copy
 CALIB_SITE=$HOME/.cache/sparge/site-packages
 export PYTHONPATH=$PYTHONPATH:$CALIB_SITE HF_HUB_OFFLINE=1
+PEER=$HOME/.cache/sparge/spargeattn  # an official SpargeAttn build for the peer rows, when one is there
+[ -d "$PEER/spas_sage_attn" ] && export PYTHONPATH=$PYTHONPATH:$PEER
 if [ -d .bundle-calib/wheels ]; then
     python3 -m pip install -q --no-index --no-deps --target "$CALIB_SITE" .bundle-calib/wheels/*.whl > "$DIR/calib-wheels.log" 2>&1
     echo "calibration wheels: rc=$?"
@@ -213,6 +226,28 @@ PY
     rm -rf "$cap"
     pack "$cmd" ;;
   stage-only)  # nothing but the bundle part it carries
+    pack "$cmd" ;;
+  bench-all)  # issue 12's run: every method at 8K and 32K, FA4 installed (so `sparge` is the shipped
+    # defaults with the fa4 extra; sparge-nopv the same defaults on the Triton kernel)
+    step fa4-install 60 bash scripts/stage_wheels.sh install
+    python3 -c 'import spas_sage_attn; print("official importable")' 2>&1 | tail -1
+    bench=$HOME/.cache/sparge/bench; mkdir -p "$bench"
+    step bench 480 python3 scripts/bench_kernel.py --n 8192 32768 --tune-csv results/kernel/tune-h200.csv \
+      --out "$bench/$S.csv" --no-plot
+    cp "$bench/$S".* "$DIR/"
+    pack "$cmd" ;;
+  bench-128k)  # the 128K rows of the same run (the FP8 P.V extra row left out: time)
+    bench=$HOME/.cache/sparge/bench
+    step bench-128k 540 python3 scripts/bench_kernel.py --n 131072 --append --tune-csv results/kernel/tune-h200.csv \
+      --methods sdpa-cudnn sdpa-flash fa4 flex sparge sparge-nopv sparge-exact sparge-quant official \
+      --out "$bench/$S.csv" --no-plot
+    cp "$bench/$S".* "$DIR/"
+    pack "$cmd" ;;
+  predictor-shape)  # the predictor and pipeline against cuDNN (and the official pipeline); the cost model
+    # profiled at SmolLM2's attention shape (9 query / 3 KV heads, head dim 64, 2K-8K tokens)
+    step predictor 200 python3 scripts/bench_predictor.py --out "$RUNS/predictor-$S.csv"
+    step profile-smollm2 240 python3 -m calibrate.profile --head-dims 64 --heads 9 --n 2048 4096 8192 \
+      --quants none int8 --out "$RUNS/$S-cost-smollm2-shape.json"
     pack "$cmd" ;;
   smollm2-whole)  # SmolLM2 TTFT, both dense whole-prefill graphs, the committed and the replayed-floor configs;
     # the 8B shape at 8K with the two dense graphs and a 64%-sparse map
