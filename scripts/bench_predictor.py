@@ -11,7 +11,8 @@ realistic), timed with ``triton.testing.do_bench`` medians after warm-up:
 - ``pipeline``: the same with ``quant="none"``;
 - ``official-pipeline``: the official SpargeAttn CUDA package's
   ``spas_sage2_attn_meansim_topk_cuda(topk=0.5)`` (its predictor, INT8 / FP8 quantization and kernel),
-  when that package is importable (a peer, built separately; its own block geometry and stage 2 at 50).
+  when that package is importable (a peer, built separately; its own block geometry and stage 2 at 50;
+  equal query and KV head counts only: its predictor does not take GQA).
 
 Each row gives ms, the percentage of ``sdpa-cudnn`` (predictor rows) or the speedup over it
 (pipeline rows), and the number of GPU kernels one call launches (torch.profiler). Targets (H200):
@@ -111,7 +112,7 @@ def bench_shape(gpu: str, n: int, d: int, heads: int, kv_heads: int, causal: boo
         "pipeline": lambda: sparge_attn(q, k, v, is_causal=causal, quant="none", **topk),
     }
     official = _official_pipeline()
-    if official is not None:
+    if official is not None and heads == kv_heads:  # its predictor pools Q and K heads 1:1 (no GQA)
         cases["official-pipeline"] = lambda: official(q, k, v, is_causal=causal, topk=0.5, tensor_layout="HND")
     allowed = allowed_block_mask(n, n, causal, device="cuda")
     for name, fn in cases.items():
