@@ -27,6 +27,11 @@ so stage 2 has blocks to skip).
   eagerly, the cost of a length seen once or of ``cuda_graphs=False``). ``--host-floor-only``
   replaces the floors of an existing file.
 
+``--replay`` times every sparse call replayed from a CUDA graph (as ``apply`` runs a repeated layer
+call) instead of eagerly: at a small model's shape (SmolLM2: 9 heads, head dim 64, 2K-8K tokens) an
+eager call is host-bound, so its time is the host's and not the GPU's; profile such a model at its own
+shape with ``--replay``.
+
 ``--dry-run`` runs the same sweep and fit on CPU at tiny shapes with a fake timer whose costs are
 known (``FAKE_COSTS``): a test of the command, not a measurement; the file says so. Without a GPU
 and without ``--dry-run``/``--from-bench-csv`` the command exits 2.
@@ -262,10 +267,18 @@ def fake_ms(m: Measured) -> float:
     return (fixed + 1e-6 * (per_row * m.rows + per_pair * m.pairs - saved * m.skipped)) * wobble
 
 
-def measure(sweep: Sweep, device, *, dry_run: bool) -> list[Measured]:
+def measure(sweep: Sweep, device, *, dry_run: bool, replay: bool = False) -> list[Measured]:
+    """Time every case of the sweep. ``replay``: each sparse call (kernel, predictor, pipeline) is timed
+    replayed from a CUDA graph, as ``apply`` runs a repeated layer call (``sparge_core.graphs``, Q/K/V
+    copied in), so the times are the GPU's and not the host's issue time: the profile to take at a
+    small model's shape, where an eager call is host-bound. Dense SDPA stays eager (``apply`` hands
+    dense layers to the model's own SDPA)."""
     import torch
 
+    from sparge_core.graphs import GraphCache
+
     gen = torch.Generator(device=device).manual_seed(0)
+    graphs = GraphCache()
     out = []
     cases = sweep.cases()
     cache: dict = {}
@@ -275,7 +288,12 @@ def measure(sweep: Sweep, device, *, dry_run: bool) -> list[Measured]:
         mask = _random_mask(case, device, gen) if case.kind == "kernel" else None
         rows, pairs, skipped = _counts(case, sets[0], mask)
         m = Measured(case, 0.0, rows, pairs, skipped)
-        ms = fake_ms(m) if dry_run else cuda_timer([_call(case, s, mask) for s in sets])
+        if dry_run:
+            ms = fake_ms(m)
+        elif replay and case.kind != "dense":
+            ms = cuda_timer([_replayed_call(graphs, case, s, mask) for s in sets])
+        else:
+            ms = cuda_timer([_call(case, s, mask) for s in sets])
         out.append(Measured(case, ms, rows, pairs, skipped))
         logger.info("[%d/%d %.0fs] %s: %.4f ms (pairs %d, skipped %d)", i + 1, len(cases), time.perf_counter() - t0,
                     case.label, ms, pairs, skipped)
@@ -308,6 +326,14 @@ def host_ms_per_call(fn: Callable, calls: int = 50, repeats: int = 3) -> float:
         best = min(best, (time.perf_counter() - start) * 1e3 / calls)
         torch.cuda.synchronize()
     return best
+
+
+def _replayed_call(graphs, case: Case, qkv, mask) -> Callable:
+    """``case``'s call (with its block map, for a kernel case) replayed from a CUDA graph of ``graphs``."""
+    def call(q, k, v):
+        return _call(case, (q, k, v), mask)()
+
+    return lambda: graphs.run(case.label, call, qkv, keep=(mask,))
 
 
 def _replayed(graphs, case: Case, qkv) -> Callable:
@@ -628,6 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eager-host-floors", action="store_true", help="time the sparse calls' host floors issued "
                    "eagerly (as apply(..., cuda_graphs=False) or a length seen once runs them) instead of replayed "
                    "from a CUDA graph (as apply runs a repeated layer call, the default)")
+    p.add_argument("--replay", action="store_true", help="time the sparse calls replayed from CUDA graphs, as apply "
+                   "runs a repeated layer call: the GPU's time, not the host's (take it at a small model's shape, "
+                   "e.g. --heads 9 --head-dims 64 --n 2048 4096 8192, where eager calls are host-bound)")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -758,7 +787,9 @@ def _main(args) -> int:
         CostModel.load(out)
         print(f"wrote host floors {', '.join(f'{k} {v:.3f} ms' for k, v in sorted(host.items()))} into {out}")
         return 0
-    points = measure(sweep, device, dry_run=args.dry_run)
+    points = measure(sweep, device, dry_run=args.dry_run, replay=args.replay)
+    if args.replay:
+        source += "; sparse calls timed replayed from CUDA graphs (--replay)"
     model = fit_sweep(points, gpu=gpu, source=source, versions=_versions())
     host = measure_host_floor(sweep, device, dry_run=args.dry_run, graphs=not args.eager_host_floors)
     model = CostModel(**{**model.__dict__, "host_ms": host,
