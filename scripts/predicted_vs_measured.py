@@ -10,6 +10,12 @@ sparse layers, the dense SDPA ms on the same Q/K/V (``evals/speed.py``). Writes 
 a JSON file next to it: per layer predicted and measured ms, their relative error, predicted and
 measured speed-up over dense; overall the sums. ``--tolerance`` (default 0.15) marks the rows whose
 error exceeds it; the exit code is 0 either way (it is a report).
+
+``--cost-model COST_JSON`` re-predicts every layer with another cost model (e.g. one profiled at the
+model's own shape with ``sparge-profile --replay``) from what the config holds: the layer's variant,
+estimator and calibrated block sparsity, at the compared length, with the model's head count and
+head dim. The config does not record how many blocks stage 2 skipped, so ``+pv`` layers are predicted
+with none skipped (an upper bound on their time).
 """
 
 from __future__ import annotations
@@ -26,8 +32,31 @@ from calibrate.cost import CostModel, CostModelError, kernel_key  # noqa: E402
 from sparge_core.params import ConfigError, ModelConfig, write_json_atomic, write_text_atomic
 
 
+def cost_model_predictions(config: ModelConfig, model: CostModel, length: int) -> dict[int, tuple[float, float]]:
+    """``{layer: (predicted ms, predicted dense ms)}`` of every layer under ``model`` (see the module
+    docstring): causal self-attention of ``length`` tokens, batch 1."""
+    m = config.model
+    heads, head_dim = m.num_heads, m.head_dim
+    if not heads or not head_dim:
+        raise ValueError("--cost-model needs the config's model.num_heads and model.head_dim")
+    out = {}
+    for lc in config.layers:
+        dense = model.predict_ms("dense", length, length, heads, head_dim, True, 1.0)
+        if lc.is_dense:
+            out[lc.layer] = (dense, dense)
+            continue
+        if lc.sparsity is None:
+            raise ValueError(f"layer {lc.layer} of the config has no sparsity: --cost-model cannot re-predict it")
+        density = 1.0 - lc.sparsity
+        ms = model.predict_ms(_kernel_key(lc), length, length, heads, head_dim, True, density,
+                              estimator=lc.estimator)
+        out[lc.layer] = (ms, dense)
+    return out
+
+
 def compare(config: ModelConfig, speed: dict, length: int | None = None, tolerance: float = 0.15,
-            host_floors: dict[str, float] | None = None) -> dict:
+            host_floors: dict[str, float] | None = None,
+            cost_model: CostModel | None = None) -> dict:
     """The comparison rows (see the module docstring) as a dict. ``host_floors`` (a cost model's
     ``host_ms``, kernel key -> ms) bounds each prediction from below as the cost model now does:
     ``max(floor, predicted)``, the rest of the prediction as the config holds it."""
@@ -41,15 +70,19 @@ def compare(config: ModelConfig, speed: dict, length: int | None = None, toleran
         raise ValueError(f"the speed file has lengths {sorted(lengths, key=int)}, not the config's {want}; pass "
                          f"--length or measure that length")
     measured = lengths[key]["layers"]
+    repredicted = cost_model_predictions(config, cost_model, int(key)) if cost_model is not None else {}
     rows, missing = [], []
     for lc in config.layers:
         m = measured.get(str(lc.layer))
-        if lc.predicted is None or m is None:
+        if (lc.predicted is None and lc.layer not in repredicted) or m is None:
             missing.append(lc.layer)
             continue
         dense_ms = m.get("dense_ms", m["ms"] if lc.is_dense else None)
-        pred_dense = max(floors.get("dense", 0.0), lc.predicted.dense_ms)
-        pred = pred_dense if lc.is_dense else max(floors.get(_kernel_key(lc), 0.0), lc.predicted.ms)
+        if lc.layer in repredicted:
+            pred, pred_dense = repredicted[lc.layer]
+        else:
+            pred_dense = max(floors.get("dense", 0.0), lc.predicted.dense_ms)
+            pred = pred_dense if lc.is_dense else max(floors.get(_kernel_key(lc), 0.0), lc.predicted.ms)
         err = (pred - m["ms"]) / m["ms"]
         rows.append({
             "layer": lc.layer, "variant": _variant(lc), "predicted_ms": pred, "measured_ms": m["ms"],
@@ -120,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host-floors", default=None, metavar="COST_JSON",
                     help="re-predict with this cost model's host floors (host_ms): each layer's prediction becomes "
                     "max(floor, the config's prediction); for a config calibrated before its card had floors")
+    ap.add_argument("--cost-model", default=None, metavar="COST_JSON",
+                    help="re-predict every layer with this cost model from the config's variants and sparsities "
+                    "(see above)")
     ap.add_argument("--out", default=None, help="Markdown table to write (plus a .json beside it)")
     args = ap.parse_args(argv)
     try:
@@ -133,7 +169,17 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--host-floors: {err}") from err
             if not floors:
                 raise ValueError(f"--host-floors: {args.host_floors} holds no host_ms (sparge-profile --host-floor-only)")
-        result = compare(config, speed, args.length, args.tolerance, floors)
+        if args.cost_model and args.host_floors:
+            raise ValueError("--cost-model re-predicts with that file's own host floors; drop --host-floors")
+        cost = None
+        if args.cost_model:
+            try:
+                cost = CostModel.load(args.cost_model)
+            except CostModelError as err:
+                raise ValueError(f"--cost-model: {err}") from err
+        result = compare(config, speed, args.length, args.tolerance, floors, cost)
+        if cost is not None:
+            result["repredicted_with"] = {"file": args.cost_model, "sha256": cost.sha256()}
         if floors:
             result["host_floors"] = {"file": args.host_floors, "host_ms": floors}
     except (ConfigError, OSError, ValueError, KeyError) as err:

@@ -76,6 +76,21 @@ def test_flex_block_mask_holds_exactly_the_kept_allowed_blocks(causal):
     assert torch.equal(partial, kept & diag) if causal else not partial.any()
 
 
+@pytest.mark.parametrize("geometry", [(64, 128), (128, 64)])
+def test_official_mask_keeps_the_density_and_each_diagonal_block(geometry):
+    import bench_kernel
+
+    n, heads = 1000, 3
+    gen = torch.Generator().manual_seed(1)
+    mask = bench_kernel.official_mask(heads, n, 0.3, geometry, gen, "cpu")
+    bq, bk = geometry
+    assert mask.shape == (1, heads, -(-n // bq), -(-n // bk)) and mask.dtype == torch.bool and mask.is_contiguous()
+    rows = torch.arange(mask.shape[2])
+    assert mask[0, :, rows, (rows * bq // bk).clamp(max=mask.shape[3] - 1)].all()
+    assert 0.2 < mask.float().mean().item() < 0.5
+    assert bench_kernel.official_mask(heads, n, 1.0, geometry, gen, "cpu").all()
+
+
 def _write_csv(path, rows):
     import bench_kernel
 
@@ -99,21 +114,24 @@ def test_readme_table_is_the_speedup_over_cudnn_of_the_same_run(tmp_path):
     rows.append(dict(n=8192, d=128, causal=False, density=0.5, method="sparge", ms=0.25))
     rows.append(dict(n=8192, d=128, causal=False, density=1.0, method="sparge", ms=1.0))  # not in the table
     rows.append(dict(n=32768, d=64, causal=False, density=0.5, method="sparge", ms=9.0))  # other D: ignored
+    rows.append(dict(n=32768, d=128, causal=False, density=0.5, method="official", ms=0.8))  # non-causal only
     path = tmp_path / "t.csv"
     _write_csv(path, rows)
     table = bench_kernel.readme_table(path)
+    assert "| N | causal | density | sparge | fa4 | official |" in table and "`official` is the official" in table
+    assert "`sparge-nopv` the same defaults on the Triton kernel" in table  # the run has fa4 rows
     lines = [line for line in table.splitlines() if line.startswith("| 32768") or line.startswith("| 8192")]
-    assert lines[0] == "| 32768 | no | 1.0 | 0.50x | - | - | - | 1.00x | - |"
-    assert lines[1] == "| 32768 | no | 0.5 | 2.00x | - | - | - | 4.00x | - |"
+    assert lines[0] == "| 32768 | no | 1.0 | 0.50x | 1.00x | - |"
+    assert lines[1] == "| 32768 | no | 0.5 | 2.00x | 4.00x | 2.50x |"
     assert lines[2].startswith("| 32768 | yes | 1.0 | 0.50x")
-    assert lines[-1] == "| 8192 | no | 0.5 | 2.00x | - | - | - | - | - |"
+    assert lines[-1] == "| 8192 | no | 0.5 | 2.00x | - | - |"
     # a second run with FA4 installed: its own cudnn baseline; its sparge rows are the sparge[fa4] column
     fa4_path = tmp_path / "fa4.csv"
     _write_csv(fa4_path, [dict(n=32768, d=128, causal=False, density=1.0, method="sdpa-cudnn", ms=3.0),
                           dict(n=32768, d=128, causal=False, density=1.0, method="sparge", ms=2.0),
                           dict(n=32768, d=128, causal=False, density=1.0, method="fa4", ms=1.5)])
     both = bench_kernel.readme_table(path, fa4_csv=fa4_path)
-    assert "| 32768 | no | 1.0 | 0.50x | - | - | 1.50x | 2.00x | - |" in both.splitlines()
+    assert "| 32768 | no | 1.0 | 0.50x | 2.00x | - | 1.50x |" in both.splitlines()
     readme = tmp_path / "README.md"
     readme.write_text(f"before\n{bench_kernel.README_BEGIN}\nold\n{bench_kernel.README_END}\nafter\n")
     bench_kernel.update_readme(path, readme)

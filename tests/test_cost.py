@@ -253,7 +253,7 @@ def test_profile_from_the_committed_bench_csv_reproduces_the_shipped_file(tmp_pa
 def test_profile_from_the_h200_csvs_measures_stage2_and_both_estimators(tmp_path):
     out = tmp_path / "h200.json"
     kernel_dir = REPO / "results/kernel"
-    args = ["--from-bench-csv", str(kernel_dir / "h200.csv"), "--predictor-csv", str(REPO / "results/predictor/h200.csv"),
+    args = ["--from-bench-csv", str(kernel_dir / "h200-session1.csv"), "--predictor-csv", str(REPO / "results/predictor/h200.csv"),
             "--tune-csv", str(kernel_dir / "tune-h200.csv"), "--out", str(out)]
     assert profile_main(args) == 0
     fresh, shipped = json.loads(out.read_text()), json.loads((kernel_dir / "h200-bench-cost.json").read_text())
@@ -270,7 +270,7 @@ def test_profile_from_the_h200_csvs_measures_stage2_and_both_estimators(tmp_path
 def test_profile_refuses_a_tune_csv_without_the_shipped_config(tmp_path):
     bad = tmp_path / "tune.csv"
     bad.write_text("gpu,n,d,heads,causal,density,quant,pv,config,ms\nX,8192,128,32,False,1.0,none,off,w1s1-select-pointer,1.0\n")
-    args = ["--from-bench-csv", str(REPO / "results/kernel/h200.csv"), "--tune-csv", str(bad),
+    args = ["--from-bench-csv", str(REPO / "results/kernel/h200-session1.csv"), "--tune-csv", str(bad),
             "--out", str(tmp_path / "o.json")]
     assert profile_main(args) == 2
 
@@ -307,6 +307,32 @@ def test_profile_on_the_gpu_writes_a_usable_model(tmp_path):
     assert m.gpu == torch.cuda.get_device_name()
     assert m.kernel("none", 64).source == "measured" and m.kernel("none+pv", 64).fit is not None
     assert math.isfinite(m.predict_ms("int8", 4096, 4096, 4, 64, True, 0.5, "keys"))
+
+
+@pytest.mark.gpu
+def test_a_replayed_profile_call_equals_the_eager_call():
+    from calibrate.profile import Case, _call, _inputs, _random_mask, _replayed_call
+    from sparge_core.graphs import GraphCache
+
+    graphs, cache = GraphCache(), {}
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for case in (Case("kernel", 2048, 64, 9, True, 0.5, "int8", None),
+                 Case("pipeline", 2048, 64, 9, True, 0.5, "none", 50.0, estimator="pooled")):
+        qkv = _inputs(case, torch.device("cuda"), cache)[0]
+        mask = _random_mask(case, torch.device("cuda"), gen) if case.kind == "kernel" else None
+        eager = _call(case, qkv, mask)()
+        replayed = _replayed_call(graphs, case, qkv, mask)
+        outs = [replayed().clone() for _ in range(4)]  # the first calls run eagerly, later ones replay
+        assert graphs.replays >= 1
+        for out in outs:
+            torch.testing.assert_close(out, eager)
+
+
+def test_the_replay_flag_is_recorded_in_the_profile_source(tmp_path):
+    out = tmp_path / "replay.json"
+    assert profile_main(["--dry-run", "--replay", "--quiet", "--n", "256", "--head-dims", "64", "--densities", "1",
+                         "0.5", "--out", str(out)]) == 0
+    assert "--replay" in CostModel.load(out).source
 
 
 def test_linear_cost_ms():

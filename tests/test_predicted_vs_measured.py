@@ -103,3 +103,33 @@ def test_host_floors_bound_the_predictions_from_below(tmp_path, capsys):
     assert mod.main(["--config", str(_config(tmp_path)), "--speed", str(_speed(tmp_path)),
                      "--host-floors", str(tmp_path / "bare.json")]) == 2
     assert "holds no host_ms" in capsys.readouterr().err
+
+
+def test_a_cost_model_re_predicts_every_layer_from_the_config(tmp_path, capsys):
+    import dataclasses
+
+    from calibrate.cost import CostModel
+
+    mod = _script()
+    cfg = ModelConfig.load(_config(tmp_path))
+    layers = (dataclasses.replace(cfg.layers[0], sparsity=0.6), cfg.layers[1])
+    dataclasses.replace(cfg, layers=layers).save(tmp_path / "c2.json")
+    cost_path = REPO / "results/kernel/h200-cost.json"
+    cost = CostModel.load(cost_path)
+    out = tmp_path / "cmp.md"
+    assert mod.main(["--config", str(tmp_path / "c2.json"), "--speed", str(_speed(tmp_path)), "--out", str(out),
+                     "--cost-model", str(cost_path)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    l0, l1 = result["layers"]
+    dense = cost.predict_ms("dense", 8192, 8192, 2, 64, True, 1.0)
+    sparse = cost.predict_ms("int8", 8192, 8192, 2, 64, True, 0.4, estimator="keys")
+    assert l0["predicted_ms"] == pytest.approx(sparse) and l0["predicted_dense_ms"] == pytest.approx(dense)
+    assert l1["predicted_ms"] == pytest.approx(dense)  # not the config's own 1.0 ms
+    assert sparse != pytest.approx(0.5) and result["repredicted_with"]["sha256"] == cost.sha256()
+    # a layer without a sparsity cannot be re-predicted; both options at once are refused
+    assert mod.main(["--config", str(_config(tmp_path)), "--speed", str(_speed(tmp_path)),
+                     "--cost-model", str(cost_path)]) == 2
+    assert "has no sparsity" in capsys.readouterr().err
+    assert mod.main(["--config", str(tmp_path / "c2.json"), "--speed", str(_speed(tmp_path)),
+                     "--cost-model", str(cost_path), "--host-floors", str(cost_path)]) == 2
+    assert "drop --host-floors" in capsys.readouterr().err

@@ -94,7 +94,7 @@ def supported(device: torch.device, head_dim: int, dtype: torch.dtype) -> str | 
 #: where the Triton kernel reached 1.3-5.6x; at 32K, D=128 FA4 was the faster exact kernel at every
 #: density (0.92-8.3x against 0.80-7.6x; at D=64, causal, 32K it was not at densities <= 0.5, hence the
 #: halving under causal masking). Measured in two runs on one card: results/kernel/h200-fa4.csv and
-#: results/kernel/h200.csv of the repository.
+#: results/kernel/h200.csv (one run with every peer, sixth session) of the repository.
 AUTO_MIN_WORK = 2 ** 41
 
 
