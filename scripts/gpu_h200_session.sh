@@ -58,6 +58,10 @@
 #   The official SpargeAttn rows need that package built on the GPU host beforehand (a peer, not part of
 #   this project: its build is not kept here); an import path $HOME/.cache/sparge/spargeattn is used when
 #   present.
+#   What ran (2026-12-03): calls 1-3 and predictor-shape (its bench_predictor stopped at the first GQA
+#   layout, since fixed); the machine was then taken back, and a fresh one ran, as direct commands,
+#   `python3 -m calibrate.profile --head-dims 64 --heads 9 --n 2048 4096 8192 --quants none int8 --replay`
+#   and `python3 scripts/bench_predictor.py` (cut by its limit); bench-128k never ran.
 # scripts/gpu_kernel_session.sh is the longer plan (the full tuner).
 set -uo pipefail
 STEP_TAIL=15
