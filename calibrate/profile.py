@@ -278,7 +278,7 @@ def measure(sweep: Sweep, device, *, dry_run: bool, replay: bool = False) -> lis
     from sparge_core.graphs import GraphCache
 
     gen = torch.Generator(device=device).manual_seed(0)
-    graphs = GraphCache()
+    graphs = GraphCache() if replay else None
     out = []
     cases = sweep.cases()
     cache: dict = {}
@@ -329,19 +329,12 @@ def host_ms_per_call(fn: Callable, calls: int = 50, repeats: int = 3) -> float:
 
 
 def _replayed_call(graphs, case: Case, qkv, mask) -> Callable:
-    """``case``'s call (with its block map, for a kernel case) replayed from a CUDA graph of ``graphs``."""
+    """``case``'s call (with its block map, for a kernel case) as ``apply`` runs a repeated layer call:
+    replayed from a CUDA graph of ``graphs``."""
     def call(q, k, v):
         return _call(case, (q, k, v), mask)()
 
     return lambda: graphs.run(case.label, call, qkv, keep=(mask,))
-
-
-def _replayed(graphs, case: Case, qkv) -> Callable:
-    """``case``'s call as ``apply`` runs a repeated layer call: from a CUDA graph of ``graphs``."""
-    def call(q, k, v):
-        return _call(case, (q, k, v), None)()
-
-    return lambda: graphs.run(case.label, call, qkv)
 
 
 def measure_host_floor(sweep: Sweep, device, *, dry_run: bool, graphs: bool = True) -> dict[str, float]:
@@ -368,7 +361,7 @@ def measure_host_floor(sweep: Sweep, device, *, dry_run: bool, graphs: bool = Tr
                 qkv = _inputs(case, device, cache)[0]
                 fn = _call(case, qkv, None)
                 if graphs and key != DENSE:
-                    fn = _replayed(cache_graphs, case, qkv)
+                    fn = _replayed_call(cache_graphs, case, qkv, None)
                 ms = host_ms_per_call(fn)
             floors[key] = max(floors.get(key, 0.0), ms)
             logger.info("host floor %s d=%d: %.4f ms per call", key, head_dim, ms)

@@ -113,14 +113,15 @@ def bench_shape(gpu: str, n: int, d: int, heads: int, kv_heads: int, causal: boo
     }
     official = _official_pipeline()
     if official is not None and heads == kv_heads:  # its predictor pools Q and K heads 1:1 (no GQA)
-        cases["official-pipeline"] = lambda: official(q, k, v, is_causal=causal, topk=0.5, tensor_layout="HND")
+        official_kw = dict(is_causal=causal, topk=0.5, tensor_layout="HND")
+        cases["official-pipeline"] = lambda: official(q, k, v, **official_kw)
     allowed = allowed_block_mask(n, n, causal, device="cuda")
     for name, fn in cases.items():
         if name not in methods:
             continue
         ms = _bench(fn)
         if name == "official-pipeline":
-            _, sparsity = official(q, k, v, is_causal=causal, topk=0.5, tensor_layout="HND", return_sparsity=True)
+            _, sparsity = official(q, k, v, return_sparsity=True, **official_kw)
             density = 1.0 - sparsity
         elif name.startswith("predict"):
             density = float((fn() & allowed).sum() / (allowed.sum() * heads))

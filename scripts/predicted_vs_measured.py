@@ -39,9 +39,9 @@ def cost_model_predictions(config: ModelConfig, model: CostModel, length: int) -
     heads, head_dim = m.num_heads, m.head_dim
     if not heads or not head_dim:
         raise ValueError("--cost-model needs the config's model.num_heads and model.head_dim")
+    dense = model.predict_ms("dense", length, length, heads, head_dim, True, 1.0)
     out = {}
     for lc in config.layers:
-        dense = model.predict_ms("dense", length, length, heads, head_dim, True, 1.0)
         if lc.is_dense:
             out[lc.layer] = (dense, dense)
             continue
@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="Markdown table to write (plus a .json beside it)")
     args = ap.parse_args(argv)
     try:
+        if args.cost_model and args.host_floors:
+            raise ValueError("--cost-model re-predicts with that file's own host floors; drop --host-floors")
         config = ModelConfig.load(args.config)
         speed = json.loads(Path(args.speed).read_text())
         floors = None
@@ -169,8 +171,6 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--host-floors: {err}") from err
             if not floors:
                 raise ValueError(f"--host-floors: {args.host_floors} holds no host_ms (sparge-profile --host-floor-only)")
-        if args.cost_model and args.host_floors:
-            raise ValueError("--cost-model re-predicts with that file's own host floors; drop --host-floors")
         cost = None
         if args.cost_model:
             try:
