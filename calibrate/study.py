@@ -44,6 +44,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from .search import PV_MAX, Evaluation, HeadResult, LayerResult
+from .trial_store import add_finished_trials
 
 logger = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -82,6 +83,7 @@ class CalibrationStore:
         self.run = run
         self.direction = direction
         self._tables_ready = False
+        self._stored_keys: dict[int, set] = {}  # per layer: the evaluated points already stored
 
     # ---------------------------------------------------------------- studies
     def _study(self, suffix: str, direction: str = "maximize") -> optuna.Study:
@@ -158,24 +160,29 @@ class CalibrationStore:
         """Store evaluations as finished trials; ``bound`` is the stage-1 L1 bound and ``pv_bound``
         (default ``bound``) the bound of points with stage 2 on.
 
-        Optuna adds a batch trial by trial, so a worker killed mid-batch leaves part of it; the resumed
-        search evaluates that batch again (its simthreshd1 was not finished). Evaluations are
-        deterministic, so points already stored (same variant, estimator, stage, step and per-head
-        hyperparameters) are skipped: a resumed batch completes the partial one instead of duplicating it."""
+        A batch is one transaction (``trial_store.add_finished_trials``): a worker killed while recording
+        leaves all of it or none. The resumed search may still evaluate a batch again (one whose
+        simthreshd1 had not been marked finished when the worker died); evaluations are deterministic, so
+        points already stored (same variant, estimator, stage, step and per-head hyperparameters) are
+        skipped instead of duplicated. The stored points of a layer are read from the database once per
+        process and then kept up to date here (one worker owns a layer)."""
         if not evaluations:
             return
         study = self.layer_study(layer)
-        stored = {_evaluation_key(t.params, t.user_attrs)
-                  for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
-        trials = []
+        stored = self._stored_keys.get(layer)
+        if stored is None:
+            stored = {_evaluation_key(t.params, t.user_attrs)
+                      for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+        trials, keys = [], set()
         for ev in evaluations:
             trial = evaluation_trial(ev, bound if ev.pvthreshd is None else (pv_bound or bound), mode)
             key = _evaluation_key(trial.params, trial.user_attrs)
-            if key in stored:
+            if key in stored or key in keys:
                 continue
-            stored.add(key)
+            keys.add(key)
             trials.append(trial)
-        study.add_trials(trials)
+        add_finished_trials(study, trials)
+        self._stored_keys[layer] = stored | keys
 
     # ---------------------------------------------------------------- bookkeeping tables
     def _engine(self) -> sa.engine.Engine:

@@ -223,11 +223,10 @@ def test_stale_temporaries_of_a_killed_capture_are_cleaned(tmp_path):
     assert not stale.exists() and (layer / "S000.safetensors").is_file()
 
 
-def test_a_killed_batch_is_not_recorded_twice(tmp_path):
-    """A worker killed in the middle of recording a batch left part of it; the resumed search records
-    the same batch again: the store completes it instead of duplicating its trials."""
-    import optuna
-
+def test_a_killed_batch_is_not_recorded_twice(tmp_path, monkeypatch):
+    """A worker killed in the middle of recording a batch leaves none of it (one transaction); the
+    resumed search records the batch again, and a batch recorded twice is stored once."""
+    from calibrate import trial_store
     from calibrate.search import Evaluation
     from calibrate.study import CalibrationStore, open_storage
 
@@ -235,25 +234,27 @@ def test_a_killed_batch_is_not_recorded_twice(tmp_path):
     batch = [Evaluation((0.5, 0.5), (0.9 + i / 100, 0.95), None, (0.01, 0.02), (0.3, 0.4), "stage1", i)
              for i in range(5)]
     study = store.layer_study(0)
-    real_add = optuna.Study.add_trial
+    real = trial_store.distribution_to_json
     calls = {"n": 0}
 
-    def dies_after_three(self, trial):
-        if calls["n"] == 3:
-            raise KeyboardInterrupt  # the kill
+    def dies_in_the_third_trial(dist):
         calls["n"] += 1
-        real_add(self, trial)
+        if calls["n"] == 2 * 7 + 3:  # 7 params a trial: the kill lands inside the third trial
+            raise KeyboardInterrupt
+        return real(dist)
 
-    optuna.Study.add_trial = dies_after_three
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            store.record_evaluations(0, batch, 0.08)
-    finally:
-        optuna.Study.add_trial = real_add
-    assert len(study.get_trials(deepcopy=False)) == 3
-    store.record_evaluations(0, batch, 0.08)  # the resumed search, same points
-    trials = store.layer_study(0).get_trials(deepcopy=False)
-    assert len(trials) == 5
+    monkeypatch.setattr(trial_store, "distribution_to_json", dies_in_the_third_trial)
+    with pytest.raises(KeyboardInterrupt):
+        store.record_evaluations(0, batch, 0.08)
+    monkeypatch.setattr(trial_store, "distribution_to_json", real)
+    assert study.get_trials(deepcopy=False) == []  # nothing of the batch was committed
+    resumed = CalibrationStore(open_storage(f"sqlite:///{tmp_path}/s.db"), "sparge/x")  # a new process
+    resumed.record_evaluations(0, batch, 0.08)
+    resumed.record_evaluations(0, batch[2:], 0.08)  # the same points again
+    again = CalibrationStore(open_storage(f"sqlite:///{tmp_path}/s.db"), "sparge/x")
+    again.record_evaluations(0, batch, 0.08)  # and from a third process, which reads what is stored
+    trials = again.layer_study(0).get_trials(deepcopy=False)
+    assert [t.number for t in trials] == [0, 1, 2, 3, 4]
     assert sorted(t.params["step"] for t in trials) == [0, 1, 2, 3, 4]
 
 
