@@ -588,9 +588,12 @@ def block_sparse_attn(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     allowed = allowed_block_count(nq, nk, is_causal, window)
-    counts = BlockCounts(
-        allowed=torch.full((bsz, num_q_heads), allowed, dtype=torch.long, device=q.device),
-        computed=lut.count.sum(dim=-1, dtype=torch.long),
-        pv_skipped=pv_count.sum(dim=-1, dtype=torch.long) if pv_on else torch.zeros_like(lut.count[..., 0], dtype=torch.long),
-    )
+    row_counts = lut.count
+
+    def block_counts():  # reductions launched only when a count is read (the LUT's buffers are this call's)
+        computed = row_counts.sum(dim=-1, dtype=torch.long)
+        return (torch.full_like(computed, allowed), computed,
+                pv_count.sum(dim=-1, dtype=torch.long) if pv_on else torch.zeros_like(computed))
+
+    counts = BlockCounts.lazy(block_counts)
     return out, counts

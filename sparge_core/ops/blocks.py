@@ -59,10 +59,49 @@ class PooledBlocks:
     sim: torch.Tensor  # (B, H, nb)
 
 
-@dataclass(frozen=True)
 class BlockCounts:
-    """Per (batch, query head) block counts of one attention call, as ``(B, Hq)`` int64 tensors."""
+    """Per (batch, query head) block counts of one attention call, as ``(B, Hq)`` int64 tensors:
 
-    allowed: torch.Tensor  # block pairs the causal mask allows (all pairs when not causal)
-    computed: torch.Tensor  # kept block pairs that were computed (kept and allowed)
-    pv_skipped: torch.Tensor  # computed block pairs whose P.V was skipped by stage 2
+    - ``allowed``: block pairs the causal mask allows (all pairs when not causal);
+    - ``computed``: kept block pairs that were computed (kept and allowed);
+    - ``pv_skipped``: computed block pairs whose P.V was skipped by stage 2.
+
+    Either given as tensors, or ``BlockCounts.lazy(make)``: ``make()`` returns the three tensors and
+    runs when a count is first read, so a caller that drops the counts (a call without
+    ``return_stats``) launches none of the reductions behind them. ``make`` must read only buffers
+    that the call owns (nothing a later call overwrites before the counts are read).
+    """
+
+    __slots__ = ("_values", "_make")
+
+    def __init__(self, allowed: torch.Tensor, computed: torch.Tensor, pv_skipped: torch.Tensor):
+        self._values = (allowed, computed, pv_skipped)
+        self._make = None
+
+    @classmethod
+    def lazy(cls, make) -> BlockCounts:
+        counts = cls.__new__(cls)
+        counts._values, counts._make = None, make
+        return counts
+
+    def _get(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._values is None:
+            self._values, self._make = tuple(self._make()), None
+        return self._values
+
+    @property
+    def allowed(self) -> torch.Tensor:
+        return self._get()[0]
+
+    @property
+    def computed(self) -> torch.Tensor:
+        return self._get()[1]
+
+    @property
+    def pv_skipped(self) -> torch.Tensor:
+        return self._get()[2]
+
+    def __repr__(self) -> str:
+        if self._values is None:
+            return "BlockCounts(<not computed yet>)"
+        return f"BlockCounts(allowed={self.allowed}, computed={self.computed}, pv_skipped={self.pv_skipped})"

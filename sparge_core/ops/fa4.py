@@ -226,10 +226,11 @@ def attend(q, k, v, mask, *, is_causal, scale, pvthreshd, quant, window=None, qu
     out = out.transpose(1, 2)
     if in_dtype == torch.float32:
         out = out.to(torch.float32)
-    counts = BlockCounts(
-        allowed=torch.full((bsz, num_q_heads), allowed_block_count(nq, nk, is_causal, window),
-                           dtype=torch.long, device=q.device),
-        computed=lists.mask_cnt.sum(dim=-1, dtype=torch.long) + lists.full_cnt.sum(dim=-1, dtype=torch.long),
-        pv_skipped=torch.zeros(bsz, num_q_heads, dtype=torch.long, device=q.device),
-    )
+    allowed = allowed_block_count(nq, nk, is_causal, window)
+
+    def block_counts():  # launched only when a count is read
+        computed = lists.mask_cnt.sum(dim=-1, dtype=torch.long) + lists.full_cnt.sum(dim=-1, dtype=torch.long)
+        return torch.full_like(computed, allowed), computed, torch.zeros_like(computed)
+
+    counts = BlockCounts.lazy(block_counts)
     return out, counts
