@@ -62,12 +62,22 @@
 #   layout, since fixed); the machine was then taken back, and a fresh one ran, as direct commands,
 #   `python3 -m calibrate.profile --head-dims 64 --heads 9 --n 2048 4096 8192 --quants none int8 --replay`
 #   and `python3 scripts/bench_predictor.py` (cut by its limit); bench-128k never ran.
+# The seventh session (issue 14's SmolLM2 run: the cost file, both objectives' configs, summaries and the
+# predicted-vs-measured tables from one run; the model bundle one part per call):
+#   call 1 (carry .bundle-smollm2/part-001): ... s7-tests     GPU tests (kernels, pipeline, graphs, compile,
+#       cost model, calibration store); one attention call profiled at SmolLM2's shape (lazy counts)
+#   call 2 (carry .bundle-smollm2/part-002): ... s7-profile   sparge-profile --replay at SmolLM2's shape (kept
+#       on the device for call 4); bench_predictor
+#   call 3 (carry .bundle-smollm2/part-003): ... stage-only
+#   call 4 (carry .bundle-calib .bundle-smollm2/part-004): ... s7-smollm2   SmolLM2 calibrated against that
+#       profile with the time and the sparsity objectives, evals speed (layers replayed) and predicted vs
+#       measured for both
 # scripts/gpu_kernel_session.sh is the longer plan (the full tuner).
 set -uo pipefail
 STEP_TAIL=15
 source "$(dirname "$0")/gpu_session_common.sh"
 
-CALLS="check-tune|check-bench|tune-accuracy|fa4-e2e|verify-128k|profile-e2e|e2e-128k|fa4-bench|calib-8b|tune-quant|e2e-8k|smollm2|verify-host|graphs|e2e-graphs|calib-8b-long|stage|smollm2-graphs|stage-only|smollm2-whole|smollm2-gated|bench-all|bench-128k|predictor-shape"
+CALLS="check-tune|check-bench|tune-accuracy|fa4-e2e|verify-128k|profile-e2e|e2e-128k|fa4-bench|calib-8b|tune-quant|e2e-8k|smollm2|verify-host|graphs|e2e-graphs|calib-8b-long|stage|smollm2-graphs|stage-only|smollm2-whole|smollm2-gated|bench-all|bench-128k|predictor-shape|s7-tests|s7-profile|s7-smollm2"
 cmd=${1:?$CALLS}; shift
 case "|$CALLS|" in *"|$cmd|"*) ;; *) echo "unknown call $cmd (one of $CALLS)" >&2; exit 2 ;; esac
 DIR=$OUT/$cmd; mkdir -p "$DIR"
@@ -252,6 +262,42 @@ PY
     step predictor 200 python3 scripts/bench_predictor.py --out "$RUNS/predictor-$S.csv"
     step profile-smollm2 240 python3 -m calibrate.profile --head-dims 64 --heads 9 --n 2048 4096 8192 \
       --quants none int8 --out "$RUNS/$S-cost-smollm2-shape.json"
+    pack "$cmd" ;;
+  s7-tests)  # GPU tests of this session's tree, and one call profiled at SmolLM2's shape
+    step pytest-gpu 300 python3 -m pytest -q -n 12 -p no:cacheprovider tests/test_gpu.py tests/test_attention.py \
+      tests/test_kernel_variants.py tests/test_sliding_window.py tests/test_nonfinite.py tests/test_predict.py \
+      tests/test_api.py tests/test_integration_pipeline.py tests/test_integration_transformers.py tests/test_graphs.py \
+      tests/test_cost.py tests/test_objective.py tests/test_block_counts.py tests/test_trial_store.py \
+      tests/test_calibrate_workers.py tests/test_methods_window.py
+    step profile-call 120 python3 scripts/profile_attention_call.py --shape smollm2 --n 2048 8192 \
+      --out "$DIR/profile-call-smollm2-$S.md"
+    pack "$cmd" ;;
+  s7-profile)  # the cost model at SmolLM2's shape, replayed (kept for s7-smollm2); predictor and pipeline
+    prof=$HOME/.cache/sparge/$S-cost-smollm2-shape.json; mkdir -p "$(dirname "$prof")"
+    step profile-smollm2 240 python3 -m calibrate.profile --head-dims 64 --heads 9 --n 2048 4096 8192 \
+      --quants none int8 --replay --out "$prof.tmp"
+    [ -s "$prof.tmp" ] && mv "$prof.tmp" "$prof" && cp "$prof" "$DIR/"
+    step predictor 240 python3 scripts/bench_predictor.py --out "$RUNS/predictor-$S.csv"
+    pack "$cmd" ;;
+  s7-smollm2)  # SmolLM2 against the shape profile: both objectives, speed, predicted vs measured
+    prof=$HOME/.cache/sparge/$S-cost-smollm2-shape.json
+    [ -s "$prof" ] || { cp "results/kernel/$S-cost-smollm2-shape.json" "$prof"; echo "profile of an earlier call used"; }
+    cal=$DIR/calibration; mkdir -p "$cal"
+    step calib-time 170 python3 -m calibrate --model smollm2 --data pydoc --samples 5 --seq-len 8192 --device cuda \
+      --estimator keys,pooled --objective time --cost-model "$prof" --capture-dir runs/smollm2.capture \
+      --out "$cal/smollm2-time-shape-$S.json"
+    step calib-sparsity 120 python3 -m calibrate --model smollm2 --data pydoc --samples 5 --seq-len 8192 --device cuda \
+      --objective sparsity --cost-model "$prof" --capture-dir runs/smollm2.capture \
+      --out "$cal/smollm2-sparsity-shape-$S.json"
+    for obj in time sparsity; do
+      c=$cal/smollm2-$obj-shape-$S.json
+      [ -f "$c" ] || continue
+      step "speed-$obj" 90 python3 -m evals speed --model smollm2 --config "$c" --methods sparge \
+        --lengths 2048 8192 --device cuda --out "runs/speed-$obj-shape"
+      step "compare-$obj" 30 python3 scripts/predicted_vs_measured.py --config "$c" \
+        --speed "runs/speed-$obj-shape/speed/smollm2/sparge.json" --out "${c%.json}-predicted-vs-measured.md"
+      cp -r "runs/speed-$obj-shape" "$DIR/" 2>/dev/null
+    done
     pack "$cmd" ;;
   smollm2-whole)  # SmolLM2 TTFT, both dense whole-prefill graphs, the committed and the replayed-floor configs;
     # the 8B shape at 8K with the two dense graphs and a 64%-sparse map
