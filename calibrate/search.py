@@ -265,7 +265,7 @@ class LayerEvaluator:
         for g, ((indices, q, k, v), ref) in enumerate(zip(self.groups, self.dense)):
             out, allowed, computed, skipped = self._attend(g, q, k, v, theta, pv, sel)
             acc = ((out.float() - ref).abs().sum(dim=(2, 3)), ref.abs().sum(dim=(2, 3)), allowed, computed, skipped)
-            acc = tuple(t.double().cpu() for t in acc)
+            acc = torch.stack([t.double() for t in acc]).cpu()  # one copy to the host (one sync) per batch
             for row, index in enumerate(indices):
                 per_sample[index] = tuple(t[row] for t in acc)
         for index in range(self.num_samples):
