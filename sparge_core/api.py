@@ -53,25 +53,27 @@ class Backend:
 
     ``predict(q, k, *, is_causal, scale, simthreshd1, cdfthreshd, topk, estimator, window, local_blocks) -> mask``
     and
-    ``attend(q, k, v, mask, *, is_causal, scale, pvthreshd, quant, window=None, quantized=None) -> (out,
+    ``attend(q, k, v, mask, *, is_causal, scale, pvthreshd, quant, window=None, prepared=None) -> (out,
     BlockCounts)`` take validated inputs with per-head hyperparameters as device tensors (simthreshd1
-    and pvthreshd float32, the cdfthreshd/topk budget float64). ``predict_quantized`` (optional, same
-    arguments plus ``quant_multiplier``) returns ``(mask, (q_i8, q_scale, k_i8, k_scale))`` from the
-    predictor's own passes over Q and K, which ``attend`` then takes as ``quantized``; a backend without
-    it is given ``quantized=None`` and quantizes itself.
+    and pvthreshd float32, the cdfthreshd/topk budget float64). ``predict_prepared`` (optional, same
+    arguments plus ``quant_multiplier``, None without quantization) returns ``(mask, prepared)``: what
+    the predictor's own launches leave for the attention launch of the same call (for Triton a
+    ``predict.PreparedCall``: the INT8 Q and K from its passes over them, the map's index lists from its
+    selection launch), which ``attend`` then takes as ``prepared``; a backend without it is given
+    ``prepared=None`` and computes those itself.
     """
 
     name: str
     predict: Callable[..., torch.Tensor]
     attend: Callable[..., tuple[torch.Tensor, BlockCounts]]
-    predict_quantized: Callable[..., tuple[torch.Tensor, tuple]] | None = None
+    predict_prepared: Callable[..., tuple[torch.Tensor, object]] | None = None
 
 
 def _reference_predict(q, k, **kw) -> torch.Tensor:
     return reference.predict_block_mask(q, k, dtype=torch.float32, **kw)
 
 
-def _reference_attend(q, k, v, mask, *, is_causal, scale, pvthreshd, quant, window=None, quantized=None):
+def _reference_attend(q, k, v, mask, *, is_causal, scale, pvthreshd, quant, window=None, prepared=None):
     if quant != "none":  # simulate INT8 QK^T: attention on the de-quantized Q and smoothed K
         qk_scale = scale * LOG2E
         q_i8, q_s = reference.quantize_per_block(q, BLOCK_Q, multiplier=qk_scale)
@@ -86,9 +88,8 @@ def _reference_attend(q, k, v, mask, *, is_causal, scale, pvthreshd, quant, wind
 
 BACKENDS: Registry[Backend] = Registry("backend")
 BACKENDS.add("reference", Backend("reference", _reference_predict, _reference_attend))
-BACKENDS.add("triton", Backend("triton", triton_predict.predict_block_mask,
-                               triton_attention.block_sparse_attn,
-                               predict_quantized=triton_predict.predict_and_quantize))
+BACKENDS.add("triton", Backend("triton", triton_predict.predict_block_mask, triton_attention.attend,
+                               predict_prepared=triton_predict.predict_and_prepare))
 BACKENDS.add("fa4", Backend("fa4", triton_predict.predict_block_mask, fa4.attend))
 
 
@@ -210,18 +211,18 @@ def _predict_impl(q, k, *, is_causal: bool, scale: float, simthreshd1: tuple, bu
 
 
 def _attend_impl(q, k, v, mask, *, is_causal: bool, scale: float, pvthreshd: tuple | None, quant: str,
-                 window: int | None, backend: str, quantized=None) -> tuple[torch.Tensor, BlockCounts]:
+                 window: int | None, backend: str, prepared=None) -> tuple[torch.Tensor, BlockCounts]:
     impl = resolve_backend(backend, q.device)
     _note_fp32(q.dtype, q.device)
     return impl.attend(q, k, v, mask, is_causal=is_causal, scale=scale,
-                       pvthreshd=_on_device(pvthreshd, q.device), quant=quant, window=window, quantized=quantized)
+                       pvthreshd=_on_device(pvthreshd, q.device), quant=quant, window=window, prepared=prepared)
 
 
 def _sparge_attn_impl(q, k, v, *, is_causal: bool, scale: float, simthreshd1: tuple, budget: tuple,
                       topk_mode: bool, pvthreshd: tuple | None, quant: str, estimator: str,
                       window: int | None, backend: str, local_blocks: int = 0) -> tuple[torch.Tensor, BlockCounts]:
     impl = resolve_backend(backend, q.device)
-    quantized = None
+    prepared = None
     if all(b >= 1.0 for b in budget):
         mask = _full_mask(q, k)
     else:
@@ -229,13 +230,15 @@ def _sparge_attn_impl(q, k, v, *, is_causal: bool, scale: float, simthreshd1: tu
         kw = dict(is_causal=is_causal, scale=scale, simthreshd1=theta_t,
                   cdfthreshd=None if topk_mode else budget_t, topk=budget_t if topk_mode else None,
                   estimator=estimator, window=window, local_blocks=local_blocks)
-        if quant != "none" and impl.predict_quantized is not None:
-            # one pass over Q and K gives the predictor's blocks and the INT8 tensors
-            mask, quantized = impl.predict_quantized(q, k, quant_multiplier=scale * LOG2E, **kw)
+        if impl.predict_prepared is not None:
+            # the predictor's launches also leave the INT8 tensors (one pass over Q and K) and the map's
+            # index lists (its selection launch) for the attention launch
+            mask, prepared = impl.predict_prepared(
+                q, k, quant_multiplier=scale * LOG2E if quant != "none" else None, **kw)
         else:
             mask = impl.predict(q, k, **kw)
     return _attend_impl(q, k, v, mask, is_causal=is_causal, scale=scale, pvthreshd=pvthreshd, quant=quant,
-                        window=window, backend=impl.name, quantized=quantized)
+                        window=window, backend=impl.name, prepared=prepared)
 
 
 def _compiling() -> bool:

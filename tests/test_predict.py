@@ -287,10 +287,10 @@ def test_predictor_is_three_launches_and_allocations_only(device, monkeypatch):
     for estimator in ("pooled", "keys"):
         launches.clear()
         with Ops() as mode:
-            P.predict_and_quantize(q, k, is_causal=True, scale=0.125, simthreshd1=theta, topk=budget,
-                                   estimator=estimator, quant_multiplier=0.18)
+            P.predict_and_prepare(q, k, is_causal=True, scale=0.125, simthreshd1=theta, topk=budget,
+                                  estimator=estimator, quant_multiplier=0.18)
         assert launches == ["_q_stats_k_sums_kernel", "_block_stats_kernel", "_score_select_kernel"]
-        assert set(mode.ops) <= {"aten.empty", "aten.view", "aten.detach"}, mode.ops  # (a dtype view)
+        assert set(mode.ops) <= {"aten.empty", "aten.empty_like", "aten.view", "aten.detach"}, mode.ops
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,3 +456,49 @@ def test_fused_predictor_bf16_gpu(estimator, causal):
         # stable rows flip one block on a near-tie: 1.8% of them on an H200 (2026-12-02); pooled: none
         flipped = (got[stable] != ref[stable]).any(-1).float().mean()
         assert flipped < (0.03 if estimator == "keys" else 0.01)
+
+
+# ----------------------------------------------------------------------------------------------
+# the index lists written by the selection launch (predict_and_prepare) equal build_block_lut's
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,window,local,mode", [
+    pytest.param(1, 2, 2, 1000, 1000, 64, False, None, 0, "cdf", id="N1000-D64"),
+    pytest.param(2, 4, 2, 300, 300, 128, True, None, 0, "topk", id="B2-GQA-causal-D128"),
+    pytest.param(1, 3, 1, 63, 700, 64, True, None, 2, "cdf", id="Nq63-Nk700-causal-local2"),
+    pytest.param(1, 2, 1, 900, 900, 64, True, 200, 0, "cdf", id="causal-window200"),
+    pytest.param(1, 2, 2, 517, 517, 128, True, 77, 1, "topk", id="causal-window77-local1"),
+])
+def test_the_selection_launch_writes_the_maps_index_lists(device, b, hq, hkv, nq, nk, d, causal, window, local, mode):
+    from sparge_core.ops.attention import build_block_lut
+
+    q, k, _ = rand_qkv(b, hq, hkv, nq, nk, d, device=device, seed=nq + nk + d)
+    gen = torch.Generator().manual_seed(hq * 7 + nq)
+    theta = torch.full((hq,), -1.0, device=device)  # random blocks are not self-similar: every block may go
+    theta[0] = 0.5  # but one head keeps the rows and columns of its non-self-similar blocks
+    budget = (torch.rand(hq, generator=gen) * 0.6 + 0.2).double().to(device)
+    sel = dict(topk=budget) if mode == "topk" else dict(cdfthreshd=budget)
+    mask, prepared = P.predict_and_prepare(q, k, is_causal=causal, scale=d ** -0.5, simthreshd1=theta,
+                                           window=window, local_blocks=local, **sel)
+    assert prepared.quantized is None
+    assert torch.equal(mask, P.predict_block_mask(q, k, is_causal=causal, scale=d ** -0.5, simthreshd1=theta,
+                                                  window=window, local_blocks=local, **sel))
+    want = build_block_lut(mask, nq, nk, causal, window)
+    got = prepared.lut
+    assert torch.equal(got.count, want.count)
+    assert torch.equal(got.n_low, want.n_low) and torch.equal(got.n_unmasked, want.n_unmasked)
+    width = torch.arange(mask.shape[-1], device=mask.device) < want.count[..., None]
+    assert torch.equal(got.indices[width], want.indices[width])
+    assert 0 < int(want.count[:, 1:].sum()) < mask[:, 1:].numel()  # neither empty nor full: the test can tell
+
+
+def test_a_sparge_call_with_the_predictors_index_lists_equals_one_from_the_mask(device):
+    """sparge_attn hands the selection launch's index lists to the attention launch; the output equals
+    block_sparse_attn on the same map (which builds its own lists)."""
+    q, k, v = rand_qkv(1, 4, 2, 700, 700, 64, device=device, seed=3)
+    kw = dict(is_causal=True, simthreshd1=-1.0, cdfthreshd=0.7, backend="triton")
+    out, stats = sparge_attn(q, k, v, return_stats=True, **kw)
+    mask = predict_block_mask(q, k, **kw)
+    ref, ref_stats = block_sparse_attn(q, k, v, mask, is_causal=True, backend="triton", return_stats=True)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert torch.equal(stats.computed_blocks, ref_stats.computed_blocks)
+    assert 0.05 < stats.qk_sparsity < 0.95

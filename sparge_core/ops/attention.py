@@ -82,7 +82,7 @@ import triton
 import triton.language as tl
 
 from ._triton_util import check_runnable, interpreter_enabled, padded_head_dim
-from .blocks import BLOCK_K, BLOCK_Q, LOG2E, BlockCounts, allowed_block_count, num_blocks
+from .blocks import BLOCK_K, BLOCK_Q, LOG2E, BlockCounts, BlockLUT, allowed_block_count, num_blocks
 
 FP8_E4M3_MAX = 448.0
 
@@ -383,19 +383,6 @@ def _sparge_attn_fwd_kernel(
         tl.store(PV_COUNT + row, n_skipped)
 
 
-@dataclass(frozen=True)
-class BlockLUT:
-    """The block map as the kernel reads it: per (b, h, query block) the ascending kept key-block
-    indices (``indices[..., :count]``; the tail is unspecified), how many there are, how many of the
-    first ones cross the lower edge of a sliding window (``n_low``, token mask; zero without a window)
-    and how many of those after them need no token mask (``n_unmasked``)."""
-
-    indices: torch.Tensor  # (B, Hq, nqb, nkb) int32
-    count: torch.Tensor  # (B, Hq, nqb) int32
-    n_unmasked: torch.Tensor  # (B, Hq, nqb) int32
-    n_low: torch.Tensor  # (B, Hq, nqb) int32
-
-
 @triton.jit
 def _mask_to_lut_kernel(
     MASK, LUT, COUNT, NLOW, NFULL,  #
@@ -441,10 +428,8 @@ def build_block_lut(mask: torch.Tensor, nq: int, nk: int, is_causal: bool, windo
     index lists, dropping causal fully-future blocks (and, with a sliding ``window``, blocks wholly
     before it)."""
     bsz, num_q_heads, nqb, nkb = mask.shape
-    indices = torch.empty(bsz, num_q_heads, nqb, nkb, device=mask.device, dtype=torch.int32)
-    count = torch.empty(bsz, num_q_heads, nqb, device=mask.device, dtype=torch.int32)
-    n_unmasked = torch.empty_like(count)
-    n_low = torch.empty_like(count)
+    lut = BlockLUT.empty(bsz, num_q_heads, nqb, nkb, mask.device)
+    indices, count, n_low, n_unmasked = lut.indices, lut.count, lut.n_low, lut.n_unmasked
     m8 = mask.view(torch.int8)
     _mask_to_lut_kernel[(nqb, bsz * num_q_heads)](
         m8, indices, count, n_low, n_unmasked, *m8.stride(),
@@ -452,7 +437,15 @@ def build_block_lut(mask: torch.Tensor, nq: int, nk: int, is_causal: bool, windo
         NK_PAD=max(16, triton.next_power_of_2(nkb)), IS_CAUSAL=is_causal, HAS_WINDOW=window is not None,
         BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, num_warps=4 if nkb <= 1024 else 8,
     )
-    return BlockLUT(indices, count, n_unmasked, n_low)
+    return lut
+
+
+def attend(q, k, v, mask, *, is_causal, scale, pvthreshd, quant, window=None, prepared=None):
+    """The registry's ``attend`` for Triton: ``prepared`` is the predictor's ``PreparedCall`` of the
+    same call (INT8 operands, index lists) or None."""
+    quantized, lut = (None, None) if prepared is None else prepared
+    return block_sparse_attn(q, k, v, mask, is_causal=is_causal, scale=scale, pvthreshd=pvthreshd, quant=quant,
+                             quantized=quantized if quant != "none" else None, window=window, lut=lut)
 
 
 def compute_dtype_for(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -512,9 +505,11 @@ def block_sparse_attn(
     quantized: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     config: KernelConfig | None = None,
     window: int | None = None,
+    lut: BlockLUT | None = None,
 ) -> tuple[torch.Tensor, BlockCounts]:
     """Launch the kernel (inputs already validated; ``pvthreshd`` per query head or None; ``window``: a
-    causal sliding window or None).
+    causal sliding window or None; ``lut``: the map's index lists when the predictor already wrote
+    them, else ``build_block_lut`` makes them from ``mask``).
 
     ``quant``: "none", "int8" (INT8 QK, fp16/bf16 PV) or "int8-fp8" (INT8 QK, FP8 PV).
     ``quantized``: optional precomputed ``(q_int8, q_scale, k_int8, k_scale)`` from the predictor's
@@ -527,7 +522,8 @@ def block_sparse_attn(
     interp = interpreter_enabled() and q.device.type == "cpu"
     cdtype = compute_dtype_for(q.dtype, q.device)
     out = torch.empty(bsz, num_q_heads, nq, head_dim, device=q.device, dtype=q.dtype)
-    lut = build_block_lut(mask, nq, nk, is_causal, window)
+    if lut is None:
+        lut = build_block_lut(mask, nq, nk, is_causal, window)
     d_pad = padded_head_dim(head_dim)
     if quant not in ("none", "int8", "int8-fp8"):
         raise ValueError(f"quant must be 'none', 'int8' or 'int8-fp8', got {quant!r}")

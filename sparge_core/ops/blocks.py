@@ -59,6 +59,27 @@ class PooledBlocks:
     sim: torch.Tensor  # (B, H, nb)
 
 
+@dataclass(frozen=True)
+class BlockLUT:
+    """The block map as the kernel reads it: per (b, h, query block) the ascending kept key-block
+    indices (``indices[..., :count]``; the tail is unspecified), how many there are, how many of the
+    first ones cross the lower edge of a sliding window (``n_low``, token mask; zero without a window)
+    and how many of those after them need no token mask (``n_unmasked``)."""
+
+    indices: torch.Tensor  # (B, Hq, nqb, nkb) int32
+    count: torch.Tensor  # (B, Hq, nqb) int32
+    n_unmasked: torch.Tensor  # (B, Hq, nqb) int32
+    n_low: torch.Tensor  # (B, Hq, nqb) int32
+
+    @classmethod
+    def empty(cls, bsz: int, heads: int, nqb: int, nkb: int, device) -> BlockLUT:
+        """Uninitialised buffers for a kernel to fill."""
+        count = torch.empty(bsz, heads, nqb, device=device, dtype=torch.int32)
+        return cls(torch.empty(bsz, heads, nqb, nkb, device=device, dtype=torch.int32), count,
+                   torch.empty_like(count), torch.empty_like(count))
+
+
+
 class BlockCounts:
     """Per (batch, query head) block counts of one attention call, as ``(B, Hq)`` int64 tensors:
 

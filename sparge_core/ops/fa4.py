@@ -192,14 +192,14 @@ def block_lists_reference(mask: torch.Tensor, nq: int, nk: int, is_causal: bool,
     return FA4BlockLists(mask_cnt, mask_idx, full_cnt, full_idx)
 
 
-def attend(q, k, v, mask, *, is_causal, scale, pvthreshd, quant, window=None, quantized=None, split_full=True):
+def attend(q, k, v, mask, *, is_causal, scale, pvthreshd, quant, window=None, prepared=None, split_full=True):
     """The registry's ``attend`` for FA4 (inputs already validated; ``mask`` expanded to (B, Hq, ...)).
     Returns the output in ``q``'s layout (a (B, Hq, N, D) view of FA4's (B, N, Hq, D) result) and the
     block counts."""
     if pvthreshd is not None:
         raise ValueError("backend 'fa4' computes exact attention and has no stage-2 PV skip: pass "
                          "pvthreshd=None, or use backend='triton' for stage 2")
-    if quant != "none" or quantized is not None:
+    if quant != "none" or prepared is not None:
         raise ValueError(f"backend 'fa4' computes with 16-bit operands; quant must be 'none', got {quant!r}")
     reason = supported(q.device, q.shape[-1], q.dtype)
     if reason is not None:

@@ -15,7 +15,10 @@ Algorithm (SpargeAttn, arXiv 2502.18137, section 3.3), and how the work is split
    one (batch, KV head) (the rows of all its query heads: GQA shares the pooled K), forms their scores
    against every key block the rows may see (causal/window: only those) into float32 scratch rows,
    then selects the blocks of ``SEL_ROWS`` rows at a time (a 2-D tile sorted along the key axis, at
-   most ``SELECT_ELEMENTS`` entries, below).
+   most ``SELECT_ELEMENTS`` entries, below). For ``sparge_attn`` (``predict_and_prepare``) the same
+   tile also writes the rows' ascending index lists, counts and window/causal edge counts (the
+   ``BlockLUT`` that ``attention.build_block_lut`` would make from the map), so the attention launch
+   follows directly: a whole call is four launches.
 
 Self-similarity: the mean pairwise cosine of a block's rows, from the identity
 ``mean_ij <x_i/|x_i|, x_j/|x_j|> = |mean_i x_i/|x_i||^2`` (one pass, no Gram matrix; an all-zero row
@@ -60,13 +63,14 @@ Limits: head dim up to 256 (tiles padded to a power of two); the scratch scores 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from ._triton_util import check_runnable, interpreter_enabled, padded_head_dim
-from .blocks import BLOCK_K, BLOCK_Q, PooledBlocks, num_blocks
+from .blocks import BLOCK_K, BLOCK_Q, BlockLUT, PooledBlocks, num_blocks
 
 #: the K mean is reduced from at most this many partial sums per (batch, KV head)
 MAX_K_PARTS = 32
@@ -281,12 +285,14 @@ def pool_and_similarity(
 @triton.jit
 def _score_select_kernel(
     POOLED_Q, POOLED_K, K, SIM_Q, SIM_K, THETA, BUDGET, SCORES, MASK,  #
+    LUT, COUNT, NLOW, NFULL,  #
     stride_kb, stride_kh, stride_kn, stride_kd,  #
     n_q_heads, group, n_qblocks, n_kblocks, n_q, n_k, scale, window, local_blocks,  #
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr, NK_PAD: tl.constexpr,  #
     SEL_ROWS: tl.constexpr, CHUNK: tl.constexpr,  #
     KEYS: tl.constexpr, HALF_DOT: tl.constexpr, TOPK_MODE: tl.constexpr,  #
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,  #
+    WRITE_LUT: tl.constexpr,  #
 ):
     i_t = tl.program_id(0)
     i_bhk = tl.program_id(1)  # (batch, KV head)
@@ -405,6 +411,21 @@ def _score_select_kernel(
                         & (o_j[None, :] * BLOCK_K <= q_last))
             keep = (keep | diagonal | (o_j[None, :] == 0)) & allowed  # block 0: the attention sink
         tl.store(MASK + rows[:, None] * n_kblocks + o_j[None, :], keep.to(tl.int8), mask=m_sj)
+        if WRITE_LUT:  # the rows' index lists, as attention._mask_to_lut_kernel writes them from MASK
+            keep_i = (keep & m_sj).to(tl.int32)  # (causal: keep is already inside the allowed blocks)
+            position = tl.cumsum(keep_i, axis=1) - 1
+            tl.store(LUT + rows[:, None] * n_kblocks + position, o_j[None, :] + 0 * position, mask=keep_i != 0)
+            tl.store(COUNT + rows, tl.sum(keep_i, axis=1), mask=m_s)
+            limit = tl.zeros([SEL_ROWS], dtype=tl.int32) + n_k // BLOCK_K
+            low = tl.zeros([SEL_ROWS], dtype=tl.int32)
+            if IS_CAUSAL:
+                limit = tl.minimum(limit, tl.maximum(i_qb * BLOCK_Q + offset + 1, 0) // BLOCK_K)
+                if HAS_WINDOW:
+                    r_last = tl.minimum((i_qb + 1) * BLOCK_Q, n_q) - 1 + offset
+                    low = tl.maximum(r_last - window + 1 + BLOCK_K - 1, 0) // BLOCK_K
+            tl.store(NLOW + rows, tl.sum(tl.where(o_j[None, :] < low[:, None], keep_i, 0), axis=1), mask=m_s)
+            unmasked = (o_j[None, :] >= low[:, None]) & (o_j[None, :] < limit[:, None])
+            tl.store(NFULL + rows, tl.sum(tl.where(unmasked, keep_i, 0), axis=1), mask=m_s)
 
 
 @functools.lru_cache(maxsize=None)
@@ -439,10 +460,14 @@ def score_and_select(
     rows_per_program: int | None = None,
     return_scores: bool = False,
     local_blocks: int = 0,
+    with_lut: bool = False,
 ):
     """Launch 3: the block map from the block statistics (``k``: the raw keys, read by the ``"keys"``
     estimator). ``simthreshd1`` float32 and ``budget`` float64 ``(Hq,)`` on the device; ``local_blocks``
-    (causal only) a validated integer >= 0."""
+    (causal only) a validated integer >= 0. ``with_lut``: also the map's ``BlockLUT`` (what
+    ``attention.build_block_lut`` would make of it), written by the same launch: ``(mask, lut)``."""
+    if with_lut and return_scores:
+        raise ValueError("return_scores and with_lut are separate uses; ask for one")
     if local_blocks and not is_causal:
         raise ValueError("local_blocks is a causal-attention rule; non-causal selection forces no block")
     bsz, num_q_heads, nqb, head_dim = q_blocks.pooled.shape
@@ -454,6 +479,8 @@ def score_and_select(
         k.device, lambda r: bsz * num_kv_heads * num_blocks(n_rows, r))
     scores = torch.empty(bsz, num_q_heads, nqb, nkb, device=k.device, dtype=torch.float32)
     mask = torch.empty(bsz, num_q_heads, nqb, nkb, device=k.device, dtype=torch.bool)
+    lut = BlockLUT.empty(bsz, num_q_heads, nqb, nkb, k.device) if with_lut else None
+    lut_args = (lut.indices, lut.count, lut.n_low, lut.n_unmasked) if with_lut else (scores,) * 4
     nk_pad = max(16, triton.next_power_of_2(nkb))
     keys = estimator == "keys"
     half = keys and k.is_cuda and k.dtype in (torch.float16, torch.bfloat16) and not interpreter_enabled()
@@ -463,14 +490,16 @@ def score_and_select(
         budget = budget.double()
     _score_select_kernel[(num_blocks(n_rows, rows), bsz * num_kv_heads)](
         q_blocks.pooled, k_blocks.pooled, k, q_blocks.sim, k_blocks.sim, simthreshd1, budget, scores,
-        mask.view(torch.int8),
+        mask.view(torch.int8), *lut_args,
         *k.stride(),
         num_q_heads, group, nqb, nkb, nq, nk, float(scale), window or 0, int(local_blocks),
         HEAD_DIM=head_dim, D_PAD=padded_head_dim(head_dim), ROWS=rows, NK_PAD=nk_pad,
         SEL_ROWS=max(1, min(rows, SELECT_ELEMENTS // nk_pad)), CHUNK=POOLED_CHUNK,
         KEYS=keys, HALF_DOT=half, TOPK_MODE=topk_mode, IS_CAUSAL=is_causal, HAS_WINDOW=window is not None,
-        BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, num_warps=4 if nk_pad <= 1024 else 8,
+        BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, WRITE_LUT=with_lut, num_warps=4 if nk_pad <= 1024 else 8,
     )
+    if with_lut:
+        return mask, lut
     return (mask, scores) if return_scores else mask
 
 
@@ -483,7 +512,16 @@ def _budget(cdfthreshd, topk) -> tuple[torch.Tensor, bool]:
     return (topk, True) if topk is not None else (cdfthreshd, False)
 
 
-def predict_and_quantize(
+class PreparedCall(NamedTuple):
+    """What the predictor's launches hand to the attention launch of the same call: the INT8 Q
+    (times the multiplier) and smoothed K with their scales (None without quantization), and the
+    map's ``BlockLUT``."""
+
+    quantized: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
+    lut: BlockLUT
+
+
+def predict_and_prepare(
     q: torch.Tensor,
     k: torch.Tensor,
     *,
@@ -497,18 +535,20 @@ def predict_and_quantize(
     quant_multiplier: float | None = None,
     rows_per_program: int | None = None,
     local_blocks: int = 0,
-):
+) -> tuple[torch.Tensor, PreparedCall]:
     """The block map in three launches (inputs already validated, hyperparameters per query head on
-    the device), and with ``quant_multiplier`` the INT8 Q (times the multiplier) and smoothed K from the
-    same passes: ``(mask, (q_i8, q_scale, k_i8, k_scale) or None)``."""
+    the device) with what ``attention.block_sparse_attn`` would otherwise compute again: the map's
+    index lists (written by the selection launch) and, with ``quant_multiplier``, the INT8 Q (times
+    the multiplier) and smoothed K from the same passes over Q and K."""
     check_runnable(q)
     budget, topk_mode = _budget(cdfthreshd, topk)
     q_blocks, q_i8, q_s, k_sums, n_parts = _q_pass_and_k_sums(q, k, quant_multiplier)
     k_blocks, k_i8, k_s = _block_stats(k, BLOCK_K, k_sums, n_parts, None if quant_multiplier is None else 1.0)
-    mask = score_and_select(q_blocks, k_blocks, k, nq=q.shape[2], is_causal=is_causal, scale=scale,
-                            simthreshd1=simthreshd1, budget=budget, topk_mode=topk_mode, estimator=estimator,
-                            window=window, rows_per_program=rows_per_program, local_blocks=local_blocks)
-    return mask, (None if quant_multiplier is None else (q_i8, q_s, k_i8, k_s))
+    mask, lut = score_and_select(q_blocks, k_blocks, k, nq=q.shape[2], is_causal=is_causal, scale=scale,
+                                 simthreshd1=simthreshd1, budget=budget, topk_mode=topk_mode, estimator=estimator,
+                                 window=window, rows_per_program=rows_per_program, local_blocks=local_blocks,
+                                 with_lut=True)
+    return mask, PreparedCall(None if quant_multiplier is None else (q_i8, q_s, k_i8, k_s), lut)
 
 
 def predict_block_mask(
@@ -527,7 +567,10 @@ def predict_block_mask(
 ) -> torch.Tensor:
     """Stage-1 block map with the Triton passes (inputs already validated, params per query head;
     ``local_blocks``: see the module docstring)."""
-    mask, _ = predict_and_quantize(q, k, is_causal=is_causal, scale=scale, simthreshd1=simthreshd1,
-                                   cdfthreshd=cdfthreshd, topk=topk, estimator=estimator, window=window,
-                                   rows_per_program=rows_per_program, local_blocks=local_blocks)
-    return mask
+    check_runnable(q)
+    budget, topk_mode = _budget(cdfthreshd, topk)
+    q_blocks, _, _, k_sums, n_parts = _q_pass_and_k_sums(q, k, None)
+    k_blocks, _, _ = _block_stats(k, BLOCK_K, k_sums, n_parts, None)
+    return score_and_select(q_blocks, k_blocks, k, nq=q.shape[2], is_causal=is_causal, scale=scale,
+                            simthreshd1=simthreshd1, budget=budget, topk_mode=topk_mode, estimator=estimator,
+                            window=window, rows_per_program=rows_per_program, local_blocks=local_blocks)
