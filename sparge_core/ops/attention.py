@@ -3,8 +3,9 @@
 Algorithm: FlashAttention-2 forward (online softmax in base 2: ``sm_scale * log2(e)`` is folded into
 the logits so the kernel uses ``exp2``). One program handles a BLOCK_Q(=128)-row block of queries of
 one (batch, query head) and visits **only the kept key blocks**, read from a compacted, ascending
-index list built from the block map by a small Triton kernel (``build_block_lut``), never testing
-every block. Per kept block:
+index list (``BlockLUT``), never testing every block. The list comes from the block map through a
+small Triton kernel (``build_block_lut``), or, inside ``sparge_attn``, from the predictor's selection
+launch, which writes it beside the map (``attend(..., prepared=...)``). Per kept block:
 
 1. ``s = q k^T`` (fp16/bf16 operands, or INT8 with per-block scales, fp32 accumulate);
 2. only on blocks that cross the causal diagonal or the end of K, a token mask (causal is
