@@ -82,7 +82,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_util import check_runnable, interpreter_enabled, padded_head_dim
+from ._triton_util import check_runnable, interpreter_enabled, lut_row_edges, padded_head_dim
 from .blocks import BLOCK_K, BLOCK_Q, LOG2E, BlockCounts, BlockLUT, allowed_block_count, num_blocks
 
 FP8_E4M3_MAX = 448.0
@@ -401,19 +401,14 @@ def _mask_to_lut_kernel(
     b_m = tl.load(MASK + i_b.to(tl.int64) * stride_mb + i_h.to(tl.int64) * stride_mh + i_qb * stride_mq
                   + o_j * stride_mk, mask=m_j, other=0)
     keep = (b_m != 0) & m_j
-    # key blocks j < limit end before the causal diagonal and before the end of K; with a window, blocks
-    # j >= low start inside the window of the block's last row: [low, limit) needs no token mask
-    limit = n_k // BLOCK_K
-    low = 0
     if IS_CAUSAL:
         offset = n_k - n_q
         q_last = tl.minimum((i_qb + 1) * BLOCK_Q, n_q) - 1 + offset
         keep = keep & (o_j * BLOCK_K <= q_last)  # drop fully-future blocks
-        limit = tl.minimum(limit, tl.maximum(i_qb * BLOCK_Q + offset + 1, 0) // BLOCK_K)
         if HAS_WINDOW:
             k_last = tl.minimum(o_j * BLOCK_K + BLOCK_K, n_k) - 1
             keep = keep & (k_last > i_qb * BLOCK_Q + offset - window)  # drop blocks before the window
-            low = tl.maximum(q_last - window + 1 + BLOCK_K - 1, 0) // BLOCK_K  # first block fully inside
+    low, limit = lut_row_edges(i_qb, n_q, n_k, window, IS_CAUSAL, HAS_WINDOW, BLOCK_Q, BLOCK_K)
     keep_i = keep.to(tl.int32)
     row = i_bh.to(tl.int64) * n_qblocks + i_qb
     position = tl.cumsum(keep_i, axis=0) - 1

@@ -69,7 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_util import check_runnable, interpreter_enabled, padded_head_dim
+from ._triton_util import check_runnable, interpreter_enabled, lut_row_edges, padded_head_dim
 from .blocks import BLOCK_K, BLOCK_Q, BlockLUT, PooledBlocks, num_blocks
 
 #: the K mean is reduced from at most this many partial sums per (batch, KV head)
@@ -416,13 +416,7 @@ def _score_select_kernel(
             position = tl.cumsum(keep_i, axis=1) - 1
             tl.store(LUT + rows[:, None] * n_kblocks + position, o_j[None, :] + 0 * position, mask=keep_i != 0)
             tl.store(COUNT + rows, tl.sum(keep_i, axis=1), mask=m_s)
-            limit = tl.zeros([SEL_ROWS], dtype=tl.int32) + n_k // BLOCK_K
-            low = tl.zeros([SEL_ROWS], dtype=tl.int32)
-            if IS_CAUSAL:
-                limit = tl.minimum(limit, tl.maximum(i_qb * BLOCK_Q + offset + 1, 0) // BLOCK_K)
-                if HAS_WINDOW:
-                    r_last = tl.minimum((i_qb + 1) * BLOCK_Q, n_q) - 1 + offset
-                    low = tl.maximum(r_last - window + 1 + BLOCK_K - 1, 0) // BLOCK_K
+            low, limit = lut_row_edges(i_qb, n_q, n_k, window, IS_CAUSAL, HAS_WINDOW, BLOCK_Q, BLOCK_K)
             tl.store(NLOW + rows, tl.sum(tl.where(o_j[None, :] < low[:, None], keep_i, 0), axis=1), mask=m_s)
             unmasked = (o_j[None, :] >= low[:, None]) & (o_j[None, :] < limit[:, None])
             tl.store(NFULL + rows, tl.sum(tl.where(unmasked, keep_i, 0), axis=1), mask=m_s)
