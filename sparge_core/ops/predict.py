@@ -515,6 +515,20 @@ class PreparedCall(NamedTuple):
     lut: BlockLUT
 
 
+def _three_passes(q, k, *, is_causal, scale, simthreshd1, cdfthreshd, topk, estimator, window,
+                  quant_multiplier, rows_per_program, local_blocks, with_lut):
+    """The predictor's three launches: ``(mask or (mask, lut), (q_i8, q_scale, k_i8, k_scale) or None)``."""
+    check_runnable(q)
+    budget, topk_mode = _budget(cdfthreshd, topk)
+    q_blocks, q_i8, q_s, k_sums, n_parts = _q_pass_and_k_sums(q, k, quant_multiplier)
+    k_blocks, k_i8, k_s = _block_stats(k, BLOCK_K, k_sums, n_parts, None if quant_multiplier is None else 1.0)
+    selected = score_and_select(q_blocks, k_blocks, k, nq=q.shape[2], is_causal=is_causal, scale=scale,
+                                simthreshd1=simthreshd1, budget=budget, topk_mode=topk_mode, estimator=estimator,
+                                window=window, rows_per_program=rows_per_program, local_blocks=local_blocks,
+                                with_lut=with_lut)
+    return selected, (None if quant_multiplier is None else (q_i8, q_s, k_i8, k_s))
+
+
 def predict_and_prepare(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -534,15 +548,11 @@ def predict_and_prepare(
     the device) with what ``attention.block_sparse_attn`` would otherwise compute again: the map's
     index lists (written by the selection launch) and, with ``quant_multiplier``, the INT8 Q (times
     the multiplier) and smoothed K from the same passes over Q and K."""
-    check_runnable(q)
-    budget, topk_mode = _budget(cdfthreshd, topk)
-    q_blocks, q_i8, q_s, k_sums, n_parts = _q_pass_and_k_sums(q, k, quant_multiplier)
-    k_blocks, k_i8, k_s = _block_stats(k, BLOCK_K, k_sums, n_parts, None if quant_multiplier is None else 1.0)
-    mask, lut = score_and_select(q_blocks, k_blocks, k, nq=q.shape[2], is_causal=is_causal, scale=scale,
-                                 simthreshd1=simthreshd1, budget=budget, topk_mode=topk_mode, estimator=estimator,
-                                 window=window, rows_per_program=rows_per_program, local_blocks=local_blocks,
-                                 with_lut=True)
-    return mask, PreparedCall(None if quant_multiplier is None else (q_i8, q_s, k_i8, k_s), lut)
+    (mask, lut), quantized = _three_passes(
+        q, k, is_causal=is_causal, scale=scale, simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
+        estimator=estimator, window=window, quant_multiplier=quant_multiplier, rows_per_program=rows_per_program,
+        local_blocks=local_blocks, with_lut=True)
+    return mask, PreparedCall(quantized, lut)
 
 
 def predict_block_mask(
@@ -561,10 +571,7 @@ def predict_block_mask(
 ) -> torch.Tensor:
     """Stage-1 block map with the Triton passes (inputs already validated, params per query head;
     ``local_blocks``: see the module docstring)."""
-    check_runnable(q)
-    budget, topk_mode = _budget(cdfthreshd, topk)
-    q_blocks, _, _, k_sums, n_parts = _q_pass_and_k_sums(q, k, None)
-    k_blocks, _, _ = _block_stats(k, BLOCK_K, k_sums, n_parts, None)
-    return score_and_select(q_blocks, k_blocks, k, nq=q.shape[2], is_causal=is_causal, scale=scale,
-                            simthreshd1=simthreshd1, budget=budget, topk_mode=topk_mode, estimator=estimator,
-                            window=window, rows_per_program=rows_per_program, local_blocks=local_blocks)
+    mask, _ = _three_passes(q, k, is_causal=is_causal, scale=scale, simthreshd1=simthreshd1, cdfthreshd=cdfthreshd,
+                            topk=topk, estimator=estimator, window=window, quant_multiplier=None,
+                            rows_per_program=rows_per_program, local_blocks=local_blocks, with_lut=False)
+    return mask
