@@ -579,13 +579,7 @@ def block_sparse_attn(
         EVEN_QK=qk_dim == d_pad, EVEN_V=head_dim == d_pad, DESC=use_desc, V_DESC=v_desc,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    allowed = allowed_block_count(nq, nk, is_causal, window)
-    row_counts = lut.count
-
-    def block_counts():  # reductions launched only when a count is read (the LUT's buffers are this call's)
-        computed = row_counts.sum(dim=-1, dtype=torch.long)
-        return (torch.full_like(computed, allowed), computed,
-                pv_count.sum(dim=-1, dtype=torch.long) if pv_on else torch.zeros_like(computed))
-
-    counts = BlockCounts.lazy(block_counts)
+    # the reductions run only when a count is read (the LUT's buffers are this call's)
+    counts = BlockCounts.from_rows(allowed_block_count(nq, nk, is_causal, window), (lut.count,),
+                                   pv_count if pv_on else None)
     return out, counts

@@ -105,6 +105,20 @@ class BlockCounts:
         counts._values, counts._make = None, make
         return counts
 
+    @classmethod
+    def from_rows(cls, allowed: int, computed_rows: tuple[torch.Tensor, ...],
+                  pv_skipped_rows: torch.Tensor | None = None) -> BlockCounts:
+        """Lazy counts of an executor that keeps per-row counts ``(B, Hq, nqb)``: ``allowed`` block pairs
+        per (batch, head), the computed pairs as the sum of ``computed_rows`` over their rows, the
+        P.V-skipped ones from ``pv_skipped_rows`` (None: stage 2 off, none skipped)."""
+        def make():
+            computed = sum(r.sum(dim=-1, dtype=torch.long) for r in computed_rows)
+            skipped = (torch.zeros_like(computed) if pv_skipped_rows is None
+                       else pv_skipped_rows.sum(dim=-1, dtype=torch.long))
+            return torch.full_like(computed, allowed), computed, skipped
+
+        return cls.lazy(make)
+
     def _get(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._values is None:
             self._values, self._make = tuple(self._make()), None

@@ -226,11 +226,6 @@ def attend(q, k, v, mask, *, is_causal, scale, pvthreshd, quant, window=None, pr
     out = out.transpose(1, 2)
     if in_dtype == torch.float32:
         out = out.to(torch.float32)
-    allowed = allowed_block_count(nq, nk, is_causal, window)
-
-    def block_counts():  # launched only when a count is read
-        computed = lists.mask_cnt.sum(dim=-1, dtype=torch.long) + lists.full_cnt.sum(dim=-1, dtype=torch.long)
-        return torch.full_like(computed, allowed), computed, torch.zeros_like(computed)
-
-    counts = BlockCounts.lazy(block_counts)
+    counts = BlockCounts.from_rows(allowed_block_count(nq, nk, is_causal, window),  # reduced when read
+                                   (lists.mask_cnt, lists.full_cnt))
     return out, counts
