@@ -1,6 +1,7 @@
 """The paper's Table 1 for one model, from committed result files, every number with its confidence.
 
-Rows: dense; sparge calibrated at the default bound; sparge calibrated at a tighter bound; sparge-topk,
+Rows: dense; sparge calibrated at the default bound; sparge calibrated at a tighter bound; sparge with
+``local_blocks`` 1 calibrated at the default bound; sparge-topk,
 MInference and FlexPrefill, each rival at the per-layer density of the default calibrated config
 (``--density matched``). Columns: sparsity; perplexity at 8K / 16K / 32K on each corpus; NIAH; RULER;
 TTFT speed-up over dense; calibration time. A cell with no result file is ``n/a``; a cell that does
@@ -12,6 +13,8 @@ Where the files are (``results/<suite>/<group>/<label>.json``, written by ``pyth
 - group ``<model>``: dense, ``sparge`` (the default bound) and the rivals ``<method>@matched``, for
   ``ppl`` (the first corpus), ``niah``, ``ruler`` and ``speed``;
 - group ``<model>-tight``: ``sparge`` calibrated at the tighter bound (same suites);
+- group ``<model>-local1``: ``sparge`` calibrated at the default bound with ``local_blocks`` 1 (the
+  predictor also keeps the key block just before each query block's diagonal; same suites);
 - group ``<model>-ppl-<corpus>``: ``ppl`` of every row on another corpus;
 - ``results/calibration/*.json``: the calibrated configs; a row's config is found by the
   ``config_sha256`` its result files carry, and gives the bound and the calibration seconds.
@@ -54,6 +57,8 @@ def default_rows(model: str) -> list[Row]:
         Row("dense", model, "dense"),
         Row("sparge (default bound)", model, "sparge", calibrated=True),
         Row("sparge (tighter bound)", f"{model}-tight", "sparge", calibrated=True),
+        Row("sparge + local_blocks 1 (default bound, beyond the paper)", f"{model}-local1", "sparge",
+            calibrated=True),
         Row("sparge-topk @ matched", model, "sparge-topk@matched"),
         Row("MInference @ matched", model, "minference@matched"),
         Row("FlexPrefill @ matched", model, "flexprefill@matched"),

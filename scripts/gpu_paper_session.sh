@@ -1,59 +1,118 @@
 #!/usr/bin/env bash
-# Table 1 on a GPU (H200) for one model, in steps of one device call each (each under the 10-minute
-# limit; runs/ and the installed bundle persist while the machine stays warm). It writes the result
-# groups that `make paper MODEL=<model>` reads (evals/paper_table.py) under $OUT/results.
+# Table 1 on a GPU (H200) for one or more models, as a list of steps per device call. Each call may
+# carry wheel folders and bundle parts; they are installed / staged outside the repo copy (under
+# $HOME/.cache/sparge), so parts can arrive over several calls while the machine stays warm. Results
+# accumulate in $RES (outside the repo copy, kept between calls) and every call packs all of them into
+# $OUT/paper-results.tgz, so the last call's archive holds everything measured so far.
 #
-#   bash scripts/gpu_paper_session.sh install PART...          # each part of .bundle-<model>/ (carry it)
-#   bash scripts/gpu_paper_session.sh calibrate MODEL           # default bound (l1 0.08) and tight (0.03)
-#   bash scripts/gpu_paper_session.sh suite MODEL SUITE [tight|austen|austen-tight]
-#   bash scripts/gpu_paper_session.sh table MODEL               # results -> results/paper/table1-MODEL.md
+#   bash scripts/gpu_paper_session.sh [--deadline S] STEP...
 #
-# SUITE: ppl, niah, ruler (when the checkout has it), speed. Lengths: 8K/16K/32K within the model's
-# context (smollm2: 8K). Methods: dense, sparge, sparge-topk, minference, flexprefill, sparge-budget at
-# the default config's per-layer density; `tight` runs sparge at the tight config; `austen` runs ppl on
-# the second corpus. Copy $OUT/results into the repository's results/ and commit.
+# Steps (run in order; a step that would start after --deadline seconds is skipped and named):
+#   calibrate:MODEL           time-objective calibration on one capture at three settings: the default
+#                             bound (l1 0.08), a tight one (l1 0.03) and the default bound with
+#                             --local-blocks 1 -> runs/MODEL{,-tight,-local1}.json; copies in results/calibration
+#   suite:MODEL:SUITE[:VARIANT]   python -m evals SUITE; SUITE ppl, niah, ruler or speed; VARIANT main
+#                             (dense, sparge and the rivals at the default config's per-layer density),
+#                             tight, local1 (sparge at that config), austen, austen-tight, austen-local1
+#                             (ppl on the second corpus)
+#   table:MODEL               results -> results/paper/table1-MODEL.md
+# Lengths: ppl 8K/16K/32K, the others 4K-32K, within the model's context (smollm2: 8K).
+# Environment: METHODS (main variant's methods), RULER_PER_TASK (items per RULER task and length, 10),
+# RULER_GEN (cap on generated tokens, 64), CALIB_LEN (calibration window, 8192), COST (cost model; default
+# results/kernel/<gpu>-cost-<model>-shape.json when present, else <gpu>-cost.json); for a CPU dry run of
+# the steps: DEVICE (cuda), CALIB_ARGS (appended to the calibration's arguments), PPL_LENGTHS / OTHER_LENGTHS (instead of 8K/16K/32K and 4K-32K).
+# Copy results out of the archive into the repository's results/ and commit.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
-export PYTHONPATH=$HOME/.cache/sparge/site-packages:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-mkdir -p runs "$OUT/results"
-step() { local name=$1 limit=$2; shift 2; echo "== $name ($(date +%T))"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$?"; tail -n 30 "$OUT/$name.log"; }
-gpu=$(python3 -c "import torch; n = torch.cuda.get_device_name().lower(); print(next((t for t in ('h200', 'h100', 'b200', 'a100') if t in n), n.split()[-1]))")
+CACHE=$HOME/.cache/sparge
+SITE=$CACHE/site-packages
+RES=$CACHE/paper-results
+export PYTHONPATH=$SITE:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+mkdir -p runs "$OUT" "$RES/calibration" "$SITE"
+LOGS=$RES/logs; mkdir -p "$LOGS"
+T0=$SECONDS
+deadline=100000
+if [ "${1:-}" = "--deadline" ]; then deadline=$2; shift 2; fi
+
+# wheels and bundle parts carried by this call
+for w in .bundle-calib/wheels .bundle-lmeval/wheels; do
+    [ -d "$w" ] || continue
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" --upgrade "$w"/*.whl \
+        > "$LOGS/wheels-$(basename "$(dirname "$w")").log" 2>&1
+    echo "wheels $w: rc=$?"
+done
+for part in .bundle-*/part-*; do
+    [ -f "$part/BUNDLE.txt" ] || continue
+    bash scripts/offline_install.sh --target "$SITE" "$part" >> "$LOGS/bundle.log" 2>&1
+    echo "bundle $part: rc=$? ($(tail -n 1 "$LOGS/bundle.log"))"
+done
+
+DEVICE=${DEVICE:-cuda}
+gpu=$(python3 -c "import torch; n = torch.cuda.get_device_name().lower() if torch.cuda.is_available() else 'cpu'; print(next((t for t in ('h200', 'h100', 'b200', 'a100') if t in n), n.split()[-1]))")
 context() { case "$1" in smollm2) echo 8192 ;; *) echo 32768 ;; esac; }
 lengths() { local ctx; ctx=$(context "$1"); shift; for L in "$@"; do [ "$L" -le "$ctx" ] && printf '%s ' "$L"; done; }
-METHODS="dense sparge sparge-topk minference flexprefill sparge-budget"
-cmd=${1:?install|calibrate|suite|table}; shift
-case "$cmd" in
-  install)
-    for part in "$@"; do bash scripts/offline_install.sh "$part" || exit 1; done ;;
-  calibrate)
-    m=$1
-    step "calibrate-$m" 560 python3 -m calibrate --model "$m" --samples 5 --holdout 8 --seq-len 8192 --device cuda \
-      --capture-dir "runs/$m.capture" --out "runs/$m.json" --quiet
-    step "calibrate-$m-tight" 560 python3 -m calibrate --model "$m" --samples 5 --holdout 8 --seq-len 8192 \
-      --device cuda --l1 0.03 --pv-l1 0.035 --capture-dir "runs/$m.capture" --out "runs/$m-tight.json" --quiet
-    mkdir -p "$OUT/results/calibration"
-    cp "runs/$m.json" "$OUT/results/calibration/$m-$gpu.json"
-    cp "runs/$m-tight.json" "$OUT/results/calibration/$m-tight-$gpu.json"
-    cp "runs/$m.capture/timing.json" "$OUT/$m-capture-timing.json" 2>/dev/null ;;
-  suite)
-    m=$1 suite=$2 variant=${3:-main}
-    case "$suite" in
-      ppl) extra=(--lengths $(lengths "$m" 8192 16384 32768) --windows 4) ;;
-      *) extra=(--lengths $(lengths "$m" 4096 8192 16384 32768)) ;;
+METHODS=${METHODS:-dense sparge sparge-topk minference flexprefill sparge-budget}
+step() {  # NAME LIMIT CMD...: run with a time limit, log to $LOGS/NAME.log, print rc and the log's tail
+    local name=$1 limit=$2; shift 2
+    echo "== $name ($(date +%T), $((SECONDS - T0)) s into the call, limit ${limit}s)"
+    { echo "# $(date -u +%FT%TZ) tree $(cat .tree-commit 2>/dev/null) $gpu"; echo "# $*"; } > "$LOGS/$name.log"
+    timeout "$limit" "$@" >> "$LOGS/$name.log" 2>&1
+    local rc=$?
+    echo "rc=$rc"; tail -n 6 "$LOGS/$name.log"
+    return $rc
+}
+
+calibrate() {
+    local m=$1 cost=${COST:-}
+    [ -n "$cost" ] || cost=results/kernel/$gpu-cost-$m-shape.json
+    [ -f "$cost" ] || cost=results/kernel/$gpu-cost.json
+    local common=(--model "$m" --data pydoc --samples 5 --holdout 8 --seq-len "${CALIB_LEN:-8192}" --device "$DEVICE"
+                  --objective time --cost-model "$cost" --estimator keys,pooled --capture-dir "runs/$m.capture" --quiet ${CALIB_ARGS:-})
+    step "calibrate-$m" 400 python3 -m calibrate "${common[@]}" --out "runs/$m.json" &&
+        cp "runs/$m.json" "$RES/calibration/$m-$gpu.json"
+    step "calibrate-$m-tight" 200 python3 -m calibrate "${common[@]}" --l1 0.03 --pv-l1 0.035 \
+        --out "runs/$m-tight.json" && cp "runs/$m-tight.json" "$RES/calibration/$m-tight-$gpu.json"
+    step "calibrate-$m-local1" 200 python3 -m calibrate "${common[@]}" --local-blocks 1 \
+        --out "runs/$m-local1.json" && cp "runs/$m-local1.json" "$RES/calibration/$m-local1-$gpu.json"
+    cp "runs/$m.capture/timing.json" "$RES/calibration/$m-capture-timing-$gpu.json" 2>/dev/null
+    return 0
+}
+
+suite() {
+    local m=$1 s=$2 variant=${3:-main} extra config methods group
+    case "$s" in
+        ppl) extra=(--lengths $(lengths "$m" ${PPL_LENGTHS:-8192 16384 32768}) --windows 4) ;;
+        ruler) extra=(--lengths $(lengths "$m" ${OTHER_LENGTHS:-4096 8192 16384 32768}) --per-task "${RULER_PER_TASK:-10}"
+                      --max-gen-toks "${RULER_GEN:-64}") ;;
+        *) extra=(--lengths $(lengths "$m" ${OTHER_LENGTHS:-4096 8192 16384 32768})) ;;
     esac
     config="runs/$m.json" methods=$METHODS group=$m
     case "$variant" in
-      tight) config="runs/$m-tight.json" methods=sparge group="$m-tight" ;;
-      austen) extra+=(--data austen) group="$m-ppl-austen" ;;
-      austen-tight) extra+=(--data austen) config="runs/$m-tight.json" methods=sparge group="$m-tight-ppl-austen" ;;
+        main) ;;
+        tight|local1) config="runs/$m-$variant.json" methods=sparge group="$m-$variant" ;;
+        austen) extra+=(--data austen) group="$m-ppl-austen" ;;
+        austen-tight|austen-local1) extra+=(--data austen) config="runs/$m-${variant#austen-}.json" methods=sparge
+                                    group="$m-${variant#austen-}-ppl-austen" ;;
+        *) echo "unknown variant $variant" >&2; return 2 ;;
     esac
-    tmp="runs/out-$group-$suite"
+    local tmp="runs/out-$group-$s"
     rm -rf "$tmp"
-    step "suite-$suite-$group" 590 python3 -m evals "$suite" --model "$m" --config "$config" --capture "runs/$m.capture" \
-      --density matched --device cuda --methods $methods --out "$tmp" --quiet "${extra[@]}"
-    mkdir -p "$OUT/results/$suite/$group"
-    cp -r "$tmp/$suite/$m/." "$OUT/results/$suite/$group/" ;;
-  table)
-    python3 scripts/paper.py --model "$1" --out "$OUT/results" ;;
-  *) echo "unknown step $cmd" >&2; exit 2 ;;
-esac
+    step "suite-$s-$group" 590 python3 -m evals "$s" --model "$m" --config "$config" --capture "runs/$m.capture" \
+        --density matched --device "$DEVICE" --methods $methods --out "$tmp" --quiet "${extra[@]}"
+    local rc=$?
+    mkdir -p "$RES/$s/$group"
+    cp -r "$tmp/$s/$m/." "$RES/$s/$group/" 2>/dev/null
+    return $rc
+}
+
+for spec in "$@"; do
+    if [ $((SECONDS - T0)) -ge "$deadline" ]; then echo "skipped (deadline): $spec"; continue; fi
+    IFS=: read -r what a b c <<< "$spec"
+    case "$what" in
+        calibrate) calibrate "$a" ;;
+        suite) suite "$a" "$b" "${c:-main}" ;;
+        table) step "table-$a" 60 python3 scripts/paper.py --model "$a" --out "$RES" ;;
+        *) echo "unknown step $spec" >&2 ;;
+    esac
+done
+tar czf "$OUT/paper-results.tgz" -C "$CACHE" paper-results && ls -la "$OUT"

@@ -30,6 +30,7 @@ def test_layout_rows_and_columns():
         "dense",
         "sparge (default bound)",
         "sparge (tighter bound)",
+        "sparge + local_blocks 1 (default bound, beyond the paper)",
         "sparge-topk @ matched",
         "MInference @ matched",
         "FlexPrefill @ matched",
