@@ -117,6 +117,10 @@ def markdown_table(columns: list[str], rows: list[list[Any]]) -> str:
     return frame.to_markdown(index=False, tablefmt="github", disable_numparse=True)
 
 
+#: the columns of a scripts/bench_kernel.py CSV, the only kind the kernel table reads
+BENCH_COLUMNS = {"n", "d", "heads", "causal", "method", "density", "ms"}
+
+
 def kernel_table(root: Path) -> str | None:
     import pandas as pd
 
@@ -125,6 +129,8 @@ def kernel_table(root: Path) -> str | None:
         if csv.name.startswith(("accuracy", "tune")):
             continue
         df = pd.read_csv(csv)
+        if not BENCH_COLUMNS <= set(df.columns):  # another kind of CSV (assembly report, a study)
+            continue
         if "mask" not in df.columns:
             df["mask"] = "random"
         sel = df[(df.n == df.n.max()) & (df.d == 128)]
