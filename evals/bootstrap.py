@@ -85,6 +85,15 @@ def perplexity_ci(window_nll: Sequence[float], **kw) -> Interval | None:
     return bootstrap_ci(window_nll, lambda x: math.exp(float(np.mean(x))), **kw)
 
 
+def paired_ppl_ratio_ci(method_nll: Sequence[float], dense_nll: Sequence[float], **kw) -> Interval | None:
+    """``ppl(method) / ppl(dense)`` over the same equal-length windows, ``exp(mean(method - dense))``,
+    with the windows resampled in pairs (the window-to-window spread of the text cancels)."""
+    if len(method_nll) != len(dense_nll):
+        raise ValueError(f"paired windows: {len(method_nll)} method NLLs but {len(dense_nll)} dense NLLs")
+    diffs = np.asarray(method_nll, dtype=np.float64) - np.asarray(dense_nll, dtype=np.float64)
+    return bootstrap_ci(diffs, lambda d: math.exp(float(np.mean(d))), **kw)
+
+
 def accuracy_ci(scores: Sequence[float], **kw) -> Interval | None:
     """Mean item score (e.g. NIAH exact match in {0, 1}) with the items resampled."""
     return bootstrap_ci(scores, np.mean, **kw)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .bootstrap import Interval, accuracy_ci, perplexity_ci, speedup_ci
+from .bootstrap import Interval, accuracy_ci, paired_ppl_ratio_ci, perplexity_ci, speedup_ci
 
 DEFAULT_LENGTHS = (8192, 16384, 32768)
 NA = "n/a"
@@ -132,7 +132,17 @@ def fmt_interval(
     return f"{_num(value, digits)}{suffix} [{_num(ci.low, digits)}, {_num(ci.high, digits)}]{count}"
 
 
-def ppl_cell(doc: dict[str, Any] | None, length: int) -> str:
+def _same_windows(doc: dict[str, Any], dense: dict[str, Any], length: int) -> bool:
+    """Both results scored the same windows of the same text (so their NLLs pair up)."""
+    a = ((doc.get("data") or {}).get("windows") or {}).get(str(length))
+    b = ((dense.get("data") or {}).get("windows") or {}).get(str(length))
+    same_text = (doc.get("data") or {}).get("sha256") == (dense.get("data") or {}).get("sha256")
+    return bool(a) and a == b and same_text
+
+
+def ppl_cell(doc: dict[str, Any] | None, length: int, dense: dict[str, Any] | None = None) -> str:
+    """Perplexity with its bootstrap interval over windows; with ``dense`` scored on the same windows,
+    also the change against dense with a paired interval (``+1.1% [+0.7, +1.3]``)."""
     if doc is None:
         return NA
     scores = doc.get("scores") or {}
@@ -141,9 +151,17 @@ def ppl_cell(doc: dict[str, Any] | None, length: int) -> str:
         return NA
     windows = scores.get(f"window_nll@{length}")
     count = ((doc.get("data") or {}).get("windows") or {}).get(str(length), {}).get("count")
-    if windows:
-        return fmt_interval(perplexity_ci(windows), float(value), len(windows))
-    return fmt_interval(None, float(value), count)
+    if not windows:
+        return fmt_interval(None, float(value), count)
+    cell = fmt_interval(perplexity_ci(windows), float(value), len(windows))
+    dense_windows = ((dense or {}).get("scores") or {}).get(f"window_nll@{length}")
+    if dense is not None and dense_windows and len(dense_windows) == len(windows) \
+            and _same_windows(doc, dense, length):
+        ratio = paired_ppl_ratio_ci(windows, dense_windows)
+        if ratio is not None:
+            pct = lambda r: f"{100 * (r - 1):+.1f}"  # noqa: E731
+            cell += f"; {pct(ratio.estimate)}% [{pct(ratio.low)}, {pct(ratio.high)}] vs dense"
+    return cell
 
 
 def item_scores(doc: dict[str, Any]) -> list[float]:
@@ -270,9 +288,10 @@ def build_table1(
         for corpus, group in corpora.items():
             g = row.group if group == model else _corpus_group(row.group, model, group)
             doc = use(find_result(root, "ppl", g, row.label))
+            dense_found = find_result(root, "ppl", group, "dense") if row.label != "dense" else None
             first_ppl = first_ppl or doc
             for L in lengths:
-                cell = ppl_cell(doc, L)
+                cell = ppl_cell(doc, L, dense_found[0] if dense_found else None)
                 if cell == NA and max_context and L > max_context:
                     cell = f"{NA} (> {max_context // 1024}K context)"
                 ppl_cells.append(cell)
@@ -300,6 +319,8 @@ def build_table1(
     notes = [
         "Cells: value [95% percentile-bootstrap interval] (n = items: perplexity windows, NIAH / RULER "
         "items, prefill timing repeats). `n/a`: no result file yet; `–`: does not apply.",
+        "Perplexity cells of sparse rows also give the change against dense on the same windows, with a "
+        "paired bootstrap interval (windows resampled in pairs, so the spread between windows cancels).",
         "Perplexity corpora are substitutes (pydoc: Python documentation, WikiText-like; austen: PG-19-like "
         "prose); compare methods, not absolute values with the paper.",
         "Rivals run at the per-layer density the default calibrated config reaches on the calibration "

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from evals.bootstrap import accuracy_ci, bootstrap_ci, perplexity_ci, speedup_ci
+from evals.bootstrap import accuracy_ci, bootstrap_ci, paired_ppl_ratio_ci, perplexity_ci, speedup_ci
 
 
 def test_seeded_and_contains_the_estimate():
@@ -60,3 +60,15 @@ def test_perplexity_accuracy_and_speedup_helpers():
     sp = speedup_ci([10.0, 11.0, 10.5, 10.2, 10.8], [5.0, 5.2, 5.1, 4.9, 5.3])
     assert sp.estimate == pytest.approx(10.5 / 5.1) and sp.n == (5, 5)
     assert 1.8 < sp.low <= sp.estimate <= sp.high < 2.3
+
+
+def test_paired_ppl_ratio_cancels_the_spread_between_windows():
+    dense = [1.5, 2.0, 2.5, 3.0, 3.5]  # windows of very different difficulty
+    method = [d + delta for d, delta in zip(dense, [0.010, 0.012, 0.011, 0.009, 0.013])]
+    r = paired_ppl_ratio_ci(method, dense)
+    assert r.estimate == pytest.approx(math.exp(0.011))
+    assert math.exp(0.009) <= r.low < r.estimate < r.high <= math.exp(0.013)
+    unpaired = bootstrap_ci([method, dense], lambda a, b: math.exp(float(np.mean(a) - np.mean(b))))
+    assert unpaired.high - unpaired.low > 10 * (r.high - r.low)
+    with pytest.raises(ValueError, match="paired windows"):
+        paired_ppl_ratio_ci(method[:3], dense)

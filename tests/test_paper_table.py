@@ -54,9 +54,14 @@ def test_layout_rows_and_columns():
 
 def test_perplexity_cells_carry_bootstrap_intervals_and_counts():
     table, _ = _table()
-    cell = _cell(table, "sparge (default bound)", "PPL pydoc 8K")
+    cell, paired = _cell(table, "sparge (default bound)", "PPL pydoc 8K").split("; ")
     value = math.exp(sum([2.22, 2.27, 2.31, 2.20]) / 4)
     assert cell.startswith(f"{value:.2f} [") and cell.endswith("(n=4)")
+    # the change against dense on the same windows: exp(mean NLL difference), paired interval
+    assert paired.startswith(f"{100 * (math.exp(0.0175) - 1):+.1f}% [") and paired.endswith("] vs dense")
+    low, high = (float(x) for x in paired.split("[")[1].split("]")[0].split(", "))
+    assert 100 * (math.exp(0.01) - 1) - 0.05 <= low <= 1.8 <= high <= 100 * (math.exp(0.02) - 1) + 0.05
+    assert "vs dense" not in _cell(table, "dense", "PPL pydoc 8K")
     low, high = (float(x) for x in cell.split("[")[1].split("]")[0].split(", "))
     assert math.exp(2.20) - 0.01 <= low < value < high <= math.exp(2.31) + 0.01
     # a file without per-window NLLs: the value and its window count, no interval
@@ -65,7 +70,20 @@ def test_perplexity_cells_carry_bootstrap_intervals_and_counts():
         == f"{math.exp(sum([2.21, 2.26, 2.30, 2.19]) / 4):.2f} (n=4)"
     )
     # the second corpus comes from <model>-ppl-<corpus>
-    assert _cell(table, "sparge (default bound)", "PPL austen 8K").endswith("(n=2)")
+    assert _cell(table, "sparge (default bound)", "PPL austen 8K").split("; ")[0].endswith("(n=2)")
+
+
+def test_no_paired_change_when_the_windows_differ(tmp_path):
+    import json
+
+    _, root = _table(tmp_path)
+    path = root / "ppl" / "toy" / "dense.json"
+    doc = json.loads(path.read_text())
+    doc["data"]["windows"]["8192"]["starts"] = [0, 1, 2, 3]  # other windows than the sparse row scored
+    path.write_text(json.dumps(doc))
+    table = P.build_table1(root, "toy")
+    assert "vs dense" not in _cell(table, "sparge (default bound)", "PPL pydoc 8K")
+    assert "vs dense" in _cell(table, "sparge (default bound)", "PPL pydoc 16K")
 
 
 def test_missing_results_are_na_never_numbers():
