@@ -115,11 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "summed per key block; a lone dominant key is not averaged away) or 'pooled' (the paper's "
                    "pooled query . pooled key); written into the config. With --objective time a list "
                    "('keys,pooled') lets each layer take the faster one that meets the bound")
-    p.add_argument("--local-blocks", type=int, default=0, metavar="N",
+    p.add_argument("--local-blocks", type=int, default=None, metavar="N",
                    help="causal only: the predictor also keeps the N key blocks (64 tokens each) just before each "
                    "query block's diagonal, so the first rows of every 128-row query block keep their nearest "
                    "context (beyond the paper; 0: the paper's forced set, sink + diagonal). The search runs "
-                   "with them, so the bound accounts for them; written into every layer of the config")
+                   "with them, so the bound accounts for them; written into every layer of the config. Default: "
+                   "1 for causal attention (measured better than 0 at equal sparsity on held-out text and another "
+                   "corpus, see README), 0 with --non-causal")
     p.add_argument("--objective", choices=["time", "sparsity"], default=None,
                    help="what to optimise under the bounds: predicted attention time (default when a cost model "
                    "for the GPU exists: results/kernel/<gpu>-cost.json or --cost-model) or block sparsity")
@@ -174,6 +176,8 @@ def validate_args(args: argparse.Namespace) -> Plan:
         raise InputError(f"--holdout must be >= 0, got {args.holdout}")
     if args.bisect_steps < 1:
         raise InputError(f"--bisect-steps must be >= 1, got {args.bisect_steps}")
+    if args.local_blocks is None:
+        args.local_blocks = 0 if args.non_causal else 1
     if args.local_blocks < 0:
         raise InputError(f"--local-blocks must be an integer >= 0 (key blocks), got {args.local_blocks}")
     if args.local_blocks and args.non_causal:

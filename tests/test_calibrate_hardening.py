@@ -147,9 +147,10 @@ def test_the_config_describes_the_inputs_and_the_model_it_was_made_from(cheap_ru
 
 
 def test_local_blocks_are_searched_with_and_written_into_every_layer(tmp_path):
-    """``--local-blocks 1``: every layer of the config carries it, the calibration section records it,
-    and the recorded sparsity is the one of the predictor *with* the forced blocks (the search
-    evaluated it so: without them the same hyperparameters keep fewer blocks)."""
+    """``--local-blocks 1`` (the causal default): every layer of the config carries it, the calibration
+    section records it, and the recorded sparsity is the one of the predictor *with* the forced blocks
+    (the search evaluated it so: without them the same hyperparameters keep fewer blocks).
+    ``--local-blocks 0`` is the paper's rule, and writes nothing."""
     from calibrate.capture import load_layer
     from calibrate.search import LayerEvaluator
 
@@ -167,8 +168,11 @@ def test_local_blocks_are_searched_with_and_written_into_every_layer(tmp_path):
     spars = {local: LayerEvaluator(samples, is_causal=True, estimator=lc.estimator, local_blocks=local)
              .evaluate(theta, budget, None, "cdf").sparsity.mean().item() for local in (0, 1)}
     assert abs(spars[1] - lc.sparsity) < 1e-5 and spars[0] > spars[1] + 1e-3
-    plain = tmp_path / "plain.json"  # without the flag: nothing written, as before
-    assert main([*args, "--out", str(plain)]) == 0
+    default = tmp_path / "default.json"  # without the flag: 1 for causal attention
+    assert main([*args, "--out", str(default)]) == 0
+    assert ModelConfig.load(default).calibration["local_blocks"] == 1
+    plain = tmp_path / "plain.json"  # 0: the paper's forced set, nothing written, as before
+    assert main([*args, "--local-blocks", "0", "--out", str(plain)]) == 0
     assert "local_blocks" not in ModelConfig.load(plain).calibration
     assert all("local_blocks" not in layer for layer in json.loads(plain.read_text())["layers"])
 
