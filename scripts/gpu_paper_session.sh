@@ -5,19 +5,23 @@
 # accumulate in $RES (outside the repo copy, kept between calls) and every call packs all of them into
 # $OUT/paper-results.tgz, so the last call's archive holds everything measured so far.
 #
-#   bash scripts/gpu_paper_session.sh [--deadline S] STEP...
+#   bash scripts/gpu_paper_session.sh [--deadline S] [--end S] STEP...
 #
-# Steps (run in order; a step that would start after --deadline seconds is skipped and named):
+# Steps (run in order; a step that would start after --deadline seconds is skipped and named; no step
+# runs past --end seconds, so the call returns its archive before the device call's own limit):
 #   calibrate:MODEL           time-objective calibration on one capture at three settings: the default
-#                             bound (l1 0.08), a tight one (l1 0.03) and the default bound with
-#                             --local-blocks 1 -> runs/MODEL{,-tight,-local1}.json; copies in results/calibration
+#                             bound (l1 0.08) and a tight one (l1 0.03) with the paper's forced blocks
+#                             (--local-blocks 0), and the default bound with --local-blocks 1 (the
+#                             calibration's default since) -> runs/MODEL{,-tight,-local1}.json; copies in
+#                             results/calibration
 #   suite:MODEL:SUITE[:VARIANT]   python -m evals SUITE; SUITE ppl, niah, ruler or speed; VARIANT main
 #                             (dense, sparge and the rivals at the default config's per-layer density),
 #                             tight, local1 (sparge at that config), austen, austen-tight, austen-local1
 #                             (ppl on the second corpus)
 #   table:MODEL               results -> results/paper/table1-MODEL.md
 # Lengths: ppl 8K/16K/32K, the others 4K-32K, within the model's context (smollm2: 8K).
-# Environment: METHODS (main variant's methods), RULER_PER_TASK (items per RULER task and length, 10),
+# Environment: METHODS (main variant's methods), PPL_WINDOWS (perplexity windows per length, 4; the
+# pydoc text holds only 3 windows of 32K Qwen tokens), RULER_PER_TASK (items per RULER task and length, 10),
 # RULER_GEN (cap on generated tokens, 64), CALIB_LEN (calibration window, 8192), COST (cost model; default
 # results/kernel/<gpu>-cost-<model>-shape.json when present, else <gpu>-cost.json); for a CPU dry run of
 # the steps: DEVICE (cuda), CALIB_ARGS (appended to the calibration's arguments), PPL_LENGTHS / OTHER_LENGTHS (instead of 8K/16K/32K and 4K-32K).
@@ -31,8 +35,9 @@ export PYTHONPATH=$SITE:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p runs "$OUT" "$RES/calibration" "$SITE"
 LOGS=$RES/logs; mkdir -p "$LOGS"
 T0=$SECONDS
-deadline=100000
+deadline=100000 hard_end=100000
 if [ "${1:-}" = "--deadline" ]; then deadline=$2; shift 2; fi
+if [ "${1:-}" = "--end" ]; then hard_end=$2; shift 2; fi
 
 # wheels and bundle parts carried by this call
 for w in .bundle-calib/wheels .bundle-lmeval/wheels; do
@@ -54,6 +59,9 @@ lengths() { local ctx; ctx=$(context "$1"); shift; for L in "$@"; do [ "$L" -le 
 METHODS=${METHODS:-dense sparge sparge-topk minference flexprefill sparge-budget}
 step() {  # NAME LIMIT CMD...: run with a time limit, log to $LOGS/NAME.log, print rc and the log's tail
     local name=$1 limit=$2; shift 2
+    local left=$((hard_end - (SECONDS - T0)))  # no step runs past --end
+    [ "$left" -lt "$limit" ] && limit=$left
+    [ "$limit" -gt 0 ] || { echo "skipped (end): $name"; return 1; }
     echo "== $name ($(date +%T), $((SECONDS - T0)) s into the call, limit ${limit}s)"
     { echo "# $(date -u +%FT%TZ) tree $(cat .tree-commit 2>/dev/null) $gpu"; echo "# $*"; } > "$LOGS/$name.log"
     timeout "$limit" "$@" >> "$LOGS/$name.log" 2>&1
@@ -68,9 +76,9 @@ calibrate() {
     [ -f "$cost" ] || cost=results/kernel/$gpu-cost.json
     local common=(--model "$m" --data pydoc --samples 5 --holdout 8 --seq-len "${CALIB_LEN:-8192}" --device "$DEVICE"
                   --objective time --cost-model "$cost" --estimator keys,pooled --capture-dir "runs/$m.capture" --quiet ${CALIB_ARGS:-})
-    step "calibrate-$m" 400 python3 -m calibrate "${common[@]}" --out "runs/$m.json" &&
+    step "calibrate-$m" 400 python3 -m calibrate "${common[@]}" --local-blocks 0 --out "runs/$m.json" &&
         cp "runs/$m.json" "$RES/calibration/$m-$gpu.json"
-    step "calibrate-$m-tight" 200 python3 -m calibrate "${common[@]}" --l1 0.03 --pv-l1 0.035 \
+    step "calibrate-$m-tight" 200 python3 -m calibrate "${common[@]}" --local-blocks 0 --l1 0.03 --pv-l1 0.035 \
         --out "runs/$m-tight.json" && cp "runs/$m-tight.json" "$RES/calibration/$m-tight-$gpu.json"
     step "calibrate-$m-local1" 200 python3 -m calibrate "${common[@]}" --local-blocks 1 \
         --out "runs/$m-local1.json" && cp "runs/$m-local1.json" "$RES/calibration/$m-local1-$gpu.json"
@@ -81,7 +89,7 @@ calibrate() {
 suite() {
     local m=$1 s=$2 variant=${3:-main} extra config methods group
     case "$s" in
-        ppl) extra=(--lengths $(lengths "$m" ${PPL_LENGTHS:-8192 16384 32768}) --windows 4) ;;
+        ppl) extra=(--lengths $(lengths "$m" ${PPL_LENGTHS:-8192 16384 32768}) --windows "${PPL_WINDOWS:-4}") ;;
         ruler) extra=(--lengths $(lengths "$m" ${OTHER_LENGTHS:-4096 8192 16384 32768}) --per-task "${RULER_PER_TASK:-10}"
                       --max-gen-toks "${RULER_GEN:-64}") ;;
         *) extra=(--lengths $(lengths "$m" ${OTHER_LENGTHS:-4096 8192 16384 32768})) ;;
