@@ -491,7 +491,7 @@ def ruler_tasks_dir() -> Path:
 def run_lm_eval(
     model,
     tokenizer,
-    tasks: Sequence[str],
+    tasks: Sequence[Any],
     include_path: str | os.PathLike | None = None,
     limit: float | None = None,
     method=None,
@@ -511,7 +511,8 @@ def run_lm_eval(
 
     Args:
         model, tokenizer: the live model (evaluated with its current attention unless ``method``).
-        tasks: task or group names defined under ``include_path``.
+        tasks: task or group names defined under ``include_path``, or lm-eval ``Task`` objects built
+            earlier (``evals.ruler.RulerTasks``), which are evaluated as they are.
         include_path: folder of task YAMLs (default: the bundled ``evals/tasks``; ``ruler_tasks_dir()``
             for lm-eval's RULER).
         limit: documents per task (an int) or a fraction (a float below 1).

@@ -72,46 +72,92 @@ def check_tasks(tasks: Sequence[str]) -> list[str]:
     return tasks
 
 
+class RulerTasks:
+    """lm-eval's RULER task objects, built once per context length and reused for every method.
+
+    lm-eval's RULER generators make their whole sample set (500 per task and length) when a task is
+    built, whatever ``limit`` is; building the tasks afresh for every method repeated that work (at 4K
+    and 8K on the H200 it took most of the suite's time). The task objects hold only the generated
+    documents; each evaluation builds its own requests from them, so reusing them gives the same items.
+    Use it inside ``with``: the exported tokenizer folder RULER sizes its prompts with is removed after.
+    """
+
+    def __init__(self, tokenizer, tasks: Sequence[str]):
+        self.tokenizer = tokenizer
+        self.tasks = check_tasks(tasks)
+        self._by_length: dict[int, list] = {}
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._folder: Path | None = None
+
+    def __enter__(self) -> RulerTasks:
+        from .lm_eval_adapter import export_tokenizer
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="sparge-ruler-tok-")
+        # RULER sizes its prompts with a tokenizer it loads by name: hand it this model's
+        self._folder = export_tokenizer(self.tokenizer, Path(self._tmp.name) / "tokenizer")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._by_length.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+        self._tmp = self._folder = None
+
+    def at(self, length: int) -> list:
+        """The task objects at ``length`` (built on first use)."""
+        if self._folder is None:
+            raise RuntimeError("RulerTasks is used outside its `with` block")
+        length = int(length)
+        if length not in self._by_length:
+            from lm_eval.tasks import TaskManager, get_task_dict
+
+            from .lm_eval_adapter import ruler_tasks_dir
+
+            manager = TaskManager(include_path=str(ruler_tasks_dir()), include_defaults=False,
+                                  metadata={"tokenizer": str(self._folder), "max_seq_lengths": [length]})
+            built = get_task_dict(list(self.tasks), manager)
+            self._by_length[length] = [built[name] for name in self.tasks]
+        return self._by_length[length]
+
+
 def run_ruler(
     model,
     tokenizer,
-    tasks: Sequence[str],
+    tasks: Sequence[str] | RulerTasks,
     lengths: Sequence[int],
     *,
     per_task: int,
     max_gen_toks: int | None = None,
 ) -> dict[str, Any]:
     """Scores ``{"<task>@<length>": accuracy, "average@<length>": ..., "average": ...}`` of the model
-    with its current attention (apply a method around this call)."""
-    from .lm_eval_adapter import export_tokenizer, lm_eval_scores, ruler_tasks_dir, run_lm_eval
+    with its current attention (apply a method around this call). ``tasks``: names, or a
+    ``RulerTasks`` (inside its ``with``) to reuse tasks built for an earlier method."""
+    if not isinstance(tasks, RulerTasks):
+        with RulerTasks(tokenizer, tasks) as built:
+            return run_ruler(model, tokenizer, built, lengths, per_task=per_task, max_gen_toks=max_gen_toks)
+    from .lm_eval_adapter import lm_eval_scores, ruler_tasks_dir, run_lm_eval
 
-    tasks = check_tasks(tasks)
+    names = tasks.tasks
     scores: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="sparge-ruler-tok-") as tmp:
-        # RULER sizes its prompts with a tokenizer it loads by name: hand it this model's
-        folder = export_tokenizer(tokenizer, Path(tmp) / "tokenizer")
-        for length in lengths:
-            results = run_lm_eval(
-                model,
-                tokenizer,
-                tasks,
-                include_path=ruler_tasks_dir(),
-                limit=per_task,
-                metadata={"tokenizer": str(folder), "max_seq_lengths": [int(length)]},
-                max_length=int(length),
-                gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None,
-            )
-            flat = lm_eval_scores(results)
-            per_length = []
-            for task in tasks:
-                value = flat.get(task, {}).get(str(length))
-                if value is None or value < 0:
-                    raise RuntimeError(
-                        f"RULER task {task} gave no score at length {length}: {flat.get(task)}"
-                    )
-                scores[f"{task}@{length}"] = value
-                per_length.append(value)
-            scores[f"average@{length}"] = sum(per_length) / len(per_length)
+    for length in lengths:
+        results = run_lm_eval(
+            model,
+            tokenizer,
+            tasks.at(length),
+            include_path=ruler_tasks_dir(),
+            limit=per_task,
+            max_length=int(length),
+            gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None,
+        )
+        flat = lm_eval_scores(results)
+        per_length = []
+        for task in names:
+            value = flat.get(task, {}).get(str(length))
+            if value is None or value < 0:
+                raise RuntimeError(f"RULER task {task} gave no score at length {length}: {flat.get(task)}")
+            scores[f"{task}@{length}"] = value
+            per_length.append(value)
+        scores[f"average@{length}"] = sum(per_length) / len(per_length)
     scores["average"] = sum(scores[f"average@{length}"] for length in lengths) / len(lengths)
     return scores
 
@@ -123,30 +169,31 @@ def suite_ruler(args, model, tokenizer, settings, model_name: str) -> list[Path]
     tasks = check_tasks(args.ruler_tasks or OFFLINE_TASKS)
     lengths = args.suite_lengths["ruler"]
     paths = []
-    for s in settings:
-        t0 = time.perf_counter()
-        with s.applied(model, backend=args.backend) as handle:
-            scores = run_ruler(
-                model, tokenizer, tasks, lengths, per_task=args.per_task, max_gen_toks=args.max_gen_toks
+    with RulerTasks(tokenizer, tasks) as built:  # built once per length, shared by every method
+        for s in settings:
+            t0 = time.perf_counter()
+            with s.applied(model, backend=args.backend) as handle:
+                scores = run_ruler(
+                    model, tokenizer, built, lengths, per_task=args.per_task, max_gen_toks=args.max_gen_toks
+                )
+                spars = sparsity_summary(handle)
+            logger.info("ruler %s: %.3f", s.label, scores["average"])
+            paths.append(
+                write_result(
+                    args.out,
+                    "ruler",
+                    model_name,
+                    s,
+                    scores=scores,
+                    sparsity=spars,
+                    timings={"seconds": time.perf_counter() - t0},
+                    data={
+                        "tasks": tasks,
+                        "lengths": lengths,
+                        "per_task": args.per_task,
+                        "max_gen_toks": args.max_gen_toks,
+                        "label": LABEL,
+                    },
+                )
             )
-            spars = sparsity_summary(handle)
-        logger.info("ruler %s: %.3f", s.label, scores["average"])
-        paths.append(
-            write_result(
-                args.out,
-                "ruler",
-                model_name,
-                s,
-                scores=scores,
-                sparsity=spars,
-                timings={"seconds": time.perf_counter() - t0},
-                data={
-                    "tasks": tasks,
-                    "lengths": lengths,
-                    "per_task": args.per_task,
-                    "max_gen_toks": args.max_gen_toks,
-                    "label": LABEL,
-                },
-            )
-        )
     return paths
