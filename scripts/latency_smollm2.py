@@ -4,7 +4,7 @@ For each length the same token window is run ``--repeats`` times after ``--warmu
 median wall time (CUDA-synchronised) is reported, with the per-method sparsity of one extra run.
 
     python scripts/latency_smollm2.py --lengths 2048 4096 8192 \\
-        --out results/speed/smollm2/h100-prefill.json
+        --out results/speed/smollm2-h100/h100-prefill.json
 
 Methods use ``evals.runner.parse_method_spec``'s syntax (``sdpa``, ``sparge``, ``sparge:cdfthreshd=1``).
 """

@@ -3,7 +3,7 @@
 Example (the committed CPU result)::
 
     python scripts/ppl_smollm2.py --device cpu --length 2048 --count 8 \\
-        --out results/ppl/smollm2/cpu-pydoc-2k.json
+        --out results/ppl/smollm2-h100/cpu-pydoc-2k.json
 
 Methods are ``sdpa`` (the model's own dense attention) or ``NAME[:key=value,...]`` with a method
 from the registry, e.g. ``sparge``, ``sparge:cdfthreshd=0.9``, ``sparge-topk:topk=0.5``.
