@@ -153,7 +153,8 @@ def test_a_version_1_config_still_loads_and_applies(config, tmp_path):
     doc["version"] = 1
     del doc["model"]["architecture"], doc["model"]["fingerprint"]
     for layer in doc["layers"]:  # per-layer keys of version 2
-        layer.pop("variant", None), layer.pop("predicted", None)
+        for key in ("variant", "predicted", "local_blocks", "min_tokens"):
+            layer.pop(key, None)
     v1 = tmp_path / "v1.json"
     v1.write_text(json.dumps(doc))
     cfg = ModelConfig.load(v1)
