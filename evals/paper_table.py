@@ -268,6 +268,7 @@ def build_table1(
     sources: set[str] = set()
     speed_lengths: set[str] = set()
     devices: set[str] = set()
+    dense_ppl = {group: find_result(root, "ppl", group, "dense") for group in corpora.values()}
     dense_speed_found = find_result(root, "speed", model, "dense")
     dense_speed = dense_speed_found[0] if dense_speed_found else None
     table_rows = []
@@ -288,7 +289,7 @@ def build_table1(
         for corpus, group in corpora.items():
             g = row.group if group == model else _corpus_group(row.group, model, group)
             doc = use(find_result(root, "ppl", g, row.label))
-            dense_found = find_result(root, "ppl", group, "dense") if row.label != "dense" else None
+            dense_found = dense_ppl[group] if row.label != "dense" else None
             first_ppl = first_ppl or doc
             for L in lengths:
                 cell = ppl_cell(doc, L, dense_found[0] if dense_found else None)
