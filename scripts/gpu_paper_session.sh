@@ -23,7 +23,7 @@
 # Environment: METHODS (main variant's methods), PPL_WINDOWS (perplexity windows per length, 4; the
 # pydoc text holds only 3 windows of 32K Qwen tokens), RULER_PER_TASK (items per RULER task and length, 10),
 # RULER_GEN (cap on generated tokens, 64), CALIB_LEN (calibration window, 8192), COST (cost model; default
-# results/kernel/<gpu>-cost-<model>-shape.json when present, else <gpu>-cost.json); for a CPU dry run of
+# results/kernel/<gpu>-cost-<model>-shape.json when present, else calibrate's default <gpu>-cost.json); for a CPU dry run of
 # the steps: DEVICE (cuda), CALIB_ARGS (appended to the calibration's arguments), PPL_LENGTHS / OTHER_LENGTHS (instead of 8K/16K/32K and 4K-32K).
 # Copy results out of the archive into the repository's results/ and commit.
 set -uo pipefail
@@ -36,8 +36,13 @@ mkdir -p runs "$OUT" "$RES/calibration" "$SITE"
 LOGS=$RES/logs; mkdir -p "$LOGS"
 T0=$SECONDS
 deadline=100000 hard_end=100000
-if [ "${1:-}" = "--deadline" ]; then deadline=$2; shift 2; fi
-if [ "${1:-}" = "--end" ]; then hard_end=$2; shift 2; fi
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --deadline) deadline=$2; shift 2 ;;
+        --end) hard_end=$2; shift 2 ;;
+        *) break ;;
+    esac
+done
 
 # wheels and bundle parts carried by this call
 for w in .bundle-calib/wheels .bundle-lmeval/wheels; do
@@ -53,7 +58,7 @@ for part in .bundle-*/part-*; do
 done
 
 DEVICE=${DEVICE:-cuda}
-gpu=$(python3 -c "import torch; n = torch.cuda.get_device_name().lower() if torch.cuda.is_available() else 'cpu'; print(next((t for t in ('h200', 'h100', 'b200', 'a100') if t in n), n.split()[-1]))")
+gpu=$(python3 -c 'from evals.environment import gpu_slug; print(gpu_slug())')
 context() { case "$1" in smollm2) echo 8192 ;; *) echo 32768 ;; esac; }
 lengths() { local ctx; ctx=$(context "$1"); shift; for L in "$@"; do [ "$L" -le "$ctx" ] && printf '%s ' "$L"; done; }
 METHODS=${METHODS:-dense sparge sparge-topk minference flexprefill sparge-budget}
@@ -71,11 +76,11 @@ step() {  # NAME LIMIT CMD...: run with a time limit, log to $LOGS/NAME.log, pri
 }
 
 calibrate() {
-    local m=$1 cost=${COST:-}
-    [ -n "$cost" ] || cost=results/kernel/$gpu-cost-$m-shape.json
-    [ -f "$cost" ] || cost=results/kernel/$gpu-cost.json
+    local m=$1 cost=${COST:-results/kernel/$gpu-cost-$m-shape.json} cost_arg=()
+    [ -f "$cost" ] && cost_arg=(--cost-model "$cost")  # else calibrate's own default, results/kernel/<gpu>-cost.json
     local common=(--model "$m" --data pydoc --samples 5 --holdout 8 --seq-len "${CALIB_LEN:-8192}" --device "$DEVICE"
-                  --objective time --cost-model "$cost" --estimator keys,pooled --capture-dir "runs/$m.capture" --quiet ${CALIB_ARGS:-})
+                  --objective time "${cost_arg[@]}" --estimator keys,pooled --capture-dir "runs/$m.capture" --quiet
+                  ${CALIB_ARGS:-})
     step "calibrate-$m" 400 python3 -m calibrate "${common[@]}" --local-blocks 0 --out "runs/$m.json" &&
         cp "runs/$m.json" "$RES/calibration/$m-$gpu.json"
     step "calibrate-$m-tight" 200 python3 -m calibrate "${common[@]}" --local-blocks 0 --l1 0.03 --pv-l1 0.035 \
