@@ -11,13 +11,13 @@ import csv
 import io
 import os
 import platform
-import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from calibrate.cost import gpu_slug as cost_file_slug
 from sparge_core.atomic import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,9 +29,8 @@ def gpu_name() -> str:
 
 
 def gpu_slug() -> str:
-    """``NVIDIA H100 80GB HBM3`` -> ``h100-80gb-hbm3`` (for file names)."""
-    name = gpu_name().lower().replace("nvidia", "").strip()
-    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "cpu"
+    """``NVIDIA H100 80GB HBM3`` -> ``h100-80gb-hbm3`` (for file names; the cost models' rule)."""
+    return cost_file_slug(gpu_name())
 
 
 def device_name(device: torch.device | str) -> str:
