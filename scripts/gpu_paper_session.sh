@@ -5,7 +5,14 @@
 # accumulate in $RES (outside the repo copy, kept between calls) and every call packs all of them into
 # $OUT/paper-results.tgz, so the last call's archive holds everything measured so far.
 #
-#   bash scripts/gpu_paper_session.sh [--deadline S] [--end S] STEP...
+#   bash scripts/gpu_paper_session.sh [--deadline S] [--end S] [--background NAME] [--wait S] STEP...
+#
+# --background NAME: stage what this call carries, then run the steps detached (setsid) as runner NAME
+#   and return: the runner outlives the call while the machine stays warm, so later calls can carry more
+#   parts (or start another runner: quality suites of two models share the GPU well; never time `speed`
+#   beside another runner). Its output goes to $RES/logs/runner-NAME.log.
+# --wait S: before packing the archive, wait up to S seconds for the running runners to end (a call that
+#   only waits keeps the machine held); prints each runner's state.
 #
 # Steps (run in order; a step that would start after --deadline seconds is skipped and named; no step
 # runs past --end seconds, so the call returns its archive before the device call's own limit):
@@ -22,7 +29,7 @@
 # Lengths: ppl 8K/16K/32K, the others 4K-32K, within the model's context (smollm2: 8K).
 # Environment: METHODS (main variant's methods), PPL_WINDOWS (perplexity windows per length, 4; the
 # pydoc text holds only 3 windows of 32K Qwen tokens), RULER_PER_TASK (items per RULER task and length, 10),
-# RULER_GEN (cap on generated tokens, 64), CALIB_LEN (calibration window, 8192), COST (cost model; default
+# RULER_GEN (cap on generated tokens, 64), SUITE_LIMIT (seconds per suite step, 590), CALIB_LEN (calibration window, 8192), COST (cost model; default
 # results/kernel/<gpu>-cost-<model>-shape.json when present, else calibrate's default <gpu>-cost.json); for a CPU dry run of
 # the steps: DEVICE (cuda), CALIB_ARGS (appended to the calibration's arguments), PPL_LENGTHS / OTHER_LENGTHS (instead of 8K/16K/32K and 4K-32K).
 # Copy results out of the archive into the repository's results/ and commit.
@@ -35,27 +42,64 @@ export PYTHONPATH=$SITE:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p runs "$OUT" "$RES/calibration" "$SITE"
 LOGS=$RES/logs; mkdir -p "$LOGS"
 T0=$SECONDS
-deadline=100000 hard_end=100000
+deadline=100000 hard_end=100000 background="" wait_s=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --deadline) deadline=$2; shift 2 ;;
         --end) hard_end=$2; shift 2 ;;
+        --background) background=$2; shift 2 ;;
+        --wait) wait_s=$2; shift 2 ;;
         *) break ;;
     esac
 done
+RUNNERS=$CACHE/runners; mkdir -p "$RUNNERS"
+export RUNNERS_DIR=$RUNNERS
 
-# wheels and bundle parts carried by this call
-for w in .bundle-calib/wheels .bundle-lmeval/wheels; do
-    [ -d "$w" ] || continue
-    python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" --upgrade "$w"/*.whl \
-        > "$LOGS/wheels-$(basename "$(dirname "$w")").log" 2>&1
-    echo "wheels $w: rc=$?"
-done
-for part in .bundle-*/part-*; do
-    [ -f "$part/BUNDLE.txt" ] || continue
-    bash scripts/offline_install.sh --target "$SITE" "$part" >> "$LOGS/bundle.log" 2>&1
-    echo "bundle $part: rc=$? ($(tail -n 1 "$LOGS/bundle.log"))"
-done
+# wheels and bundle parts carried by this call (carried folders stay on a warm machine: a stamp per
+# wheel folder and per part keeps later calls from installing or hashing them again)
+STAMPS=$CACHE/staged; mkdir -p "$STAMPS"
+if [ -z "${SPARGE_RUNNER:-}" ]; then
+    for w in .bundle-calib/wheels .bundle-lmeval/wheels; do
+        [ -d "$w" ] || continue
+        stamp="$STAMPS/wheels-$(basename "$(dirname "$w")")-$(ls "$w" | md5sum | cut -c1-12)"
+        [ -f "$stamp" ] && continue
+        python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" --upgrade "$w"/*.whl \
+            > "$LOGS/wheels-$(basename "$(dirname "$w")").log" 2>&1
+        rc=$?; echo "wheels $w: rc=$rc"; [ $rc -eq 0 ] && touch "$stamp"
+    done
+    for part in .bundle-*/part-*; do
+        [ -f "$part/BUNDLE.txt" ] || continue
+        stamp="$STAMPS/$(grep -m1 '^bundle_id=' "$part/BUNDLE.txt" | cut -d= -f2)-$(basename "$part")"
+        [ -f "$stamp" ] && continue
+        bash scripts/offline_install.sh --target "$SITE" "$part" >> "$LOGS/bundle.log" 2>&1
+        rc=$?; echo "bundle $part: rc=$rc ($(tail -n 1 "$LOGS/bundle.log"))"; [ $rc -eq 0 ] && touch "$stamp"
+    done
+fi
+
+report() {  # each runner: running or its exit status, and its log's last lines
+    local f name
+    for f in "$RUNNERS"/*.pid; do
+        [ -f "$f" ] || continue
+        name=$(basename "$f" .pid)
+        if kill -0 "$(cat "$f")" 2>/dev/null; then echo "runner $name: running"
+        else echo "runner $name: ended rc=$(cat "$RUNNERS/$name.rc" 2>/dev/null || echo '?')"; fi
+        grep -E '^(== |rc=|skipped)' "$LOGS/runner-$name.log" 2>/dev/null | tail -n 4
+    done
+}
+pack() { tar czf "$OUT/paper-results.tgz" -C "$CACHE" paper-results && ls -la "$OUT"; }
+running() { local f; for f in "$RUNNERS"/*.pid; do [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null && return 0; done; return 1; }
+
+if [ -n "$background" ] && [ -z "${SPARGE_RUNNER:-}" ]; then
+    [ -f "$RUNNERS/$background.pid" ] && kill -0 "$(cat "$RUNNERS/$background.pid")" 2>/dev/null &&
+        { echo "runner $background is already running" >&2; exit 2; }
+    rm -f "$RUNNERS/$background.rc"
+    SPARGE_RUNNER=$background OUT=$CACHE/runner-out/$background setsid bash -c \
+        'bash "$0" --deadline "$1" --end "$2" "${@:3}"; echo $? > "$RUNNERS_DIR/$SPARGE_RUNNER.rc"' \
+        "$0" "$deadline" "$hard_end" "$@" > "$LOGS/runner-$background.log" 2>&1 < /dev/null &
+    echo $! > "$RUNNERS/$background.pid"
+    echo "runner $background started (pid $(cat "$RUNNERS/$background.pid")): $*"
+    set --  # the steps are the runner's
+fi
 
 DEVICE=${DEVICE:-cuda}
 gpu=$(python3 -c 'from evals.environment import gpu_slug; print(gpu_slug())')
@@ -110,7 +154,7 @@ suite() {
     esac
     local tmp="runs/out-$group-$s"
     rm -rf "$tmp"
-    step "suite-$s-$group" 590 python3 -m evals "$s" --model "$m" --config "$config" --capture "runs/$m.capture" \
+    step "suite-$s-$group" "${SUITE_LIMIT:-590}" python3 -m evals "$s" --model "$m" --config "$config" --capture "runs/$m.capture" \
         --density matched --device "$DEVICE" --methods $methods --out "$tmp" --quiet "${extra[@]}"
     local rc=$?
     mkdir -p "$RES/$s/$group"
@@ -128,4 +172,9 @@ for spec in "$@"; do
         *) echo "unknown step $spec" >&2 ;;
     esac
 done
-tar czf "$OUT/paper-results.tgz" -C "$CACHE" paper-results && ls -la "$OUT"
+if [ -z "${SPARGE_RUNNER:-}" ]; then
+    t_wait=$SECONDS
+    while [ $((SECONDS - t_wait)) -lt "$wait_s" ] && running; do sleep 5; done
+    report
+fi
+mkdir -p "$OUT" && pack

@@ -185,6 +185,7 @@ class GraphCache:
             self._failed.add(key)
             logger.warning("sparge: a call could not be captured in a CUDA graph (%s: %s); it runs eagerly",
                            type(err).__name__, err)
+            logger.debug("the capture's traceback", exc_info=True)
             current.wait_stream(stream)
             return None
         current.wait_stream(stream)
