@@ -152,7 +152,7 @@ suite() {
                                     group="$m-${variant#austen-}-ppl-austen" ;;
         *) echo "unknown variant $variant" >&2; return 2 ;;
     esac
-    local tmp="runs/out-$group-$s"
+    local tmp="runs/out-${SPARGE_RUNNER:-call}-$group-$s"  # per runner: two runners may run one suite
     rm -rf "$tmp"
     step "suite-$s-$group" "${SUITE_LIMIT:-590}" python3 -m evals "$s" --model "$m" --config "$config" --capture "runs/$m.capture" \
         --density matched --device "$DEVICE" --methods $methods --out "$tmp" --quiet "${extra[@]}"
