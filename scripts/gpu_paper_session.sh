@@ -120,7 +120,7 @@ step() {  # NAME LIMIT CMD...: run with a time limit, log to $LOGS/NAME.log, pri
 }
 
 calibrate() {
-    local m=$1 cost=${COST:-results/kernel/$gpu-cost-$m-shape.json} cost_arg=()
+    local m=$1; local cost=${COST:-results/kernel/$gpu-cost-$m-shape.json} cost_arg=()
     [ -f "$cost" ] && cost_arg=(--cost-model "$cost")  # else calibrate's own default, results/kernel/<gpu>-cost.json
     local common=(--model "$m" --data pydoc --samples 5 --holdout 8 --seq-len "${CALIB_LEN:-8192}" --device "$DEVICE"
                   --objective time "${cost_arg[@]}" --estimator keys,pooled --capture-dir "runs/$m.capture" --quiet
