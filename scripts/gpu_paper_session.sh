@@ -106,8 +106,8 @@ gpu=$(python3 -c 'from evals.environment import gpu_slug; print(gpu_slug())')
 context() { case "$1" in smollm2) echo 8192 ;; *) echo 32768 ;; esac; }
 lengths() { local ctx; ctx=$(context "$1"); shift; for L in "$@"; do [ "$L" -le "$ctx" ] && printf '%s ' "$L"; done; }
 METHODS=${METHODS:-dense sparge sparge-topk minference flexprefill sparge-budget}
-step() {  # NAME LIMIT CMD...: run with a time limit, log to $LOGS/NAME.log, print rc and the log's tail
-    local name=$1 limit=$2; shift 2
+step() {  # NAME LIMIT CMD...: run with a time limit, log to $LOGS/NAME[-RUNNER].log, print rc and the log's tail
+    local name=$1${SPARGE_RUNNER:+-$SPARGE_RUNNER} limit=$2; shift 2  # two runners may run one suite
     local left=$((hard_end - (SECONDS - T0)))  # no step runs past --end
     [ "$left" -lt "$limit" ] && limit=$left
     [ "$limit" -gt 0 ] || { echo "skipped (end): $name"; return 1; }

@@ -21,7 +21,8 @@ How ``GraphCache.run(owner, fn, inputs)`` treats a call:
   length), and so is one memory pool. The tensors ``run`` returns belong to the graph and are
   overwritten when the same graph replays again, except those it is asked to ``clone``.
 - At most ``max_geometries`` geometries are kept; the least recently used one is dropped with its
-  graphs and buffers. A key whose capture fails runs eagerly from then on (logged once).
+  graphs and buffers. A key whose capture fails runs eagerly from then on (logged once; the cache's first
+  failure with its traceback).
 
 Memory: every graph keeps its output (and the pool its largest intermediates), so a geometry costs
 about one attention output per layer: 0.3 GB for SmolLM2 at 8K, 2 GB for a Llama-3.1-8B shape at 8K
@@ -182,10 +183,11 @@ class GraphCache:
                 finally:
                     graph.capture_end()
         except Exception as err:  # an op that cannot be captured: this key stays eager
+            first = not self._failed
             self._failed.add(key)
+            # the first failure of a cache with its traceback: a later one is often a consequence of it
             logger.warning("sparge: a call could not be captured in a CUDA graph (%s: %s); it runs eagerly",
-                           type(err).__name__, err)
-            logger.debug("the capture's traceback", exc_info=True)
+                           type(err).__name__, err, exc_info=first)
             current.wait_stream(stream)
             return None
         current.wait_stream(stream)

@@ -210,3 +210,43 @@ def test_dit_attention_with_graphs_equals_eager():
         torch.testing.assert_close(outs[True], outs[False], rtol=0, atol=0)
     assert fns[True].graphs.replays == 2 and fns[False].graphs.replays == 0  # per layer: call 2 captures
     assert fns[True].summary() == fns[False].summary() and fns[True].summary()["qk_sparsity"] > 0.3
+
+
+@pytest.mark.gpu
+def test_calibrated_style_config_graphs_without_capture_failures(caplog):
+    """Layer graphs of a config shaped like a calibration's output (per-head values, the keys and pooled
+    estimators, an INT8 variant with stage 2, one local block, statistics on): every sparse layer is
+    captured once and replayed, nothing is logged as uncapturable, and the logits equal eager ones.
+    (``python -m evals speed`` on SmolLM2's H200 config logged capture failures; this pins the path.)"""
+    from calibrate.models import build_tiny_model
+    from sparge_core.integrations.transformers import apply, remove
+    from sparge_core.params import LayerConfig, LayerVariant, ModelConfig, ModelInfo
+
+    model = build_tiny_model("llama", dtype=torch.bfloat16, device="cuda", seed=4, num_layers=3)
+    h, hkv = model.config.num_attention_heads, model.config.num_key_value_heads
+    layers = (LayerConfig(0, (0.2, -1.0, 0.4, -0.1), (6.0, 50.0, 9.0, 12.0), cdfthreshd=(0.9, 0.95, 0.85, 0.97),
+                          estimator="keys", variant=LayerVariant(False, "int8", True)),
+              LayerConfig(1, (-1.0,) * h, (50.0,) * h, topk=(0.3, 0.4, 0.5, 0.35), estimator="pooled",
+                          variant=LayerVariant(False, "int8", False)),
+              LayerConfig.dense(2, h))
+    config = ModelConfig(ModelInfo("tiny", 3, h, hkv, 64), layers, l1=0.08, pv_l1=0.09).with_local_blocks(1)
+    g = torch.Generator().manual_seed(8)
+    batches = [torch.randint(3, model.config.vocab_size, (1, 2100), generator=g).cuda() for _ in range(4)]
+    results = {}
+    caplog.set_level("WARNING", logger="sparge_core.graphs")
+    for graphs_on in (False, True):
+        handle = apply(model, config, collect_stats=True, cuda_graphs=graphs_on, allow_other_model=True)
+        try:
+            with torch.no_grad():
+                results[graphs_on] = [model(ids).logits for ids in batches]
+            replays, captures = handle.graphs.replays, handle.graphs.captures
+            report = handle.sparsity_report()
+        finally:
+            remove(model)
+        results[graphs_on].append(report)
+        if graphs_on:
+            assert (captures, replays) == (2, 6)  # two sparse layers; calls 2 (captured), 3 and 4 replay
+    assert "could not be captured" not in caplog.text
+    for a, b in zip(results[False][:-1], results[True][:-1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert results[False][-1] == results[True][-1]

@@ -170,3 +170,12 @@ def test_make_paper_script_rebuilds_the_table_without_measuring(tmp_path):
         check=False,
     )
     assert bad.returncode == 2 and "--tight-l1" in bad.stderr
+
+
+def test_ruler_cell_counts_items_from_a_task_mean_result():
+    doc = {"scores": {"niah_single_1@4096": 1.0, "ruler_vt@4096": 0.25, "average@4096": 0.625, "average": 0.625},
+           "data": {"tasks": ["niah_single_1", "ruler_vt"], "lengths": [4096], "per_task": 10}}
+    assert P.accuracy_cell(doc) == "0.625 (n=20)"  # task means only: a count, no interval
+    doc["data"]["lengths"] = [4096, 8192]
+    assert P.accuracy_cell(doc) == "0.625 (n=40)"
+    assert P.accuracy_cell({"scores": {"average": 0.5}}) == "0.500"  # nothing to count

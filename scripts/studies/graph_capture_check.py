@@ -3,7 +3,7 @@
 Each sparse layer's method (``Sparge.from_layer_config``) runs on fresh random Q/K/V of the config's
 model shape through ``evals.speed.attention_ms``, the per-layer timing that ``python -m evals speed``
 uses, with CUDA graphs on. Every capture failure is printed with its traceback (the library logs only
-the message), and the graph cache's capture / replay counts, and each graphed output is compared with
+the message and the first traceback), and the graph cache's capture / replay counts, and each graphed output is compared with
 the eager call on the same inputs.
 
     python scripts/studies/graph_capture_check.py --config results/calibration/smollm2-h200.json \\
@@ -36,11 +36,14 @@ class _TracebackHandler(logging.Handler):
 
     def __init__(self):
         super().__init__(logging.DEBUG)
-        self.failures: list[str] = []
+        self.failures: list[str] = []  # messages
+        self.tracebacks: list[str] = []
 
     def emit(self, record):
+        if "could not be captured" in record.getMessage():
+            self.failures.append(record.getMessage())
         if record.exc_info:
-            self.failures.append("".join(traceback.format_exception(*record.exc_info)))
+            self.tracebacks.append("".join(traceback.format_exception(*record.exc_info)))
 
 
 def main(argv=None) -> int:
@@ -107,6 +110,7 @@ def main(argv=None) -> int:
         "config": str(args.config), "length": args.length, "dtype": args.dtype, "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__, "sparse_layers": len(layers), "captures": cache.captures,
         "replays": cache.replays, "failures": len(handler.failures), "first_failure": handler.failures[:1],
+        "first_traceback": handler.tracebacks[:1],
         "check_captures": check.captures, "max_abs_graphed_vs_eager": worst,
         "ms_per_layer": {str(k): round(v["ms"], 4) for k, v in times.items()},
     }
