@@ -25,19 +25,31 @@ essay / SQuAD / HotpotQA downloads), the classic / corpus haystacks, and exact t
 fits prompts under each length); and they produced the committed ``niah`` / ``longctx`` results.
 
 Scores are RULER's string-match accuracies in [0, 1], per task and length, plus their mean.
-lm-eval's RULER generators use fixed seeds (``--seed`` does not change the items). Needs the
-``lmeval`` extra (lm-eval, wonderwords, nltk).
+
+Items: lm-eval's generators make 500 samples per task and length whatever ``limit`` is (minutes per
+length at 16K-32K, most of a run's time). ``RulerTasks(..., num_samples=N)`` (the suite passes
+``--per-task``) has lm-eval's own generator functions make only N, by capping their ``num_samples``
+argument while the tasks are built; prompts, answers and scoring are lm-eval's. The generators draw
+from Python's and NumPy's global random generators, which are seeded with ``--seed`` before each
+length is built, so a run's items are reproducible and every method of a run sees the same items.
+Needs the ``lmeval`` extra (lm-eval 0.4.13, wonderwords, nltk); with another lm-eval whose task files
+differ, the cap may not apply (a warning says so) and the full 500 are generated.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
+import inspect
 import logging
+import random
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +84,60 @@ def check_tasks(tasks: Sequence[str]) -> list[str]:
     return tasks
 
 
+#: lm-eval's RULER sample generators (globals of its task modules) whose ``num_samples`` is capped
+GENERATORS = ("generate_samples", "sys_vartrack_w_noise_random", "sys_word_pair_random", "sys_kwext")
+
+
+def capped_generator(generator: Callable, num_samples: int) -> Callable | None:
+    """``generator`` making at most ``num_samples`` samples (None if it takes no ``num_samples``)."""
+    sig = inspect.signature(generator)
+    if "num_samples" not in sig.parameters:
+        return None
+
+    @functools.wraps(generator)
+    def capped(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        bound.arguments["num_samples"] = min(int(bound.arguments["num_samples"]), num_samples)
+        return generator(*bound.args, **bound.kwargs)
+
+    return capped
+
+
+@contextlib.contextmanager
+def generating_at_most(tasks: Sequence[str], num_samples: int):
+    """While active, lm-eval's RULER task modules of ``tasks`` generate at most ``num_samples`` samples
+    per length. lm-eval loads a task file's module once per process and reuses it when it builds the
+    task; the generators are replaced in that module for the duration (restored after). Yields the
+    number of generators capped (0: nothing matched, e.g. another lm-eval layout)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from .lm_eval_adapter import ruler_tasks_dir
+
+    wanted, patches = set(tasks), []
+    for path in sorted(ruler_tasks_dir().glob("*.yaml")):
+        name = load_yaml(path, resolve_func=False, recursive=False).get("task")
+        if not isinstance(name, str) or name not in wanted:  # a group file lists its tasks
+            continue
+        module_globals = getattr(load_yaml(path, recursive=False).get("custom_dataset"), "__globals__", None)
+        for name in GENERATORS:
+            capped = capped_generator(module_globals[name], num_samples) if module_globals and callable(
+                module_globals.get(name)) else None
+            if capped is not None:
+                patches.append(mock.patch.dict(module_globals, {name: capped}))
+    with contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
+        yield len(patches)
+
+
+def _seed_generators(seed: int) -> None:
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
 class RulerTasks:
     """lm-eval's RULER task objects, built once per context length and reused for every method.
 
@@ -82,9 +148,13 @@ class RulerTasks:
     Use it inside ``with``: the exported tokenizer folder RULER sizes its prompts with is removed after.
     """
 
-    def __init__(self, tokenizer, tasks: Sequence[str]):
+    def __init__(self, tokenizer, tasks: Sequence[str], *, num_samples: int | None = None, seed: int = 0):
         self.tokenizer = tokenizer
         self.tasks = check_tasks(tasks)
+        if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
+            raise ValueError(f"num_samples must be a positive integer or None, got {num_samples!r}")
+        self.num_samples = num_samples  # None: lm-eval's own 500 per task and length
+        self.seed = int(seed)
         self._by_length: dict[int, list] = {}
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._folder: Path | None = None
@@ -115,9 +185,27 @@ class RulerTasks:
 
             manager = TaskManager(include_path=str(ruler_tasks_dir()), include_defaults=False,
                                   metadata={"tokenizer": str(self._folder), "max_seq_lengths": [length]})
-            built = get_task_dict(list(self.tasks), manager)
+            cap = (generating_at_most(self.tasks, self.num_samples) if self.num_samples
+                   else contextlib.nullcontext(0))
+            with cap:
+                _seed_generators(self.seed)
+                built = get_task_dict(list(self.tasks), manager)
             self._by_length[length] = [built[name] for name in self.tasks]
+            if self.num_samples:
+                sizes = {name: _num_docs(built[name]) for name in self.tasks}
+                over = {name: n for name, n in sizes.items() if n is not None and n > self.num_samples}
+                if over:
+                    logger.warning("RULER at %d: lm-eval generated %s samples where %d were asked (the cap did "
+                                   "not apply to this lm-eval version); the run is slower, the items alike",
+                                   length, over, self.num_samples)
         return self._by_length[length]
+
+
+def _num_docs(task) -> int | None:
+    try:
+        return len(task.dataset["test"])
+    except (AttributeError, KeyError, TypeError):
+        return None
 
 
 def run_ruler(
@@ -133,7 +221,7 @@ def run_ruler(
     with its current attention (apply a method around this call). ``tasks``: names, or a
     ``RulerTasks`` (inside its ``with``) to reuse tasks built for an earlier method."""
     if not isinstance(tasks, RulerTasks):
-        with RulerTasks(tokenizer, tasks) as built:
+        with RulerTasks(tokenizer, tasks, num_samples=per_task) as built:
             return run_ruler(model, tokenizer, built, lengths, per_task=per_task, max_gen_toks=max_gen_toks)
     from .lm_eval_adapter import lm_eval_scores, ruler_tasks_dir, run_lm_eval
 
@@ -169,7 +257,8 @@ def suite_ruler(args, model, tokenizer, settings, model_name: str) -> list[Path]
     tasks = check_tasks(args.ruler_tasks or OFFLINE_TASKS)
     lengths = args.suite_lengths["ruler"]
     paths = []
-    with RulerTasks(tokenizer, tasks) as built:  # built once per length, shared by every method
+    # built once per length (only the items evaluated, seeded), shared by every method
+    with RulerTasks(tokenizer, tasks, num_samples=args.per_task, seed=args.seed) as built:
         for s in settings:
             t0 = time.perf_counter()
             with s.applied(model, backend=args.backend) as handle:
@@ -191,6 +280,7 @@ def suite_ruler(args, model, tokenizer, settings, model_name: str) -> list[Path]
                         "tasks": tasks,
                         "lengths": lengths,
                         "per_task": args.per_task,
+                        "seed": args.seed,
                         "max_gen_toks": args.max_gen_toks,
                         "label": LABEL,
                     },

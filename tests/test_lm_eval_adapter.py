@@ -250,6 +250,32 @@ def test_ruler_suite_writes_results(tmp_path):
     assert doc["sparsity"]["mean"] > 0  # sparge-topk ran sparse
 
 
+def test_ruler_tasks_generate_only_the_items_asked_for_and_are_seeded(tiny):
+    """lm-eval makes 500 RULER samples per task and length; with num_samples its own generators make only
+    those, reproducibly for a seed, and the first task's items are the first ones a full build makes."""
+    pytest.importorskip("wonderwords")
+    from evals.ruler import RulerTasks, capped_generator
+
+    _, tok = tiny
+    names = ["niah_single_1", "niah_multikey_3"]
+
+    def inputs(num_samples, seed):
+        with RulerTasks(tok, names, num_samples=num_samples, seed=seed) as built:
+            return [[doc["input"] for doc in task.dataset["test"]] for task in built.at(1024)]
+
+    first = inputs(3, seed=5)
+    assert [len(docs) for docs in first] == [3, 3]
+    assert inputs(3, seed=5) == first  # seeded: the same items again
+    assert inputs(3, seed=6)[1] != first[1]  # another seed, other keys and values
+    full = inputs(None, seed=5)
+    assert [len(docs) for docs in full] == [500, 500]  # lm-eval's own count without the cap
+    assert full[0][:3] == first[0]
+    with pytest.raises(ValueError, match="num_samples"):
+        RulerTasks(tok, names, num_samples=0)
+    assert capped_generator(lambda x: x, 2) is None  # nothing to cap
+    assert capped_generator(lambda *, num_samples=500: num_samples, 2)() == 2
+
+
 def test_ruler_suite_refuses_tasks_that_need_downloads(capsys):
     from evals.__main__ import main as evals_main
 
