@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from calibrate.cli import HelpFormatter  # noqa: E402
 from sparge_core.atomic import write_text_atomic  # noqa: E402
 
 logger = logging.getLogger("graph_capture_check")
@@ -47,7 +48,7 @@ class _TracebackHandler(logging.Handler):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--config", required=True, help="a calibrated config (JSON)")
     p.add_argument("--length", type=int, default=8192, help="tokens per call")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
