@@ -54,7 +54,8 @@ def test_layout_rows_and_columns():
 
 def test_perplexity_cells_carry_bootstrap_intervals_and_counts():
     table, _ = _table()
-    cell, paired = _cell(table, "sparge (default bound)", "PPL pydoc 8K").split("; ")
+    cell, paired, spars = _cell(table, "sparge (default bound)", "PPL pydoc 8K").split("; ")
+    assert spars == "sparsity 0.61"  # the sparsity this method reached at this length
     value = math.exp(sum([2.22, 2.27, 2.31, 2.20]) / 4)
     assert cell.startswith(f"{value:.2f} [") and cell.endswith("(n=4)")
     # the change against dense on the same windows: exp(mean NLL difference), paired interval
@@ -62,12 +63,13 @@ def test_perplexity_cells_carry_bootstrap_intervals_and_counts():
     low, high = (float(x) for x in paired.split("[")[1].split("]")[0].split(", "))
     assert 100 * (math.exp(0.01) - 1) - 0.05 <= low <= 1.8 <= high <= 100 * (math.exp(0.02) - 1) + 0.05
     assert "vs dense" not in _cell(table, "dense", "PPL pydoc 8K")
+    assert "sparsity" not in _cell(table, "dense", "PPL pydoc 8K")
     low, high = (float(x) for x in cell.split("[")[1].split("]")[0].split(", "))
     assert math.exp(2.20) - 0.01 <= low < value < high <= math.exp(2.31) + 0.01
     # a file without per-window NLLs: the value and its window count, no interval
     assert (
         _cell(table, "MInference @ matched", "PPL pydoc 8K")
-        == f"{math.exp(sum([2.21, 2.26, 2.30, 2.19]) / 4):.2f} (n=4)"
+        == f"{math.exp(sum([2.21, 2.26, 2.30, 2.19]) / 4):.2f} (n=4); sparsity 0.63"
     )
     # the second corpus comes from <model>-ppl-<corpus>
     assert _cell(table, "sparge (default bound)", "PPL austen 8K").split("; ")[0].endswith("(n=2)")
