@@ -220,7 +220,11 @@ def speedup_cell(dense: dict[str, Any] | None, doc: dict[str, Any] | None) -> tu
     value = float(a["prefill_ms"]) / float(b["prefill_ms"])
     ci = speedup_ci(runs_a, runs_b) if runs_a and runs_b else None
     n = min(len(runs_a), len(runs_b)) if runs_a and runs_b else None
-    return fmt_interval(ci, value, n, digits=2, suffix="x"), length
+    cell = fmt_interval(ci, value, n, digits=2, suffix="x")
+    graphs = b.get("prefill_graphs")
+    if isinstance(graphs, dict) and graphs.get("failures") and not graphs.get("replays"):
+        cell += "; eager (CUDA-graph capture failed)"
+    return cell, length
 
 
 def sparsity_value(doc: dict[str, Any] | None) -> float | None:

@@ -132,6 +132,10 @@ def run_speed(model, tokenizer, setting, lengths: list[int], corpus, *, backend:
         with setting.applied(model, backend=backend, collect_stats=False) as handle:
             times = prefill_ms(model, ids, warmup=warmup, repeats=repeats)
             method_for_layer = (lambda layer: None) if handle is None else _routed(handle, length)
+            cache = getattr(handle, "graphs", None)
+            # whether the prefill's sparse calls replayed from CUDA graphs (sparge_core.graphs) or ran eagerly
+            prefill_graphs = None if cache is None else {"captures": cache.captures, "replays": cache.replays,
+                                                         "failures": cache.failures}
         layers = capture_layers(model, ids)
         per_layer = attention_ms(layers, method_for_layer, device, backend=backend)
         total = sum(v["ms"] for v in per_layer.values())
@@ -139,6 +143,7 @@ def run_speed(model, tokenizer, setting, lengths: list[int], corpus, *, backend:
         mean_ms = total / len(per_layer)
         rows[str(length)] = {
             "prefill_ms": statistics.median(times), "prefill_ms_all": times,
+            "prefill_graphs": prefill_graphs,
             "attention_ms_total": total, "attention_ms_per_layer": mean_ms,
             "attention_tops": flops / (mean_ms * 1e-3) / 1e12,
             "density_mean": sum(v["density"] for v in per_layer.values()) / len(per_layer),

@@ -115,6 +115,11 @@ class GraphCache:
         self.captures = 0
         self.replays = 0
 
+    @property
+    def failures(self) -> int:
+        """How many keys could not be captured (they run eagerly)."""
+        return len(self._failed)
+
     def __len__(self) -> int:
         return sum(len(g.graphs) for g in self._geometries.values())
 

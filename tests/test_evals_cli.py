@@ -54,6 +54,8 @@ def test_niah_longctx_speed_write_results(tmp_path):
     speed = _load(tmp_path, "speed", "sparge-topk")["scores"]
     row = speed["lengths"]["512"]
     assert speed["cpu_only"] and row["prefill_ms"] > 0 and len(row["layers"]) == 2 and row["density_mean"] < 1.0
+    assert row["prefill_graphs"] == {"captures": 0, "replays": 0, "failures": 0}  # a CPU prefill is never graphed
+    assert _load(tmp_path, "speed", "dense")["scores"]["lengths"]["512"]["prefill_graphs"] is None
     assert evals_main(["tables", "--out", str(tmp_path)]) == 0
     assert "Table 1 layout: tiny-llama" in (tmp_path / "TABLES.md").read_text()
 

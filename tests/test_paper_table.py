@@ -181,3 +181,17 @@ def test_ruler_cell_counts_items_from_a_task_mean_result():
     doc["data"]["lengths"] = [4096, 8192]
     assert P.accuracy_cell(doc) == "0.625 (n=40)"
     assert P.accuracy_cell({"scores": {"average": 0.5}}) == "0.500"  # nothing to count
+
+
+def test_ttft_cell_says_eager_when_every_graph_capture_failed():
+    def doc(ms, graphs=None):
+        row = {"prefill_ms": ms, "prefill_ms_all": [ms] * 3}
+        if graphs is not None:
+            row["prefill_graphs"] = graphs
+        return {"scores": {"lengths": {"8192": row}}}
+
+    dense = doc(20.0)
+    cell, length = P.speedup_cell(dense, doc(10.0, {"captures": 0, "replays": 0, "failures": 23}))
+    assert length == "8192" and cell.startswith("2.00x") and cell.endswith("; eager (CUDA-graph capture failed)")
+    assert "eager" not in P.speedup_cell(dense, doc(10.0, {"captures": 23, "replays": 92, "failures": 0}))[0]
+    assert "eager" not in P.speedup_cell(dense, doc(10.0))[0]  # older files without the record
