@@ -1,7 +1,7 @@
 """Which layers of a calibrated config replay from a CUDA graph: a GPU check of ``sparge_core.graphs``.
 
 Each sparse layer's method (``Sparge.from_layer_config``) runs on fresh random Q/K/V of the config's
-model shape through ``evals.speed.attention_ms``, the per-layer timing that ``python -m evals speed``
+model shape (by default in the strided layout a transformers layer passes) through ``evals.speed.attention_ms``, the per-layer timing that ``python -m evals speed``
 uses, with CUDA graphs on. Every capture failure is printed with its traceback (the library logs only
 the message and the first traceback), and the graph cache's capture / replay counts, and each graphed output is compared with
 the eager call on the same inputs.
@@ -52,6 +52,9 @@ def main(argv=None) -> int:
     p.add_argument("--config", required=True, help="a calibrated config (JSON)")
     p.add_argument("--length", type=int, default=8192, help="tokens per call")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    p.add_argument("--layout", default="hf", choices=("hf", "contiguous"),
+                   help="hf: Q/K/V as a transformers attention layer passes them, (B, N, H, D) tensors seen as "
+                        "(B, H, N, D) (non-contiguous); contiguous: (B, H, N, D) tensors")
     p.add_argument("--out", type=Path, default=None, help="write the summary here (JSON)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -79,10 +82,13 @@ def main(argv=None) -> int:
     for lc in cfg.layers:
         if lc.is_dense:
             continue
-        shape_q = (1, info.num_heads, args.length, info.head_dim)
-        shape_kv = (1, info.num_kv_heads, args.length, info.head_dim)
-        layers[lc.layer] = tuple(torch.randn(s, device=device, dtype=dtype, generator=gen)
-                                 for s in (shape_q, shape_kv, shape_kv))
+        shapes = [(1, heads, args.length, info.head_dim) for heads in (info.num_heads, info.num_kv_heads,
+                                                                        info.num_kv_heads)]
+        if args.layout == "hf":
+            layers[lc.layer] = tuple(torch.randn((b, n, h, d), device=device, dtype=dtype, generator=gen).transpose(1, 2)
+                                     for b, h, n, d in shapes)
+        else:
+            layers[lc.layer] = tuple(torch.randn(s, device=device, dtype=dtype, generator=gen) for s in shapes)
         methods[lc.layer] = Sparge.from_layer_config(lc)
     counts = {}
     original_init = graphs.GraphCache.__init__
@@ -108,7 +114,8 @@ def main(argv=None) -> int:
             graphed = check.run(layer, call, (q, k, v), clone=(0,))
         worst = max(worst, (graphed.float() - eager).abs().max().item())
     summary = {
-        "config": str(args.config), "length": args.length, "dtype": args.dtype, "gpu": torch.cuda.get_device_name(),
+        "config": str(args.config), "length": args.length, "dtype": args.dtype, "layout": args.layout,
+        "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__, "sparse_layers": len(layers), "captures": cache.captures,
         "replays": cache.replays, "failures": len(handler.failures), "first_failure": handler.failures[:1],
         "first_traceback": handler.tracebacks[:1],
