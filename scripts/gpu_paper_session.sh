@@ -26,6 +26,9 @@
 #                             tight, local1 (sparge at that config), austen, austen-tight, austen-local1
 #                             (ppl on the second corpus)
 #   table:MODEL               results -> results/paper/table1-MODEL.md
+#   graphs:MODEL              the CUDA-graph checks: the GPU tests of tests/test_graphs.py and
+#                             scripts/studies/graph_capture_check.py on the model's committed H200 config in both
+#                             Q/K/V layouts -> $RES/tests/graph-capture-MODEL-<layout>-<gpu>.json
 # Lengths: ppl 8K/16K/32K, the others 4K-32K, within the model's context (smollm2: 8K).
 # Environment: METHODS (main variant's methods), PPL_WINDOWS (perplexity windows per length, 4; the
 # pydoc text holds only 3 windows of 32K Qwen tokens), RULER_PER_TASK (items per RULER task and length, 10),
@@ -169,6 +172,13 @@ for spec in "$@"; do
         calibrate) calibrate "$a" ;;
         suite) suite "$a" "$b" "${c:-main}" ;;
         table) step "table-$a" 60 python3 scripts/paper.py --model "$a" --out "$RES" ;;
+        graphs) mkdir -p "$RES/tests"
+                step "pytest-graphs" 300 python3 -m pytest -q -m gpu tests/test_graphs.py
+                for layout in hf contiguous; do
+                    step "graph-capture-$a-$layout" 200 python3 scripts/studies/graph_capture_check.py \
+                        --config "results/calibration/$a-$gpu.json" --layout "$layout" \
+                        --out "$RES/tests/graph-capture-$a-$layout-$gpu.json"
+                done ;;
         *) echo "unknown step $spec" >&2 ;;
     esac
 done
