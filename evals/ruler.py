@@ -108,16 +108,16 @@ def capped_generator(generator: Callable, num_samples: int) -> Callable | None:
 def generating_at_most(tasks: Sequence[str], num_samples: int):
     """While active, lm-eval's RULER task modules of ``tasks`` generate at most ``num_samples`` samples
     per length. lm-eval loads a task file's module once per process and reuses it when it builds the
-    task; the generators are replaced in that module for the duration (restored after). Yields the
-    number of generators capped (0: nothing matched, e.g. another lm-eval layout)."""
+    task; the generators are replaced in that module for the duration (restored after); where nothing
+    matches (another lm-eval layout) nothing is replaced."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
     from .lm_eval_adapter import ruler_tasks_dir
 
     wanted, patches = set(tasks), []
     for path in sorted(ruler_tasks_dir().glob("*.yaml")):
-        name = load_yaml(path, resolve_func=False, recursive=False).get("task")
-        if not isinstance(name, str) or name not in wanted:  # a group file lists its tasks
+        task = load_yaml(path, resolve_func=False, recursive=False).get("task")
+        if not isinstance(task, str) or task not in wanted:  # a group file lists its tasks
             continue
         module_globals = getattr(load_yaml(path, recursive=False).get("custom_dataset"), "__globals__", None)
         for name in GENERATORS:
@@ -128,7 +128,7 @@ def generating_at_most(tasks: Sequence[str], num_samples: int):
     with contextlib.ExitStack() as stack:
         for patch in patches:
             stack.enter_context(patch)
-        yield len(patches)
+        yield
 
 
 def _seed_generators(seed: int) -> None:
@@ -186,7 +186,7 @@ class RulerTasks:
             manager = TaskManager(include_path=str(ruler_tasks_dir()), include_defaults=False,
                                   metadata={"tokenizer": str(self._folder), "max_seq_lengths": [length]})
             cap = (generating_at_most(self.tasks, self.num_samples) if self.num_samples
-                   else contextlib.nullcontext(0))
+                   else contextlib.nullcontext())
             with cap:
                 _seed_generators(self.seed)
                 built = get_task_dict(list(self.tasks), manager)

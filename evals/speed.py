@@ -76,14 +76,15 @@ def capture_layers(model, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, to
 
 
 def attention_ms(layers: dict[int, tuple], method_for_layer, device: torch.device, *, backend: str = "auto",
-                 repeats: int = 3, cuda_graphs: bool = True) -> dict[int, dict[str, float]]:
+                 repeats: int = 3, cuda_graphs: bool = True, graphs=None) -> dict[int, dict[str, float]]:
     """Per layer: the method's attention time (prediction included) and its density. ``cuda_graphs``: a
     sparse layer's call is timed as ``apply`` runs it at a repeated length, replayed from a CUDA graph
     (``sparge_core.graphs``; the copies of Q/K/V in included; eager where a graph cannot be used, e.g.
-    on a CPU); False: issued eagerly."""
+    on a CPU); False: issued eagerly. ``graphs``: the ``GraphCache`` to use (default: a new one), e.g. to
+    read its capture counts after."""
     from sparge_core.graphs import GraphCache
 
-    graphs = GraphCache()
+    graphs = GraphCache() if graphs is None else graphs
     out = {}
     for layer, (q, k, v) in sorted(layers.items()):
         method = method_for_layer(layer)

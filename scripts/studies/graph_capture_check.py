@@ -1,10 +1,10 @@
 """Which layers of a calibrated config replay from a CUDA graph: a GPU check of ``sparge_core.graphs``.
 
 Each sparse layer's method (``Sparge.from_layer_config``) runs on fresh random Q/K/V of the config's
-model shape (by default in the strided layout a transformers layer passes) through ``evals.speed.attention_ms``, the per-layer timing that ``python -m evals speed``
-uses, with CUDA graphs on. Every capture failure is printed with its traceback (the library logs only
-the message and the first traceback), and the graph cache's capture / replay counts, and each graphed output is compared with
-the eager call on the same inputs.
+model shape (by default in the strided layout a transformers layer passes) through
+``evals.speed.attention_ms``, the per-layer timing that ``python -m evals speed`` uses, with CUDA graphs
+on. It reports the graph cache's capture / replay / failure counts and the first failure's message and
+traceback, and compares each graphed output with the eager call on the same inputs.
 
     python scripts/studies/graph_capture_check.py --config results/calibration/smollm2-h200.json \\
         --length 8192 --out results/tests/graph-capture-smollm2-h200.json
@@ -32,17 +32,17 @@ from sparge_core.atomic import write_text_atomic  # noqa: E402
 logger = logging.getLogger("graph_capture_check")
 
 
-class _TracebackHandler(logging.Handler):
-    """Keeps the traceback of every capture failure that ``sparge_core.graphs`` logs."""
+class _FailureHandler(logging.Handler):
+    """Keeps the messages and tracebacks of the capture failures that ``sparge_core.graphs`` logs."""
 
     def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.failures: list[str] = []  # messages
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
         self.tracebacks: list[str] = []
 
     def emit(self, record):
         if "could not be captured" in record.getMessage():
-            self.failures.append(record.getMessage())
+            self.messages.append(record.getMessage())
         if record.exc_info:
             self.tracebacks.append("".join(traceback.format_exception(*record.exc_info)))
 
@@ -69,9 +69,8 @@ def main(argv=None) -> int:
     from sparge_core.params import ModelConfig
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    handler = _TracebackHandler()
+    handler = _FailureHandler()
     graphs.logger.addHandler(handler)
-    graphs.logger.setLevel(logging.DEBUG)
 
     cfg = ModelConfig.load(args.config)
     info = cfg.model
@@ -90,19 +89,8 @@ def main(argv=None) -> int:
         else:
             layers[lc.layer] = tuple(torch.randn(s, device=device, dtype=dtype, generator=gen) for s in shapes)
         methods[lc.layer] = Sparge.from_layer_config(lc)
-    counts = {}
-    original_init = graphs.GraphCache.__init__
-
-    def counting_init(self, *a, **kw):
-        original_init(self, *a, **kw)
-        counts["cache"] = self
-
-    graphs.GraphCache.__init__ = counting_init
-    try:
-        times = attention_ms(layers, methods.get, device, repeats=3, cuda_graphs=True)
-    finally:
-        graphs.GraphCache.__init__ = original_init
-    cache = counts["cache"]
+    cache = graphs.GraphCache()
+    times = attention_ms(layers, methods.get, device, repeats=3, cuda_graphs=True, graphs=cache)
     # graphed output against the eager call on the same inputs
     worst = 0.0
     check = graphs.GraphCache()
@@ -117,7 +105,7 @@ def main(argv=None) -> int:
         "config": str(args.config), "length": args.length, "dtype": args.dtype, "layout": args.layout,
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__, "sparse_layers": len(layers), "captures": cache.captures,
-        "replays": cache.replays, "failures": len(handler.failures), "first_failure": handler.failures[:1],
+        "replays": cache.replays, "failures": cache.failures + check.failures, "first_failure": handler.messages[:1],
         "first_traceback": handler.tracebacks[:1],
         "check_captures": check.captures, "max_abs_graphed_vs_eager": worst,
         "ms_per_layer": {str(k): round(v["ms"], 4) for k, v in times.items()},
@@ -126,7 +114,7 @@ def main(argv=None) -> int:
     print(text)
     if args.out:
         write_text_atomic(args.out, text + "\n")
-    return 0 if not handler.failures else 1
+    return 0 if not summary["failures"] else 1
 
 
 if __name__ == "__main__":
