@@ -79,24 +79,24 @@ if [ -z "${SPARGE_RUNNER:-}" ]; then
     done
 fi
 
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }  # PIDFILE: its process still runs
 report() {  # each runner: running or its exit status, and its log's last lines
     local f name
     for f in "$RUNNERS"/*.pid; do
         [ -f "$f" ] || continue
         name=$(basename "$f" .pid)
-        if kill -0 "$(cat "$f")" 2>/dev/null; then echo "runner $name: running"
+        if alive "$f"; then echo "runner $name: running"
         else echo "runner $name: ended rc=$(cat "$RUNNERS/$name.rc" 2>/dev/null || echo '?')"; fi
         grep -E '^(== |rc=|skipped)' "$LOGS/runner-$name.log" 2>/dev/null | tail -n 4
     done
 }
 pack() { tar czf "$OUT/paper-results.tgz" -C "$CACHE" paper-results && ls -la "$OUT"; }
-running() { local f; for f in "$RUNNERS"/*.pid; do [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null && return 0; done; return 1; }
+running() { local f; for f in "$RUNNERS"/*.pid; do alive "$f" && return 0; done; return 1; }
 
 if [ -n "$background" ] && [ -z "${SPARGE_RUNNER:-}" ]; then
-    [ -f "$RUNNERS/$background.pid" ] && kill -0 "$(cat "$RUNNERS/$background.pid")" 2>/dev/null &&
-        { echo "runner $background is already running" >&2; exit 2; }
+    alive "$RUNNERS/$background.pid" && { echo "runner $background is already running" >&2; exit 2; }
     rm -f "$RUNNERS/$background.rc"
-    SPARGE_RUNNER=$background OUT=$CACHE/runner-out/$background setsid bash -c \
+    SPARGE_RUNNER=$background setsid bash -c \
         'bash "$0" --deadline "$1" --end "$2" "${@:3}"; echo $? > "$RUNNERS_DIR/$SPARGE_RUNNER.rc"' \
         "$0" "$deadline" "$hard_end" "$@" > "$LOGS/runner-$background.log" 2>&1 < /dev/null &
     echo $! > "$RUNNERS/$background.pid"
@@ -182,9 +182,8 @@ for spec in "$@"; do
         *) echo "unknown step $spec" >&2 ;;
     esac
 done
-if [ -z "${SPARGE_RUNNER:-}" ]; then
-    t_wait=$SECONDS
-    while [ $((SECONDS - t_wait)) -lt "$wait_s" ] && running; do sleep 5; done
-    report
-fi
-mkdir -p "$OUT" && pack
+[ -n "${SPARGE_RUNNER:-}" ] && exit 0  # a runner's results are in $RES; the calls pack them
+t_wait=$SECONDS
+while [ $((SECONDS - t_wait)) -lt "$wait_s" ] && running; do sleep 5; done
+report
+pack
